@@ -1,0 +1,1 @@
+"""Offline anomaly searches on archived flows: CWoLa, CATHODE and ANODE."""

@@ -1,0 +1,1 @@
+"""Deployment: the `trigfarm` CLI, the farm launcher, monitoring configs and board packages."""

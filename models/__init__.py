@@ -1,0 +1,1 @@
+"""Torch models shared by nodes and analysis: ParticleNet and the normalizing flows."""

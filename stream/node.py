@@ -1,0 +1,599 @@
+"""The node runtime: lifecycle, the poll loop, back-pressure, heartbeats, metrics and accounting.
+
+A node is given a built worker, a ``Processor`` (consumes messages) or a ``Producer``
+(a source), and a ``NodeConfig`` that says where its sockets go. The runtime owns every
+socket, so workers never touch the network.
+
+Lifecycle: ``starting`` (sockets, metrics server) -> ``running`` -> ``draining`` (after
+SIGTERM/SIGINT, ``request_stop()`` or an exhausted producer: keep receiving until the
+inputs have been quiet for ``drain_idle_s``, then ``finish()``) -> ``stopped`` (final
+heartbeat, stats file, sockets closed with linger so queued batches still leave).
+
+Accounting: every event that enters is accepted, rejected or dropped with a reason, and
+the runtime checks that the three add up for every batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import prometheus_client
+import zmq
+
+from stream import metrics
+from stream.batch import EventBatch, Message
+from stream.codec import decode
+from stream.errors import FrameError
+from stream.protocol import Heartbeat
+from stream.transport import Endpoint, SocketOptions, open_socket, send_message
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class NodeState(StrEnum):
+    """Where a node is in its lifecycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """A message to send on a named output port."""
+
+    port: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a worker did with one batch: what to send and how its events were counted.
+
+    Event batches among ``emits`` count as accepted events: if the runtime has to drop
+    one (a full output with ``drop_when_full``), it moves those events from accepted to
+    ``dropped["backpressure"]``.
+    """
+
+    emits: tuple[Emit, ...] = ()
+    accepted: int = 0
+    rejected: int = 0
+    dropped: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def accounted(self) -> int:
+        """Events accepted, rejected or dropped."""
+        return self.accepted + self.rejected + sum(self.dropped.values())
+
+
+class Processor(ABC):
+    """A worker that consumes messages: L1, HLT, archive, sink."""
+
+    @abstractmethod
+    def process(self, message: Message) -> Outcome:
+        """Handle one received message. May raise ``FrameError`` for a batch it cannot use."""
+
+    def tick(self, now_s: float) -> Sequence[Emit]:
+        """Periodic work between batches (e.g. a timed snapshot). Default: nothing."""
+        del now_s
+        return ()
+
+    def finish(self) -> Sequence[Emit]:
+        """Last messages to send when the node drains (e.g. a final snapshot)."""
+        return ()
+
+    def report(self) -> dict[str, Any]:
+        """Worker-specific figures for heartbeats and the final stats."""
+        return {}
+
+
+class Producer(ABC):
+    """A worker that makes batches: the source."""
+
+    @abstractmethod
+    def produce(self) -> Outcome | None:
+        """The next batch's outcome, or ``None`` when there is nothing more to make."""
+
+    def wait_s(self, now_s: float) -> float:
+        """Seconds until the next batch is due; 0 runs as fast as the outputs take them."""
+        del now_s
+        return 0.0
+
+    def finish(self) -> Sequence[Emit]:
+        """Last messages to send when the node drains."""
+        return ()
+
+    def report(self) -> dict[str, Any]:
+        """Worker-specific figures for heartbeats and the final stats."""
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Where a node's sockets go and how its loop behaves.
+
+    ``inputs`` connect by default and ``outputs`` bind by default (prefix ``@`` to bind,
+    ``>`` to connect). ``control`` is the controller's heartbeat endpoint (connect by
+    default). ``metrics_port`` 0 picks a free port, ``None`` serves no metrics.
+    """
+
+    name: str
+    role: str
+    inputs: tuple[str, ...] = ()
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    control: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    heartbeat_interval_s: float = 1.0
+    drain_idle_s: float = 1.0
+    stall_after_s: float = 10.0
+    max_queue_batches: int = 4
+    drop_when_full: bool = False
+    socket: SocketOptions = field(default_factory=SocketOptions)
+    stats_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a node needs a name")
+        if self.heartbeat_interval_s <= 0 or self.drain_idle_s < 0:
+            msg = (
+                f"heartbeat_interval_s must be > 0 and drain_idle_s >= 0, got "
+                f"{self.heartbeat_interval_s} and {self.drain_idle_s}"
+            )
+            raise ValueError(msg)
+        if self.max_queue_batches < 1:
+            msg = f"max_queue_batches must be >= 1, got {self.max_queue_batches}"
+            raise ValueError(msg)
+        for text in (*self.inputs, *self.outputs.values(), *filter(None, [self.control])):
+            Endpoint.parse(text, bind=False)
+
+
+class LatencyReservoir:
+    """The most recent batch latencies, for percentiles in heartbeats and reports."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._values = np.zeros(size)
+        self._count = 0
+
+    def add(self, seconds: float) -> None:
+        self._values[self._count % self._values.size] = seconds
+        self._count += 1
+
+    def summary(self) -> dict[str, float]:
+        """Count, mean, p50 and p99 in seconds over the kept window."""
+        kept = self._values[: min(self._count, self._values.size)]
+        if kept.size == 0:
+            return {"count": 0}
+        p50, p99 = np.percentile(kept, [50, 99])
+        return {"count": self._count, "mean_s": kept.mean(), "p50_s": p50, "p99_s": p99}
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """Plain counters mirrored into Prometheus; the source of truth for accounting."""
+
+    events_in: int = 0
+    batches_in: int = 0
+    records_in: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    events_out: Counter[str] = field(default_factory=Counter)
+    batches_out: Counter[str] = field(default_factory=Counter)
+    records_out: Counter[str] = field(default_factory=Counter)
+    latency: LatencyReservoir = field(default_factory=LatencyReservoir)
+
+    @property
+    def balanced(self) -> bool:
+        """Whether in = accepted + rejected + dropped."""
+        return self.events_in == self.accepted + self.rejected + sum(self.dropped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "events_in": self.events_in,
+            "batches_in": self.batches_in,
+            "records_in": self.records_in,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "dropped": dict(self.dropped),
+            "events_out": dict(self.events_out),
+            "batches_out": dict(self.batches_out),
+            "records_out": dict(self.records_out),
+            "latency": self.latency.summary(),
+            "balanced": self.balanced,
+        }
+
+
+class Node:
+    """Runs one worker inside the node lifecycle; ``run()`` blocks until the node stops.
+
+    ``request_stop()`` is safe from any thread; in the main thread SIGTERM and SIGINT
+    call it too. A graceful stop loses no batch that reached this node: everything
+    queued is processed and every output is flushed (bounded by ``linger_ms``).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        worker: Processor | Producer,
+        *,
+        clock: Clock = time.monotonic,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.config = config
+        self.worker = worker
+        self.stats = NodeStats()
+        self.state = NodeState.STARTING
+        self.metrics_port: int | None = None
+        self._clock = clock
+        self._context = context
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._labels = {"node": config.name, "role": config.role}
+        self._queue: deque[list[zmq.Frame]] = deque()
+        self._heartbeat_seq = 0
+        self._t0 = clock()
+        self._error_kinds: set[str] = set()
+
+    # -- control -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the node to drain and stop."""
+        self._stop.set()
+
+    def wait_started(self, timeout_s: float | None = None) -> bool:
+        """Block until the sockets are up and the loop runs."""
+        return self._started.wait(timeout_s)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def run(self) -> NodeStats:
+        """Start, loop, drain, stop; returns the final counters."""
+        restore = self._install_signal_handlers()
+        ctx = self._context or zmq.Context()
+        server = None
+        try:
+            server = self._start_metrics()
+            with self._open_sockets(ctx) as sockets:
+                self._set_state(NodeState.RUNNING, sockets)
+                self._started.set()
+                if isinstance(self.worker, Producer):
+                    self._produce_loop(sockets)
+                else:
+                    self._consume_loop(sockets)
+                self._set_state(NodeState.DRAINING, sockets)
+                for emit in self.worker.finish():
+                    self._send(sockets, emit, final=True)
+                self._set_state(NodeState.STOPPED, sockets)
+                self._write_stats()
+        finally:
+            metrics.NODE_UP.labels(**self._labels).set(0)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            if self._context is None:
+                ctx.term()
+            restore()
+        return self.stats
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum: int, frame: object) -> None:
+            del frame
+            log.info("%s: signal %d, draining", self.config.name, signum)
+            self.request_stop()
+
+        for sig in previous:
+            signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _start_metrics(self) -> Any:
+        if self.config.metrics_port is None:
+            return None
+        server, _ = prometheus_client.start_http_server(
+            self.config.metrics_port, addr=self.config.metrics_host
+        )
+        self.metrics_port = server.server_port
+        log.info(
+            "%s: metrics on http://%s:%d/metrics",
+            self.config.name,
+            self.config.metrics_host,
+            self.metrics_port,
+        )
+        return server
+
+    def _open_sockets(self, ctx: zmq.Context) -> _Sockets:
+        cfg = self.config
+        sockets = _Sockets()
+        try:
+            if cfg.inputs:
+                endpoints = [Endpoint.parse(e, bind=False) for e in cfg.inputs]
+                sockets.inputs = open_socket(ctx, zmq.PULL, endpoints, cfg.socket)
+            for port, text in cfg.outputs.items():
+                endpoint = Endpoint.parse(text, bind=True)
+                sockets.outputs[port] = open_socket(ctx, zmq.PUSH, [endpoint], cfg.socket)
+            if cfg.control:
+                endpoint = Endpoint.parse(cfg.control, bind=False)
+                control_options = SocketOptions(sndhwm=100, rcvhwm=100, linger_ms=500)
+                sockets.control = open_socket(ctx, zmq.PUB, [endpoint], control_options)
+        except zmq.ZMQError:
+            sockets.close()
+            raise
+        return sockets
+
+    def _set_state(self, state: NodeState, sockets: _Sockets) -> None:
+        self.state = state
+        log.info("%s: %s", self.config.name, state.value)
+        metrics.NODE_UP.labels(**self._labels).set(state is not NodeState.STOPPED)
+        metrics.NODE_HEALTHY.labels(**self._labels).set(state is not NodeState.STOPPED)
+        self._heartbeat(sockets)
+
+    # -- loops ---------------------------------------------------------------------------
+
+    def _consume_loop(self, sockets: _Sockets) -> None:
+        cfg = self.config
+        assert isinstance(self.worker, Processor)
+        assert sockets.inputs is not None, "a processor node needs inputs"
+        poller = zmq.Poller()
+        poller.register(sockets.inputs, zmq.POLLIN)
+        next_heartbeat = self._clock() + cfg.heartbeat_interval_s
+        last_input = self._clock()
+        draining = False
+        while True:
+            now = self._clock()
+            if self._stop.is_set() and not draining:
+                draining = True
+                self._set_state(NodeState.DRAINING, sockets)
+            if now >= next_heartbeat:
+                self._heartbeat(sockets)
+                next_heartbeat = now + cfg.heartbeat_interval_s
+            wait_ms = 0 if self._queue else max(0, int((next_heartbeat - now) * 1000))
+            if draining:
+                wait_ms = min(wait_ms, 50)
+            if len(self._queue) < cfg.max_queue_batches and poller.poll(wait_ms):
+                while len(self._queue) < cfg.max_queue_batches:
+                    try:
+                        self._queue.append(sockets.inputs.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                last_input = self._clock()
+            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+            if self._queue:
+                self._handle(sockets, self._queue.popleft())
+            for emit in self.worker.tick(self._clock()):
+                self._send(sockets, emit)
+            idle_s = self._clock() - last_input
+            if draining and not self._queue and idle_s >= cfg.drain_idle_s:
+                return
+
+    def _produce_loop(self, sockets: _Sockets) -> None:
+        cfg = self.config
+        assert isinstance(self.worker, Producer)
+        next_heartbeat = self._clock() + cfg.heartbeat_interval_s
+        while not self._stop.is_set():
+            now = self._clock()
+            if now >= next_heartbeat:
+                self._heartbeat(sockets)
+                next_heartbeat = now + cfg.heartbeat_interval_s
+            wait_s = self.worker.wait_s(now)
+            if wait_s > 0:
+                self._stop.wait(min(wait_s, next_heartbeat - now, 0.1))
+                continue
+            t0 = self._clock()
+            outcome = self.worker.produce()
+            if outcome is None:
+                log.info("%s: producer exhausted", cfg.name)
+                return
+            self._account(outcome, n_in=outcome.accounted, t0=t0, sockets=sockets)
+
+    # -- one message ---------------------------------------------------------------------
+
+    def _handle(self, sockets: _Sockets, frames: list[zmq.Frame]) -> None:
+        t0 = self._clock()
+        try:
+            message = decode(frames)
+        except FrameError as exc:
+            label = "nonfinite" if exc.reason == "nonfinite" else "decode_error"
+            self._drop_unreadable(label, exc)
+            return
+        if not isinstance(message, EventBatch):
+            self.stats.records_in += 1
+            metrics.RECORDS_IN.labels(**self._labels).inc()
+            outcome = self._run_worker(message, n_events=0)
+            self._account(outcome, n_in=0, t0=t0, sockets=sockets)
+            return
+        n = len(message)
+        self.stats.batches_in += 1
+        metrics.BATCHES_IN.labels(**self._labels).inc()
+        outcome = self._run_worker(message, n_events=n)
+        self._account(outcome, n_in=n, t0=t0, sockets=sockets)
+
+    def _run_worker(self, message: Message, n_events: int) -> Outcome:
+        assert isinstance(self.worker, Processor)
+        try:
+            return self.worker.process(message)
+        except FrameError as exc:
+            self._log_once(
+                exc.reason, "%s: dropped batch of %d: %s", self.config.name, n_events, exc
+            )
+            return Outcome(dropped={exc.reason: n_events})
+        except Exception:  # a worker bug on one batch must not stop the node
+            self._log_once(
+                "processing_error",
+                "%s: worker failed on a batch of %d",
+                self.config.name,
+                n_events,
+                exc_info=True,
+            )
+            return Outcome(dropped={"processing_error": n_events})
+
+    def _drop_unreadable(self, label: str, exc: FrameError) -> None:
+        # A frame whose event count is unreadable counts as one event in and one dropped.
+        n = max(exc.n_events, 1)
+        self.stats.events_in += n
+        self.stats.dropped[label] += n
+        metrics.EVENTS_IN.labels(**self._labels).inc(n)
+        metrics.DROPPED.labels(**self._labels, reason=label).inc(n)
+        self._log_once(f"frame:{exc.reason}", "%s: dropped a frame: %s", self.config.name, exc)
+
+    def _account(self, outcome: Outcome, *, n_in: int, t0: float, sockets: _Sockets) -> None:
+        stats, labels = self.stats, self._labels
+        dropped = Counter(outcome.dropped)
+        accepted = outcome.accepted
+        if outcome.accounted != n_in:
+            self._log_once(
+                "accounting",
+                "%s: worker accounted for %d of %d events",
+                self.config.name,
+                outcome.accounted,
+                n_in,
+                level=logging.ERROR,
+            )
+            dropped["accounting_error"] += n_in - outcome.accounted
+        for emit in outcome.emits:
+            if not self._send(sockets, emit) and isinstance(emit.message, EventBatch):
+                accepted -= len(emit.message)
+                dropped["backpressure"] += len(emit.message)
+        stats.events_in += n_in
+        stats.accepted += accepted
+        stats.rejected += outcome.rejected
+        stats.dropped.update(dropped)
+        metrics.EVENTS_IN.labels(**labels).inc(n_in)
+        metrics.ACCEPTED.labels(**labels).inc(accepted)
+        metrics.REJECTED.labels(**labels).inc(outcome.rejected)
+        for reason, count in dropped.items():
+            metrics.DROPPED.labels(**labels, reason=reason).inc(count)
+        elapsed = self._clock() - t0
+        stats.latency.add(elapsed)
+        metrics.BATCH_LATENCY.labels(**labels).observe(elapsed)
+
+    def _send(self, sockets: _Sockets, emit: Emit, *, final: bool = False) -> bool:
+        """Send one emit, blocking under back-pressure but still heartbeating.
+
+        Returns ``False`` when the message was dropped: at once with ``drop_when_full``,
+        or after ``stall_after_s`` of back-pressure while draining.
+        """
+        sock = sockets.outputs.get(emit.port)
+        if sock is None:
+            msg = f"node {self.config.name!r} has no output port {emit.port!r}"
+            raise KeyError(msg)
+        cfg = self.config
+        blocked_since = self._clock()
+        timeout_ms = 0 if cfg.drop_when_full else int(cfg.heartbeat_interval_s * 1000)
+        while not send_message(sock, emit.message, timeout_ms=timeout_ms):
+            blocked_s = self._clock() - blocked_since
+            stalled = blocked_s > cfg.stall_after_s
+            metrics.NODE_HEALTHY.labels(**self._labels).set(not stalled)
+            if cfg.drop_when_full or (stalled and (final or self._stop.is_set())):
+                self._log_once(
+                    f"full:{emit.port}", "%s: output %r full, dropping", cfg.name, emit.port
+                )
+                return False
+            self._heartbeat(sockets)
+        metrics.NODE_HEALTHY.labels(**self._labels).set(1)
+        if isinstance(emit.message, EventBatch):
+            n = len(emit.message)
+            self.stats.events_out[emit.port] += n
+            self.stats.batches_out[emit.port] += 1
+            metrics.EVENTS_OUT.labels(**self._labels, port=emit.port).inc(n)
+            metrics.BATCHES_OUT.labels(**self._labels, port=emit.port).inc()
+        else:
+            self.stats.records_out[emit.port] += 1
+            metrics.RECORDS_OUT.labels(**self._labels, port=emit.port).inc()
+        return True
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and worker figures as plain data (heartbeats and the stats file)."""
+        return {**self.stats.to_dict(), "worker": self.worker.report()}
+
+    def _heartbeat(self, sockets: _Sockets) -> None:
+        if sockets.control is None:
+            return
+        self._heartbeat_seq += 1
+        beat = Heartbeat(
+            name=self.config.name,
+            role=self.config.role,
+            state=self.state.value,
+            seq=self._heartbeat_seq,
+            uptime_s=self._clock() - self._t0,
+            stats=self.snapshot(),
+            metrics_port=self.metrics_port,
+        )
+        try:
+            sockets.control.send_multipart(beat.to_frames(), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("%s: heartbeat dropped (control queue full)", self.config.name)
+
+    def _write_stats(self) -> None:
+        if self.config.stats_path is None:
+            return
+        path = Path(self.config.stats_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"name": self.config.name, "role": self.config.role, **self.snapshot()}
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+            json.dump(body, tmp, indent=2, default=float)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+
+    def _log_once(
+        self,
+        kind: str,
+        fmt: str,
+        *args: object,
+        level: int = logging.WARNING,
+        exc_info: bool = False,
+    ) -> None:
+        """Log the first occurrence of each kind of problem loudly, the rest at debug."""
+        first = kind not in self._error_kinds
+        self._error_kinds.add(kind)
+        log.log(level if first else logging.DEBUG, fmt, *args, exc_info=exc_info)
+
+
+@dataclass(slots=True)
+class _Sockets:
+    inputs: zmq.Socket | None = None
+    outputs: dict[str, zmq.Socket] = field(default_factory=dict)
+    control: zmq.Socket | None = None
+
+    def __enter__(self) -> _Sockets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close outputs with their linger (so queued batches leave) and the rest at once."""
+        if self.inputs is not None:
+            self.inputs.close(linger=0)
+        for sock in self.outputs.values():
+            sock.close()
+        if self.control is not None:
+            self.control.close()

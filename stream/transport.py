@@ -1,0 +1,127 @@
+"""Thin typed helpers over pyzmq: endpoints, socket options, and sending or receiving messages.
+
+An endpoint string is ``@url`` to bind or ``>url`` to connect (the CZMQ convention);
+a bare URL takes the caller's default. URLs are ``tcp://``, ``ipc://`` or ``inproc://``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import zmq
+
+from stream.batch import Message
+from stream.codec import decode, encode
+
+SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a socket binds or connects."""
+
+    url: str
+    bind: bool
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(SCHEMES):
+            msg = f"endpoint {self.url!r} must start with one of {SCHEMES}"
+            raise ValueError(msg)
+
+    @classmethod
+    def parse(cls, text: str, *, bind: bool) -> Endpoint:
+        """Read ``@url`` (bind), ``>url`` (connect) or a bare URL (``bind`` decides)."""
+        if text.startswith("@"):
+            return cls(text[1:], bind=True)
+        if text.startswith(">"):
+            return cls(text[1:], bind=False)
+        return cls(text, bind=bind)
+
+    def __str__(self) -> str:
+        return ("@" if self.bind else ">") + self.url
+
+
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    """CURVE key material (Z85 text) for an encrypted, authenticated socket.
+
+    A server socket needs its own secret key; a client needs its key pair and the
+    server's public key.
+    """
+
+    public_key: bytes
+    secret_key: bytes
+    server_public_key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """High-water marks, linger and optional CURVE security for one socket."""
+
+    sndhwm: int = 100
+    rcvhwm: int = 100
+    linger_ms: int = 5000
+    curve: CurveKeys | None = None
+
+    def __post_init__(self) -> None:
+        if self.sndhwm < 0 or self.rcvhwm < 0:
+            msg = f"high-water marks must be >= 0, got {self.sndhwm}, {self.rcvhwm}"
+            raise ValueError(msg)
+
+
+def open_socket(
+    ctx: zmq.Context,
+    socket_type: int,
+    endpoints: Sequence[Endpoint],
+    options: SocketOptions = SocketOptions(),
+) -> zmq.Socket:
+    """A socket of ``socket_type`` with ``options`` set, bound or connected to every endpoint."""
+    sock = ctx.socket(socket_type)
+    sock.setsockopt(zmq.SNDHWM, options.sndhwm)
+    sock.setsockopt(zmq.RCVHWM, options.rcvhwm)
+    sock.setsockopt(zmq.LINGER, options.linger_ms)
+    if options.curve is not None:
+        sock.curve_publickey = options.curve.public_key
+        sock.curve_secretkey = options.curve.secret_key
+        if options.curve.server_public_key is None:
+            sock.curve_server = True
+        else:
+            sock.curve_serverkey = options.curve.server_public_key
+    try:
+        for endpoint in endpoints:
+            if endpoint.bind:
+                sock.bind(endpoint.url)
+            else:
+                sock.connect(endpoint.url)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def send_message(sock: zmq.Socket, message: Message, *, timeout_ms: int = -1) -> bool:
+    """Send one message; ``False`` if it could not be queued within ``timeout_ms``.
+
+    Frames are sent without copying, so the message's arrays must not be modified
+    afterwards. ZeroMQ queues a multipart message atomically: all frames or none.
+    """
+    sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    try:
+        sock.send_multipart(encode(message), copy=False)
+    except zmq.Again:
+        return False
+    return True
+
+
+def recv_frames(sock: zmq.Socket, *, timeout_ms: int = -1) -> list[zmq.Frame] | None:
+    """The next message's frames, without copying, or ``None`` after ``timeout_ms``."""
+    if timeout_ms >= 0 and not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    return sock.recv_multipart(copy=False)
+
+
+def recv_message(sock: zmq.Socket, *, timeout_ms: int = -1) -> Message | None:
+    """Receive and decode one message, or ``None`` after ``timeout_ms``; raises ``FrameError``."""
+    frames = recv_frames(sock, timeout_ms=timeout_ms)
+    return None if frames is None else decode(frames)

@@ -1,0 +1,145 @@
+"""The node runtime with real ZeroMQ sockets: bad input is counted and the node carries on."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import zmq
+
+from stream import EventBatch, Heartbeat, Node, NodeConfig, Outcome, Processor, Record, encode
+from stream.schema import SCHEMA_VERSION
+from stream.testing import ListSource, Relay, synthetic_batch
+from stream.transport import recv_message, send_message
+from tests.stream.conftest import running
+
+
+def relay_node(name: str, **overrides: object) -> Node:
+    config = NodeConfig(
+        name=name,
+        role="relay",
+        inputs=(f"@inproc://{name}-in",),
+        outputs={"out": f"@inproc://{name}-out"},
+        drain_idle_s=0.2,
+        heartbeat_interval_s=0.1,
+        **overrides,
+    )
+    return Node(config, Relay(), context=zmq.Context.instance())
+
+
+def test_bad_frames_are_counted_and_the_node_carries_on() -> None:
+    ctx = zmq.Context.instance()
+    node = relay_node("bad-input")
+    with running(node):
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://bad-input-in")
+        pull = ctx.socket(zmq.PULL)
+        pull.connect("inproc://bad-input-out")
+        nan_batch = synthetic_batch(5, first_event=100)
+        features = nan_batch["features"].copy()
+        features[0, 0] = np.nan
+        future = [msgpack.packb({"v": SCHEMA_VERSION + 1, "kind": "events", "n": 3})]
+        push.send_multipart(encode(synthetic_batch(4)))
+        push.send_multipart([b"\x00\xffnot msgpack"])
+        push.send_multipart(encode(nan_batch.with_columns(features=features)))
+        push.send_multipart(future)
+        push.send_multipart(list(encode(synthetic_batch(6)))[:-1])  # truncated
+        push.send_multipart(encode(synthetic_batch(2, first_event=200)))
+        received = [recv_message(pull, timeout_ms=5000) for _ in range(2)]
+        push.close(0)
+        pull.close(0)
+    assert [len(b) for b in received if isinstance(b, EventBatch)] == [4, 2]
+    stats = node.stats
+    # 4 + 1 (unreadable) + 5 (nan) + 3 (future version, count readable) + 6 + 2
+    assert stats.events_in == 21
+    assert stats.dropped == {"decode_error": 10, "nonfinite": 5}
+    assert stats.accepted == 6 and stats.balanced
+
+
+class Flaky(Processor):
+    """Fails on every second batch."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def process(self, message):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls % 2 == 0:
+            raise RuntimeError("boom")
+        return Outcome(rejected=len(message))
+
+
+def test_a_worker_exception_drops_one_batch_only() -> None:
+    ctx = zmq.Context.instance()
+    config = NodeConfig(name="flaky", role="test", inputs=("@inproc://flaky-in",), drain_idle_s=0.2)
+    node = Node(config, Flaky(), context=ctx)
+    with running(node):
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://flaky-in")
+        for i in range(4):
+            send_message(push, synthetic_batch(3, first_event=3 * i))
+        push.close(linger=1000)
+        deadline = 200
+        while node.stats.events_in < 12 and deadline:
+            zmq.Poller().poll(20)
+            deadline -= 1
+    assert node.stats.rejected == 6
+    assert node.stats.dropped == {"processing_error": 6}
+    assert node.stats.balanced
+
+
+def test_heartbeats_carry_state_and_counters() -> None:
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind("inproc://control-hb")
+    node = relay_node("beating", control=">inproc://control-hb")
+    with running(node):
+        frames = sub.recv_multipart() if sub.poll(5000) else None
+    assert frames is not None
+    beat = Heartbeat.from_frames(frames)
+    assert beat.name == "beating" and beat.role == "relay"
+    assert beat.state in {"running", "starting"}
+    states = []
+    while sub.poll(500):
+        states.append(Heartbeat.from_frames(sub.recv_multipart()).state)
+    assert states[-1] == "stopped"
+    sub.close(0)
+
+
+def test_records_pass_through_the_runtime() -> None:
+    ctx = zmq.Context.instance()
+    seen: list[Record] = []
+
+    class Keep(Processor):
+        def process(self, message):  # type: ignore[no-untyped-def]
+            seen.append(message)
+            return Outcome()
+
+    config = NodeConfig(name="rec", role="test", inputs=("@inproc://rec-in",), drain_idle_s=0.2)
+    node = Node(config, Keep(), context=ctx)
+    with running(node):
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://rec-in")
+        send_message(push, Record("flow_snapshot", {"events_seen": 7}, {"w": np.ones(3, "f4")}))
+        push.close(linger=1000)
+        for _ in range(100):
+            if seen:
+                break
+            zmq.Poller().poll(20)
+    assert node.stats.records_in == 1 and node.stats.events_in == 0
+    assert seen[0].meta["events_seen"] == 7
+
+
+def test_a_source_with_no_room_downstream_counts_deadtime_drops() -> None:
+    ctx = zmq.Context.instance()
+    config = NodeConfig(
+        name="deadtime",
+        role="source",
+        outputs={"out": "@inproc://deadtime-out"},
+        drop_when_full=True,
+    )
+    batches = [synthetic_batch(8, first_event=8 * i) for i in range(5)]
+    stats = Node(config, ListSource(batches), context=ctx).run()
+    assert stats.events_in == 40
+    assert stats.dropped == {"backpressure": 40}
+    assert stats.accepted == 0 and stats.balanced
