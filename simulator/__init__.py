@@ -1,1 +1,75 @@
-"""Collision events from Pythia 8 and FastJet, a parametric detector, a cache and replay readers."""
+"""Collision events from Pythia 8 and FastJet, a parametric detector, a cache and replay readers.
+
+Generate events of a named process (see ``PROCESSES``) as ``stream.EventBatch`` batches:
+
+    >>> from simulator import PROCESSES, generate
+    >>> sorted(PROCESSES)[:3]
+    ['a4l', 'htautau', 'l1bkg']
+"""
+
+from simulator.detector import CellGrid, DetectorModel, Reconstruction
+from simulator.errors import DataFileError
+from simulator.generator import (
+    EventGenerator,
+    GeneratorStats,
+    derived_seed,
+    generate,
+    make_pythia,
+    resolve,
+)
+from simulator.jets import FatJetContent, JetConfig, fatjet_content, l1_objects
+from simulator.lhco_features import LHCO_PROCESS_IDS, open_lhco_features, read_lhco_features
+from simulator.particles import Particles
+from simulator.recipes import (
+    PROCESSES,
+    BosonJet,
+    EventFilter,
+    HiggsTauTau,
+    L1Background,
+    MinimumBias,
+    QCDDijet,
+    Recipe,
+    ScalarToFourLeptons,
+    TopPair,
+    WprimeXY,
+    WToLepton,
+    ZToLeptons,
+    make_recipe,
+    parse_parameter,
+)
+
+__all__ = [
+    "LHCO_PROCESS_IDS",
+    "PROCESSES",
+    "BosonJet",
+    "CellGrid",
+    "DataFileError",
+    "DetectorModel",
+    "EventFilter",
+    "EventGenerator",
+    "FatJetContent",
+    "GeneratorStats",
+    "HiggsTauTau",
+    "JetConfig",
+    "L1Background",
+    "MinimumBias",
+    "Particles",
+    "QCDDijet",
+    "Recipe",
+    "Reconstruction",
+    "ScalarToFourLeptons",
+    "TopPair",
+    "WToLepton",
+    "WprimeXY",
+    "ZToLeptons",
+    "derived_seed",
+    "fatjet_content",
+    "generate",
+    "l1_objects",
+    "make_pythia",
+    "make_recipe",
+    "open_lhco_features",
+    "parse_parameter",
+    "read_lhco_features",
+    "resolve",
+]

@@ -1,0 +1,309 @@
+"""A parametric detector in the spirit of CMS (and of the Delphes CMS card the LHCO sample used).
+
+Visible final-state particles become particle-flow candidates: tracks, muons and
+calorimeter cells. Every number is a field of ``DetectorModel``; the defaults are:
+
+============================  ===============================================================
+acceptance                    tracker |eta| < 2.5 (pT > 0.5 GeV), muon system |eta| < 2.4,
+                              ECAL |eta| < 3.0, HCAL |eta| < 3.0, forward calorimeter
+                              3.0 < |eta| < 5.0; anything beyond |eta| = 5 is lost
+charged hadrons (tracks)      sigma(pT)/pT = 0.5% (+) 0.01% x pT/GeV  (1.1% at 100 GeV)
+muons                         sigma(pT)/pT = 1% (+) 0.01% x pT/GeV; outside |eta| < 2.4 lost
+electrons, photons (ECAL)     sigma(E)/E = 3%/sqrt(E) (+) 0.5% (+) 0.2 GeV/E
+neutral hadrons (HCAL)        sigma(E)/E = 100%/sqrt(E) (+) 5%
+forward calorimeter           sigma(E)/E = 150%/sqrt(E) (+) 10%
+cells (delta eta x delta phi) ECAL 0.0174 x 2pi/360, HCAL 0.087 x 2pi/72, forward 0.175 x 2pi/36;
+                              thresholds 0.5, 1.0 and 4.0 GeV; a cell points to the
+                              energy-weighted centroid of its deposits and is massless
+lepton identification         electrons and photons 90% (|eta| < 1.5), 80% (1.5 - 3.0);
+                              muons 95%; each also needs relative isolation < 0.5 in a
+                              cone of Delta R = 0.3 (sum of other candidates' pT / pT)
+missing transverse momentum   minus the vector sum of every candidate's pT
+============================  ===============================================================
+
+Tracked electrons keep their direction and get the ECAL energy resolution; charged
+hadrons outside the tracker (or below 0.5 GeV) deposit in the calorimeters. Undecayed
+pi0 and eta mesons (with hadron decays off) deposit in the ECAL like their photons.
+Pileup, noise and shower spread across cells are not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.particles import Particles, delta_phi
+
+_ECAL_LIKE = (11, 22, 111, 221)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CellGrid:
+    """A calorimeter region: |eta| range, cell size, resolution and threshold."""
+
+    eta_min: float
+    eta_max: float
+    deta: float
+    nphi: int
+    stochastic: float
+    constant: float
+    noise_gev: float
+    threshold_gev: float
+
+    def sigma_gev(self, energy: np.ndarray) -> np.ndarray:
+        """Absolute energy resolution: a sqrt(E) (+) b E (+) c."""
+        return np.sqrt(
+            self.stochastic**2 * energy + (self.constant * energy) ** 2 + self.noise_gev**2
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetectorModel:
+    """Acceptance, resolutions, granularity and lepton identification (see module doc)."""
+
+    tracker_eta_max: float = 2.5
+    track_pt_min_gev: float = 0.5
+    track_resolution: tuple[float, float] = (0.005, 1e-4)
+    muon_eta_max: float = 2.4
+    muon_resolution: tuple[float, float] = (0.01, 1e-4)
+    ecal: CellGrid = CellGrid(
+        eta_min=0.0,
+        eta_max=3.0,
+        deta=0.0174,
+        nphi=360,
+        stochastic=0.03,
+        constant=0.005,
+        noise_gev=0.2,
+        threshold_gev=0.5,
+    )
+    hcal: CellGrid = CellGrid(
+        eta_min=0.0,
+        eta_max=3.0,
+        deta=0.087,
+        nphi=72,
+        stochastic=1.0,
+        constant=0.05,
+        noise_gev=0.0,
+        threshold_gev=1.0,
+    )
+    forward: CellGrid = CellGrid(
+        eta_min=3.0,
+        eta_max=5.0,
+        deta=0.175,
+        nphi=36,
+        stochastic=1.5,
+        constant=0.1,
+        noise_gev=0.0,
+        threshold_gev=4.0,
+    )
+    electron_efficiency: tuple[float, float] = (0.90, 0.80)
+    photon_efficiency: tuple[float, float] = (0.90, 0.80)
+    barrel_eta_max: float = 1.5
+    muon_efficiency: float = 0.95
+    isolation_cone: float = 0.3
+    isolation_max: float = 0.5
+    lepton_pt_min_gev: float = 3.0
+
+    def __post_init__(self) -> None:
+        for key in ("electron_efficiency", "photon_efficiency"):
+            if not all(0 <= x <= 1 for x in getattr(self, key)):
+                msg = f"{key} values must be in [0, 1], got {getattr(self, key)}"
+                raise ValueError(msg)
+        if not 0 <= self.muon_efficiency <= 1:
+            msg = f"muon_efficiency must be in [0, 1], got {self.muon_efficiency}"
+            raise ValueError(msg)
+        if self.tracker_eta_max > self.ecal.eta_max:
+            msg = "tracker_eta_max must not exceed the ECAL acceptance"
+            raise ValueError(msg)
+
+    def simulate(self, particles: Particles, rng: np.random.Generator) -> Reconstruction:
+        """Detector response to visible final-state particles (``pid`` and ``charge`` set).
+
+        Returns the particle-flow candidates, the identified isolated e/gamma and muons,
+        and the missing transverse momentum.
+        """
+        if particles.pid is None or particles.charge is None:
+            raise ValueError("the detector needs particle ids and charges")
+        n_events = particles.n_events
+        ev = particles.event_index
+        pid = np.abs(particles.pid)
+        pt, eta, phi = particles.pt, particles.eta, particles.phi
+        p = np.sqrt(particles.px**2 + particles.py**2 + particles.pz**2)
+        abs_eta = np.abs(eta)
+        charged = particles.charge != 0
+        muon = pid == 13
+
+        in_tracker = charged & (abs_eta < self.tracker_eta_max) & (pt > self.track_pt_min_gev)
+        is_muon = muon & (abs_eta < self.muon_eta_max) & (pt > self.track_pt_min_gev)
+        tracked_electron = in_tracker & (pid == 11)
+        track = in_tracker & ~muon & (pid != 11)
+        to_calo = ~(in_tracker | muon)
+        ecal_like = np.isin(pid, _ECAL_LIKE)
+
+        # Tracks and muons: scale the momentum, keep direction and mass.
+        scale = np.ones_like(pt)
+        a, b = self.track_resolution
+        scale[track] = _gaussian_scale(rng, pt[track], a, b)
+        a, b = self.muon_resolution
+        scale[is_muon] = _gaussian_scale(rng, pt[is_muon], a, b)
+        # Tracked electrons: direction from the track, energy from the ECAL.
+        sigma = self.ecal.sigma_gev(particles.e[tracked_electron])
+        e_meas = np.maximum(
+            particles.e[tracked_electron] + sigma * rng.standard_normal(sigma.size), 0.0
+        )
+        scale[tracked_electron] = e_meas / np.maximum(particles.e[tracked_electron], 1e-9)
+        measured = track | is_muon | tracked_electron
+        mass2 = np.maximum(particles.e**2 - p**2, 0.0)
+        tpx, tpy, tpz = (particles.px * scale, particles.py * scale, particles.pz * scale)
+        te = np.sqrt(tpx**2 + tpy**2 + tpz**2 + mass2)
+        track_kind = np.where(is_muon, 13, np.where(tracked_electron, 11, 211))
+
+        cells: list[Particles] = []
+        regions = (
+            (self.ecal, to_calo & ecal_like, 22),
+            (self.hcal, to_calo & ~ecal_like, 130),
+            (self.forward, to_calo, 130),
+        )
+        for grid, wanted, kind in regions:
+            mask = wanted & (abs_eta >= grid.eta_min) & (abs_eta < grid.eta_max)
+            cells.append(
+                _cells(
+                    grid,
+                    ev[mask],
+                    eta[mask],
+                    phi[mask],
+                    particles.e[mask],
+                    n_events,
+                    rng,
+                    kind,
+                )
+            )
+        tracks = Particles(
+            np.bincount(ev[measured], minlength=n_events),
+            tpx[measured],
+            tpy[measured],
+            tpz[measured],
+            te[measured],
+            track_kind[measured].astype(np.int32),
+            particles.charge[measured],
+        )
+        candidates = Particles.concat_events([tracks, *cells])
+        met_x = -np.bincount(candidates.event_index, candidates.px, minlength=n_events)
+        met_y = -np.bincount(candidates.event_index, candidates.py, minlength=n_events)
+
+        # Identified leptons: truth e/gamma and muons, measured as above, ID efficiency.
+        egamma_mask = (pid == 11) | (pid == 22)
+        egamma_mask &= abs_eta < self.ecal.eta_max
+        barrel = abs_eta < self.barrel_eta_max
+        eff_e = np.where(barrel, self.electron_efficiency[0], self.electron_efficiency[1])
+        eff_g = np.where(barrel, self.photon_efficiency[0], self.photon_efficiency[1])
+        efficiency = np.where(pid == 11, eff_e, eff_g)
+        egamma_mask &= rng.random(pid.size) < efficiency
+        e_sigma = self.ecal.sigma_gev(particles.e)
+        eg_e = np.maximum(particles.e + e_sigma * rng.standard_normal(pid.size), 0.0)
+        eg_pt = eg_e / np.cosh(eta)
+        egamma_mask &= eg_pt > self.lepton_pt_min_gev
+        muon_mask = is_muon & (rng.random(pid.size) < self.muon_efficiency)
+        mu_pt = pt * scale
+        muon_mask &= mu_pt > self.lepton_pt_min_gev
+
+        egamma = self._isolated(candidates, ev, eg_pt, eta, phi, egamma_mask, n_events)
+        muons = self._isolated(candidates, ev, mu_pt, eta, phi, muon_mask, n_events)
+        return Reconstruction(candidates, egamma, muons, met_x, met_y)
+
+    def _isolated(
+        self,
+        candidates: Particles,
+        ev: np.ndarray,
+        pt: np.ndarray,
+        eta: np.ndarray,
+        phi: np.ndarray,
+        mask: np.ndarray,
+        n_events: int,
+    ) -> Objects:
+        """Objects among ``mask`` whose relative isolation passes, as (pT, eta, phi)."""
+        idx = np.flatnonzero(mask)
+        keep = np.zeros(idx.size, bool)
+        if idx.size:
+            c_off = candidates.offsets
+            c_pt, c_eta, c_phi = candidates.pt, candidates.eta, candidates.phi
+            o_ev = ev[idx]
+            bounds = np.searchsorted(o_ev, np.arange(n_events + 1))
+            cone2 = self.isolation_cone**2
+            for i in np.flatnonzero(np.diff(bounds)):
+                lo, hi = bounds[i], bounds[i + 1]
+                sl = slice(c_off[i], c_off[i + 1])
+                deta = eta[idx[lo:hi], None] - c_eta[None, sl]
+                dphi = delta_phi(phi[idx[lo:hi], None], c_phi[None, sl])
+                inside = deta**2 + dphi**2 < cone2
+                cone = (inside * c_pt[None, sl]).sum(axis=1)
+                own = pt[idx[lo:hi]]
+                keep[lo:hi] = np.maximum(cone - own, 0.0) < self.isolation_max * own
+        chosen = idx[keep]
+        counts = np.bincount(ev[chosen], minlength=n_events)
+        return Objects(counts, pt[chosen], eta[chosen], phi[chosen])
+
+
+@dataclass(frozen=True, slots=True)
+class Objects:
+    """Reconstructed objects of one kind as flat (pT, eta, phi) with per-event counts."""
+
+    counts: np.ndarray
+    pt: np.ndarray
+    eta: np.ndarray
+    phi: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Reconstruction:
+    """The detector's output for a batch of events."""
+
+    candidates: Particles
+    egamma: Objects
+    muons: Objects
+    met_x: np.ndarray
+    met_y: np.ndarray
+
+
+def _gaussian_scale(rng: np.random.Generator, pt: np.ndarray, a: float, b: float) -> np.ndarray:
+    """1 + sigma(pT)/pT x N(0, 1), floored at 1% so a momentum never flips or vanishes."""
+    rel = np.sqrt(a * a + (b * pt) ** 2)
+    return np.maximum(1.0 + rel * rng.standard_normal(pt.size), 0.01)
+
+
+def _cells(
+    grid: CellGrid,
+    ev: np.ndarray,
+    eta: np.ndarray,
+    phi: np.ndarray,
+    energy: np.ndarray,
+    n_events: int,
+    rng: np.random.Generator,
+    kind: int,
+) -> Particles:
+    """Sum deposits into (event, eta cell, phi cell), smear, threshold; massless candidates."""
+    n_eta = int(np.ceil(2 * grid.eta_max / grid.deta)) + 2
+    ieta = np.floor((eta + grid.eta_max) / grid.deta).astype(np.int64) + 1
+    iphi = np.floor((phi + np.pi) / (2 * np.pi) * grid.nphi).astype(np.int64) % grid.nphi
+    key = (ev.astype(np.int64) * n_eta + ieta) * grid.nphi + iphi
+    uniq, inverse = np.unique(key, return_inverse=True)
+    e_sum = np.bincount(inverse, energy, minlength=uniq.size)
+    eta_c = np.bincount(inverse, energy * eta, minlength=uniq.size) / np.maximum(e_sum, 1e-12)
+    sx = np.bincount(inverse, energy * np.cos(phi), minlength=uniq.size)
+    sy = np.bincount(inverse, energy * np.sin(phi), minlength=uniq.size)
+    phi_c = np.arctan2(sy, sx)
+    e_meas = e_sum + grid.sigma_gev(e_sum) * rng.standard_normal(uniq.size)
+    keep = e_meas > grid.threshold_gev
+    e_meas, eta_c, phi_c = e_meas[keep], eta_c[keep], phi_c[keep]
+    cell_ev = uniq[keep] // (n_eta * grid.nphi)
+    pt = e_meas / np.cosh(eta_c)
+    return Particles(
+        np.bincount(cell_ev, minlength=n_events),
+        pt * np.cos(phi_c),
+        pt * np.sin(phi_c),
+        pt * np.sinh(eta_c),
+        e_meas,
+        np.full(pt.size, kind, np.int32),
+        np.zeros(pt.size),
+    )

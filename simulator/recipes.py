@@ -1,0 +1,510 @@
+"""Named, configurable Pythia 8 process recipes at sqrt(s) = 13 TeV.
+
+A recipe is a frozen dataclass: the physics knobs (masses, pT-hat cuts, decay modes) are
+fields, and ``pythia_settings()`` turns them into Pythia 8 ``readString`` lines. Recipes
+are inert; ``simulator.generate`` builds the generator from one. Change a knob with
+``dataclasses.replace`` or ``make_recipe("wprime", m_x_gev=300)``.
+
+Speed choices, shared by every recipe and documented per field: multiparton interactions
+(MPI) are off for the hard-jet processes, as in the LHCO R&D sample (made without MPI or
+pileup); they are on for the L1-level processes, whose soft activity matters for the L1
+objects. Hadron decays stay on by default (taus and b hadrons must decay); switching them
+off saves roughly a quarter of the generation time for jet-only studies.
+
+Process ids: 0 and 1 match the LHCO replays (background, W'->XY signal); the L1-level
+processes use 10+.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+#: Pythia lines that silence the banner, the init listing and the event listings.
+QUIET_SETTINGS = (
+    "Print:quiet = on",
+    "Init:showProcesses = off",
+    "Init:showChangedSettings = off",
+    "Init:showChangedParticleData = off",
+    "Next:numberCount = 0",
+    "Next:numberShowInfo = 0",
+    "Next:numberShowProcess = 0",
+    "Next:numberShowEvent = 0",
+)
+
+_QUARKS = "1 2 3 4 5"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventFilter:
+    """Keep an event if ANY configured condition holds (``None`` switches a condition off).
+
+    Thresholds apply to reconstructed objects after the detector model: an identified,
+    isolated electron or muon, an R=0.4 L1 jet, or the leading R=1.0 fat jet. With every
+    condition ``None`` every event is kept.
+    """
+
+    lepton_pt_gev: float | None = None
+    jet_pt_gev: float | None = None
+    fatjet_pt_gev: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("lepton_pt_gev", "jet_pt_gev", "fatjet_pt_gev"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                msg = f"filter {key} must be >= 0 or None, got {value}"
+                raise ValueError(msg)
+
+    @property
+    def active(self) -> bool:
+        """Whether any condition is set."""
+        return any(v is not None for v in (self.lepton_pt_gev, self.jet_pt_gev, self.fatjet_pt_gev))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recipe:
+    """Settings shared by every process; subclasses add their physics knobs.
+
+    Attributes:
+        name: registry name, e.g. ``"qcd"``.
+        process_id: written to ``truth.process_id``.
+        is_signal: written to ``truth.is_signal``.
+        seed: default random seed (``generate(seed=...)`` overrides it).
+        ecm_gev: centre-of-mass energy.
+        pthat_min_gev, pthat_max_gev: Pythia's ``PhaseSpace:pTHatMin/Max`` (max < 0: none).
+        mpi: multiparton interactions (underlying event). Off saves about 40% of the time.
+        isr, fsr: initial- and final-state showers.
+        hadron_decays: decay unstable hadrons and taus (``HadronLevel:Decay``).
+        pileup_mean: mean number of minimum-bias events overlaid (Poisson); 0 for none.
+        event_filter: a reconstructed-level filter, see ``EventFilter``.
+        extra_settings: further Pythia lines, applied last.
+    """
+
+    kind: ClassVar[str] = "recipe"
+
+    name: str
+    process_id: int
+    is_signal: bool = False
+    seed: int = 1
+    ecm_gev: float = 13000.0
+    pthat_min_gev: float = 0.0
+    pthat_max_gev: float = -1.0
+    mpi: bool = False
+    isr: bool = True
+    fsr: bool = True
+    hadron_decays: bool = True
+    pileup_mean: float = 0.0
+    event_filter: EventFilter = field(default_factory=EventFilter)
+    extra_settings: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a recipe needs a name")
+        if not 0 <= self.seed <= 900_000_000:
+            msg = f"seed must be in [0, 900000000] (Pythia's range), got {self.seed}"
+            raise ValueError(msg)
+        if self.ecm_gev <= 0:
+            msg = f"ecm_gev must be > 0, got {self.ecm_gev}"
+            raise ValueError(msg)
+        if self.pthat_min_gev < 0:
+            msg = f"pthat_min_gev must be >= 0, got {self.pthat_min_gev}"
+            raise ValueError(msg)
+        if 0 <= self.pthat_max_gev <= self.pthat_min_gev:
+            msg = f"pthat_max_gev ({self.pthat_max_gev}) must exceed pthat_min_gev or be < 0"
+            raise ValueError(msg)
+        if self.pileup_mean < 0:
+            msg = f"pileup_mean must be >= 0, got {self.pileup_mean}"
+            raise ValueError(msg)
+
+    def process_settings(self) -> tuple[str, ...]:
+        """The Pythia lines that define the hard process and its decays."""
+        raise NotImplementedError
+
+    def pythia_settings(self) -> tuple[str, ...]:
+        """Every Pythia line for this recipe, quiet settings included (seed excluded)."""
+        common = [
+            f"Beams:eCM = {self.ecm_gev:g}",
+            f"PartonLevel:MPI = {_onoff(self.mpi)}",
+            f"PartonLevel:ISR = {_onoff(self.isr)}",
+            f"PartonLevel:FSR = {_onoff(self.fsr)}",
+            f"HadronLevel:Decay = {_onoff(self.hadron_decays)}",
+        ]
+        if self.pthat_min_gev > 0:
+            common.append(f"PhaseSpace:pTHatMin = {self.pthat_min_gev:g}")
+        if self.pthat_max_gev >= 0:
+            common.append(f"PhaseSpace:pTHatMax = {self.pthat_max_gev:g}")
+        return (*QUIET_SETTINGS, *common, *self.process_settings(), *self.extra_settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for file attributes and logs (``kind`` names the recipe class)."""
+        body = dataclasses.asdict(self)
+        return {"kind": self.kind, **body}
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QCDDijet(Recipe):
+    """QCD 2->2 (``HardQCD:all``). The default pT-hat > 1 TeV feeds a fat-jet trigger at
+    pT > 1.2 TeV: FSR out of an R=1.0 cone rarely lifts a 1 TeV parton above 1.2 TeV, so
+    the trigger turn-on is covered (checked against LHCO in benchmarks/simulator.py)."""
+
+    kind: ClassVar[str] = "qcd_dijet"
+
+    name: str = "qcd"
+    process_id: int = 0
+    pthat_min_gev: float = 1000.0
+
+    def process_settings(self) -> tuple[str, ...]:
+        return ("HardQCD:all = on",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WprimeXY(Recipe):
+    """W' -> X Y with X -> qq and Y -> qq, the LHC Olympics 2020 R&D signal.
+
+    Charge: a W'+ cannot decay to two neutral bosons, so X is the neutral H0 (PDG 35) and
+    Y the charged H+ (PDG 37). Pythia decays a W'- through the charge-conjugate channel
+    (H0 H-), and H- through the conjugate quark pair, so both charges generate. Every
+    channel uses ``meMode = 100`` (fixed branching ratios, no width recalculation), the
+    bosons get narrow forced widths, and the W' line shape is cut to
+    [``mass_window``] x m(W') so that off-shell W' masses below m(X) + m(Y) (which the
+    parton luminosity favours) never reach the decay.
+
+    ``x_prongs``/``y_prongs`` = 3 replace the quark pair with q qbar' g in three-body phase
+    space: a three-prong jet (the unseen-signal test).
+    """
+
+    kind: ClassVar[str] = "wprime_xy"
+
+    name: str = "wprime"
+    process_id: int = 1
+    is_signal: bool = True
+    m_wprime_gev: float = 3500.0
+    m_x_gev: float = 500.0
+    m_y_gev: float = 100.0
+    width_fraction: float = 0.01
+    mass_window: tuple[float, float] = (0.5, 1.5)
+    x_prongs: int = 2
+    y_prongs: int = 2
+
+    def __post_init__(self) -> None:
+        Recipe.__post_init__(self)
+        if self.m_x_gev <= 0 or self.m_y_gev <= 0:
+            msg = f"m_x_gev and m_y_gev must be > 0, got {self.m_x_gev}, {self.m_y_gev}"
+            raise ValueError(msg)
+        low = self.mass_window[0] * self.m_wprime_gev
+        if low <= self.m_x_gev + self.m_y_gev:
+            msg = (
+                f"m_wprime_gev * mass_window[0] = {low:g} must exceed m_x_gev + m_y_gev "
+                f"= {self.m_x_gev + self.m_y_gev:g}"
+            )
+            raise ValueError(msg)
+        if not 0 < self.width_fraction < 0.5:
+            msg = f"width_fraction must be in (0, 0.5), got {self.width_fraction}"
+            raise ValueError(msg)
+        for key in ("x_prongs", "y_prongs"):
+            if getattr(self, key) not in (2, 3):
+                msg = f"{key} must be 2 or 3, got {getattr(self, key)}"
+                raise ValueError(msg)
+
+    def process_settings(self) -> tuple[str, ...]:
+        m, lo, hi = self.m_wprime_gev, *self.mass_window
+        lines = [
+            "NewGaugeBoson:ffbar2Wprime = on",
+            f"34:m0 = {m:g}",
+            f"34:mWidth = {self.width_fraction * m:g}",
+            "34:doForceWidth = on",
+            f"34:mMin = {lo * m:g}",
+            f"34:mMax = {hi * m:g}",
+            "34:oneChannel = 1 1.0 100 35 37",
+        ]
+        for pdg, mass in ((35, self.m_x_gev), (37, self.m_y_gev)):
+            lines += [
+                f"{pdg}:m0 = {mass:g}",
+                f"{pdg}:mWidth = {1e-3 * mass:g}",
+                f"{pdg}:doForceWidth = on",
+                f"{pdg}:mMin = {0.95 * mass:g}",
+                f"{pdg}:mMax = {1.05 * mass:g}",
+            ]
+        # X (neutral): d dbar, u ubar, s sbar, c cbar, b bbar; Y (charged): u dbar, c sbar.
+        neutral = [(q, -q) for q in (1, 2, 3, 4, 5)]
+        charged = [(2, -1), (4, -3)]
+        for pdg, pairs, prongs in (
+            (35, neutral, self.x_prongs),
+            (37, charged, self.y_prongs),
+        ):
+            share = 1.0 / len(pairs)
+            for i, (a, b) in enumerate(pairs):
+                products = f"{a} {b}" if prongs == 2 else f"{a} {b} 21"
+                verb = "oneChannel" if i == 0 else "addChannel"
+                lines.append(f"{pdg}:{verb} = 1 {share:.6f} 100 {products}")
+        return tuple(lines)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopPair(Recipe):
+    """ttbar (gg and qqbar); with ``hadronic`` both W decay to quarks: boosted top jets."""
+
+    kind: ClassVar[str] = "ttbar"
+
+    name: str = "ttbar"
+    process_id: int = 3
+    pthat_min_gev: float = 400.0
+    hadronic: bool = True
+
+    def process_settings(self) -> tuple[str, ...]:
+        lines = ["Top:gg2ttbar = on", "Top:qqbar2ttbar = on"]
+        if self.hadronic:
+            lines += ["24:onMode = off", f"24:onIfAny = {_QUARKS}"]
+        return tuple(lines)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BosonJet(Recipe):
+    """A W or Z boson recoiling against a parton, decaying to quarks: boosted W/Z jets."""
+
+    kind: ClassVar[str] = "boson_jet"
+
+    name: str = "wjet"
+    process_id: int = 4
+    pthat_min_gev: float = 400.0
+    boson: str = "W"
+
+    def __post_init__(self) -> None:
+        Recipe.__post_init__(self)
+        if self.boson not in ("W", "Z"):
+            msg = f"boson must be 'W' or 'Z', got {self.boson!r}"
+            raise ValueError(msg)
+
+    def process_settings(self) -> tuple[str, ...]:
+        if self.boson == "W":
+            return (
+                "WeakBosonAndParton:qqbar2Wg = on",
+                "WeakBosonAndParton:qg2Wq = on",
+                "24:onMode = off",
+                f"24:onIfAny = {_QUARKS}",
+            )
+        return (
+            "WeakBosonAndParton:qqbar2gmZg = on",
+            "WeakBosonAndParton:qg2gmZq = on",
+            "WeakZ0:gmZmode = 2",
+            "23:onMode = off",
+            f"23:onIfAny = {_QUARKS}",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MinimumBias(Recipe):
+    """Inelastic non-diffractive pp (``SoftQCD:nonDiffractive``), MPI on; also the pileup."""
+
+    kind: ClassVar[str] = "minimum_bias"
+
+    name: str = "minbias"
+    process_id: int = 10
+    mpi: bool = True
+
+    def process_settings(self) -> tuple[str, ...]:
+        return ("SoftQCD:nonDiffractive = on",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L1Background(Recipe):
+    """The L1 background: the hard tail of minimum bias (QCD 2->2 above ``pthat_min_gev``,
+    MPI on) kept only if it has an isolated e/gamma or muon above 10 GeV or an L1 jet above
+    30 GeV.
+
+    ``minbias`` with the same filter keeps only 0.4% of events (0.7 events/s per core);
+    starting from pT-hat > 20 GeV keeps 28% and runs about 30 times faster. The price is
+    the few filtered events whose hardest scatter is below 20 GeV (see benchmarks).
+    """
+
+    kind: ClassVar[str] = "l1_background"
+
+    name: str = "l1bkg"
+    process_id: int = 11
+    mpi: bool = True
+    pthat_min_gev: float = 20.0
+    event_filter: EventFilter = field(
+        default_factory=lambda: EventFilter(lepton_pt_gev=10.0, jet_pt_gev=30.0)
+    )
+
+    def process_settings(self) -> tuple[str, ...]:
+        return ("HardQCD:all = on",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScalarToFourLeptons(Recipe):
+    """A neutral scalar A (Pythia's h, PDG 25, re-massed) -> Z* Z* -> 4 leptons (e, mu),
+    produced in gluon fusion; the L1 signal of Govorkova et al. with m(A) = 50 GeV.
+
+    The decay uses Pythia's own H -> ZZ width (``onIfMatch``), which handles both Z bosons
+    off shell; a fixed-ratio channel (``meMode`` 100) gives a vanishing cross section here.
+    """
+
+    kind: ClassVar[str] = "scalar_4l"
+
+    name: str = "a4l"
+    process_id: int = 12
+    is_signal: bool = True
+    mpi: bool = True
+    m_a_gev: float = 50.0
+
+    def process_settings(self) -> tuple[str, ...]:
+        return (
+            "HiggsSM:gg2H = on",
+            f"25:m0 = {self.m_a_gev:g}",
+            "25:onMode = off",
+            "25:onIfMatch = 23 23",
+            "23:onMode = off",
+            "23:onIfAny = 11 13",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HiggsTauTau(Recipe):
+    """Higgs (gluon fusion) -> tau tau, taus decayed by Pythia (needs hadron decays)."""
+
+    kind: ClassVar[str] = "higgs_tautau"
+
+    name: str = "htautau"
+    process_id: int = 13
+    is_signal: bool = True
+    mpi: bool = True
+    m_h_gev: float = 125.0
+
+    def process_settings(self) -> tuple[str, ...]:
+        return (
+            "HiggsSM:gg2H = on",
+            f"25:m0 = {self.m_h_gev:g}",
+            "25:onMode = off",
+            "25:onIfMatch = 15 -15",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WToLepton(Recipe):
+    """Inclusive W -> e nu or mu nu (``WeakSingleBoson:ffbar2W``)."""
+
+    kind: ClassVar[str] = "w_lnu"
+
+    name: str = "wlnu"
+    process_id: int = 14
+    is_signal: bool = True
+    mpi: bool = True
+
+    def process_settings(self) -> tuple[str, ...]:
+        return ("WeakSingleBoson:ffbar2W = on", "24:onMode = off", "24:onIfAny = 11 13")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ZToLeptons(Recipe):
+    """Inclusive Z -> ee or mu mu, pure Z (no photon interference)."""
+
+    kind: ClassVar[str] = "z_ll"
+
+    name: str = "zll"
+    process_id: int = 15
+    is_signal: bool = True
+    mpi: bool = True
+
+    def process_settings(self) -> tuple[str, ...]:
+        return (
+            "WeakSingleBoson:ffbar2gmZ = on",
+            "WeakZ0:gmZmode = 2",
+            "23:onMode = off",
+            "23:onIfAny = 11 13",
+        )
+
+
+def _registry(*recipes: Recipe) -> dict[str, Recipe]:
+    out: dict[str, Recipe] = {}
+    for recipe in recipes:
+        if recipe.name in out or any(r.process_id == recipe.process_id for r in out.values()):
+            msg = f"duplicate recipe name or process id: {recipe.name}"
+            raise ValueError(msg)
+        out[recipe.name] = recipe
+    return out
+
+
+#: The named default recipes. Jet-level: qcd, wprime, wprime3p, ttbar, wjet, zjet.
+#: L1-level: minbias, l1bkg (background); a4l, htautau, wlnu, zll (signals).
+PROCESSES: Mapping[str, Recipe] = _registry(
+    QCDDijet(description="QCD dijets, pT-hat > 1 TeV (LHCO background-like)"),
+    WprimeXY(description="W'(3.5 TeV) -> X(500 GeV) Y(100 GeV), X,Y -> qq (LHCO R&D signal)"),
+    WprimeXY(
+        name="wprime3p",
+        process_id=2,
+        x_prongs=3,
+        y_prongs=3,
+        description="W' -> X Y with three-prong X and Y (unseen-signal test)",
+    ),
+    TopPair(description="all-hadronic ttbar, pT-hat > 400 GeV (top jets)"),
+    BosonJet(description="W(->qq) + jet, pT-hat > 400 GeV (W jets)"),
+    BosonJet(name="zjet", process_id=5, boson="Z", description="Z(->qq) + jet (Z jets)"),
+    MinimumBias(description="non-diffractive minimum bias with MPI (also the pileup)"),
+    L1Background(description="hard tail of minimum bias with a lepton-or-jet L1 filter"),
+    ScalarToFourLeptons(description="A(50 GeV) -> ZZ* -> 4 leptons (L1 signal)"),
+    HiggsTauTau(description="gg -> H(125) -> tau tau (L1 signal)"),
+    WToLepton(description="W -> l nu (L1 signal)"),
+    ZToLeptons(description="Z -> l l (L1 signal)"),
+)
+
+
+def make_recipe(name: str, **changes: Any) -> Recipe:
+    """The named recipe from ``PROCESSES`` with fields replaced, e.g. ``m_x_gev=300``.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+        ValueError: an unknown field or an invalid value.
+    """
+    try:
+        base = PROCESSES[name]
+    except KeyError:
+        msg = f"unknown process {name!r}; known: {', '.join(PROCESSES)}"
+        raise KeyError(msg) from None
+    known = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        msg = f"process {name!r} has no parameter(s) {unknown}; it has {sorted(known)}"
+        raise ValueError(msg)
+    return dataclasses.replace(base, **changes)
+
+
+def parse_parameter(recipe: Recipe, text: str) -> tuple[str, Any]:
+    """Parse ``"key=value"`` into a typed field change for ``recipe`` (for command lines).
+
+    Booleans accept true/false/on/off/1/0; tuples take comma-separated values.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
+    if not sep or key not in fields:
+        msg = f"expected KEY=VALUE with KEY one of {sorted(fields)}, got {text!r}"
+        raise ValueError(msg)
+    current = getattr(recipe, key)
+    value: Any
+    if isinstance(current, bool):
+        lowered = raw.lower()
+        if lowered not in ("true", "false", "on", "off", "1", "0"):
+            msg = f"{key} is a flag: use true or false, got {raw!r}"
+            raise ValueError(msg)
+        value = lowered in ("true", "on", "1")
+    elif isinstance(current, int):
+        value = int(raw)
+    elif isinstance(current, float):
+        value = float(raw)
+    elif isinstance(current, tuple):
+        items = [x.strip() for x in raw.split(",") if x.strip()]
+        value = tuple(float(x) for x in items) if key == "mass_window" else tuple(items)
+    elif isinstance(current, str):
+        value = raw
+    else:
+        msg = f"{key} cannot be set from the command line"
+        raise ValueError(msg)
+    return key, value
