@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from deploy.simulate_cli import simulate
 from stream import NodeConfig
 from stream.testing import FakeNodeSpec, free_tcp_port, run_fake_node, stats_of
 
@@ -71,3 +72,6 @@ def run(events: int, batch_size: int) -> None:
         f"sink batch latency p50 {stats['latency'].get('p50_s', 0) * 1e3:.3f} ms; "
         f"books balance: {stats['balanced']}"
     )
+
+
+main.add_command(simulate)

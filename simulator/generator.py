@@ -131,7 +131,9 @@ class EventGenerator:
             # Size each round from this block's own efficiency only, so that the block's
             # random sequence never depends on what was generated before it.
             efficiency = kept / tried if tried else 1.0
-            ask = int(min(max(want / max(efficiency, 0.01), 8), 4 * n_events + 64))
+            ask = want
+            if self.recipe.event_filter.active:
+                ask = int(min(max(want / max(efficiency, 0.01), 8), 4 * n_events + 64))
             tried += ask
             batch = self._one_batch(ask)
             if batch is not None:
