@@ -98,14 +98,20 @@ def open_lhco_features(path: str | Path) -> LHCOFeaturesFile:
 
 
 def read_lhco_features(
-    paths: Sequence[str | Path], *, chunk_size: int = 4096, run: int = 1, first_event: int = 0
+    paths: Sequence[str | Path],
+    *,
+    chunk_size: int = 4096,
+    run: int = 1,
+    first_event: int = 0,
+    skip_bad_rows: bool = False,
 ) -> Iterator[EventBatch]:
     """Stream the files in order as ``EventBatch`` chunks with features, fat jets and truth.
 
     Events are numbered consecutively from ``first_event`` across files. The columns used
     are checked for finiteness (the source's defective ``tau21_*``/``tau32_*`` columns hold
     NaN for a few events and are never read); a bad value raises ``DataFileError`` naming
-    the file and the entry.
+    the file and the entry, or with ``skip_bad_rows`` the row is left out and counted in
+    the batch's ``meta["bad_rows"]``.
     """
     if chunk_size < 1:
         msg = f"chunk_size must be >= 1, got {chunk_size}"
@@ -123,13 +129,18 @@ def read_lhco_features(
                     msg = f"cannot read rows {start}-{start + chunk_size} ({exc})"
                     raise DataFileError(described.path, msg, entry=start) from exc
                 table = {name: rows[:, items[name]] for name in [*_NEEDED, "mjj"]}
+                finite = np.ones(len(rows), bool)
                 for name, column in table.items():
                     bad = np.flatnonzero(~np.isfinite(column))
-                    if bad.size:
+                    if bad.size and not skip_bad_rows:
                         msg = f"non-finite {name}"
                         raise DataFileError(described.path, msg, entry=start + int(bad[0]))
+                    finite[bad] = False
+                n_bad = int((~finite).sum())
+                if n_bad:
+                    table = {name: column[finite] for name, column in table.items()}
                 features, fatjets = lhco_feature_columns(table)
-                n = len(rows)
+                n = len(features)
                 yield EventBatch(
                     {
                         "run": np.full(n, run, "<u4"),
@@ -143,6 +154,6 @@ def read_lhco_features(
                         "is_signal": np.full(n, described.key == "sig", "u1"),
                         "weight": np.ones(n, "<f4"),
                     },
-                    meta={"source": described.path.name},
+                    meta={"source": described.path.name, "bad_rows": n_bad},
                 )
                 event += n

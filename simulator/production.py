@@ -101,18 +101,20 @@ class Production:
 _WORKER: EventGenerator | None = None
 
 
-def _init_worker(
+def init_worker(
     recipe: Recipe, seed: int, detector: DetectorModel, jets: JetConfig, level: int
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles interrupts
+    """Set up a worker process: its own ``EventGenerator`` (the parent handles SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level)
     global _WORKER
     _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets)
 
 
-def _work(
+def run_block(
     task: tuple[int, int, int],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]:
+    """Worker side: block ``index`` of ``n_events`` as plain column dicts and statistics."""
     index, n_events, first_event = task
     assert _WORKER is not None, "worker not initialised"
     before = dataclasses.replace(_WORKER.stats)
@@ -147,12 +149,12 @@ def _results(
     if workers == 1:
         _init_worker_inline(*init_args)
         for task in tasks:
-            yield _work(task)
+            yield run_block(task)
         return
     context = mp.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with context.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
         try:
-            yield from pool.imap(_work, tasks)
+            yield from pool.imap(run_block, tasks)
         finally:
             pool.terminate()
 

@@ -1,0 +1,634 @@
+"""The source node: events from generator recipes or replayed files, mixed, numbered, paced.
+
+A source has a background stream and an optional signal stream. Each stream is a list of
+components with weights; a component is either a generator recipe (``"qcd"``,
+``"wprime?m_x_gev=300"``) or a replay of files (``"<layout>:<path or glob>[,<path>...]"``,
+layouts as in ``simulator.replay.READERS``). Every batch takes ``signal_fraction`` of its
+events from the signal stream (S/B = f / (1 - f)), split over the components by weight.
+The split is deterministic: cumulative counts follow the targets to within one event, so
+a run of N events holds floor(f N) signal events. Events are shuffled within the batch,
+numbered (run, lumi, event) and sent on port ``out``. Truth keeps each event's process
+id; ``is_signal`` says which stream it came from (1 signal, 0 background), except that
+replayed background files keep their own labels (the raw LHCO file mixes both).
+
+Replay the LHCO R&D features with 1% signal, looping the files:
+
+    SourceConfig(
+        background=("lhco-features:../shared/data/lhco-rnd-100k/scalars_bkg*.h5",),
+        signal=("lhco-features:../shared/data/lhco-rnd-100k/scalars_sig*.h5",),
+        signal_fraction=0.01,
+        loop=True,
+    )
+
+Pacing: ``rate_hz`` > 0 emits batches so that the average is ``rate_hz`` events per second
+(it falls behind, never bursts more than one second's worth, when production is slower);
+0 runs as fast as the outputs take the batches. The achieved rate is the Prometheus gauge
+``source_rate_events_per_second{node}``.
+
+Bad input never stops the source: a file that cannot be read is counted in
+``source_bad_input_total{reason="bad_file"}`` and skipped; a bad row (NaN) is left out,
+counted as ``reason="bad_row"`` and accounted as a dropped event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from simulator.detector import DetectorModel
+from simulator.errors import DataFileError
+from simulator.generator import EventGenerator, derived_seed
+from simulator.jets import JetConfig
+from simulator.production import init_worker, run_block
+from simulator.recipes import PROCESSES, Recipe, make_recipe, parse_parameter
+from simulator.replay import READERS, expand_paths, reader_for
+from stream.batch import EventBatch
+from stream.node import Emit, Outcome, Producer
+
+log = logging.getLogger(__name__)
+
+SOURCE_RATE = Gauge(
+    "source_rate_events_per_second", "Events emitted per second (last few seconds)", ["node"]
+)
+SOURCE_TARGET_RATE = Gauge(
+    "source_target_rate_events_per_second", "Configured event rate (0: unpaced)", ["node"]
+)
+SOURCE_EVENTS = Counter("source_events", "Events emitted, by stream", ["node", "stream"])
+SOURCE_BAD_INPUT = Counter(
+    "source_bad_input", "Unreadable files and rows skipped by the source", ["node", "reason"]
+)
+
+_SEQUENCE_FIELDS = ("background", "background_weights", "signal", "signal_weights")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """The source's parameters (plain values, so a TOML table can fill it).
+
+    Attributes:
+        background: component specs of the background stream (see module doc).
+        background_weights: relative weights (default: equal).
+        signal: component specs of the signal stream (may be empty).
+        signal_weights: relative weights (default: equal).
+        signal_fraction: share of events taken from the signal stream, in [0, 1).
+        rate_hz: target events per second; 0 is as fast as possible.
+        batch_size: events per emitted batch.
+        max_events: stop after this many events; 0 is no limit.
+        loop: start replayed files again when they end (otherwise the source stops).
+        run: the run number written on every event.
+        first_event: number of the first event.
+        events_per_lumi: events per luminosity block (lumi = 1 + index // this).
+        seed: seeds the generators and the shuffling.
+        chunk_size: events read per replay chunk.
+        generator_workers: processes per generator component; 0 generates in the node's
+            own process (simple, but the node is busy for a whole block at a time).
+        generator_block: events per generator block.
+    """
+
+    background: tuple[str, ...] = ("qcd",)
+    background_weights: tuple[float, ...] = ()
+    signal: tuple[str, ...] = ()
+    signal_weights: tuple[float, ...] = ()
+    signal_fraction: float = 0.0
+    rate_hz: float = 0.0
+    batch_size: int = 256
+    max_events: int = 0
+    loop: bool = False
+    run: int = 1
+    first_event: int = 1
+    events_per_lumi: int = 100_000
+    seed: int = 1
+    chunk_size: int = 4096
+    generator_workers: int = 0
+    generator_block: int = 64
+
+    def __post_init__(self) -> None:
+        for key in _SEQUENCE_FIELDS:
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, key, tuple(value))
+        if not self.background:
+            raise ValueError("background needs at least one component")
+        for stream in ("background", "signal"):
+            specs, weights = getattr(self, stream), getattr(self, f"{stream}_weights")
+            if weights and len(weights) != len(specs):
+                msg = f"{stream}_weights has {len(weights)} entries for {len(specs)} components"
+                raise ValueError(msg)
+            if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+                msg = f"{stream}_weights must be >= 0 with a positive sum, got {weights}"
+                raise ValueError(msg)
+            for spec in specs:
+                parse_component(spec)
+        if not 0 <= self.signal_fraction < 1:
+            msg = f"signal_fraction must be in [0, 1), got {self.signal_fraction}"
+            raise ValueError(msg)
+        if self.signal_fraction > 0 and not self.signal:
+            raise ValueError("signal_fraction > 0 needs signal components")
+        for key in ("batch_size", "events_per_lumi", "chunk_size", "generator_block"):
+            if getattr(self, key) < 1:
+                msg = f"{key} must be >= 1, got {getattr(self, key)}"
+                raise ValueError(msg)
+        for key in ("rate_hz", "max_events", "generator_workers", "run", "first_event"):
+            if getattr(self, key) < 0:
+                msg = f"{key} must be >= 0, got {getattr(self, key)}"
+                raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentSpec:
+    """A parsed component: a recipe, or a replay layout with its paths."""
+
+    text: str
+    recipe: Recipe | None = None
+    layout: str | None = None
+    paths: tuple[str, ...] = ()
+
+
+def parse_component(text: str) -> ComponentSpec:
+    """Parse ``"qcd"``, ``"wprime?m_x_gev=300&m_y_gev=80"`` or ``"lhco-features:a.h5,b*.h5"``.
+
+    Raises:
+        ValueError: an unknown process or layout, or a bad parameter (names the spec).
+    """
+    head, sep, rest = text.partition(":")
+    if sep and head in READERS:
+        paths = tuple(p.strip() for p in rest.split(",") if p.strip())
+        if not paths:
+            msg = f"component {text!r} names no file"
+            raise ValueError(msg)
+        return ComponentSpec(text, layout=head, paths=paths)
+    name, _, query = text.partition("?")
+    if name not in PROCESSES:
+        msg = (
+            f"component {text!r} is neither a process ({', '.join(PROCESSES)}) nor "
+            f"<layout>:<files> with a layout in ({', '.join(sorted(READERS))})"
+        )
+        raise ValueError(msg)
+    base = PROCESSES[name]
+    changes = dict(parse_parameter(base, f"{k}={v}") for k, v in parse_qsl(query))
+    return ComponentSpec(text, recipe=make_recipe(name, **changes))
+
+
+class Component(ABC):
+    """A stream of events that hands them out by count."""
+
+    def __init__(self, spec: ComponentSpec) -> None:
+        self.spec = spec
+        self.exhausted = False
+        self.bad_files = 0
+        self.bad_rows = 0
+        self._buffer: deque[EventBatch] = deque()
+        self._buffered = 0
+
+    def take(self, n: int) -> list[EventBatch]:
+        """Up to ``n`` events (fewer only once exhausted), as consecutive pieces."""
+        while self._buffered < n and not self.exhausted:
+            self._fill()
+        out: list[EventBatch] = []
+        need = n
+        while need > 0 and self._buffer:
+            head = self._buffer.popleft()
+            if len(head) > need:
+                self._buffer.appendleft(head.select(slice(need, None)))
+                head = head.select(slice(0, need))
+            out.append(head)
+            need -= len(head)
+        self._buffered -= n - need
+        return out
+
+    def ready(self, n: int) -> bool:
+        """Whether ``take(n)`` would return without waiting for generation."""
+        del n
+        return True
+
+    def close(self) -> None:  # noqa: B027 (optional hook: most components hold nothing)
+        """Release processes or files."""
+
+    def _push(self, batch: EventBatch) -> None:
+        if len(batch):
+            self._buffer.append(batch)
+            self._buffered += len(batch)
+
+    @abstractmethod
+    def _fill(self) -> None:
+        """Buffer more events or set ``exhausted``."""
+
+
+class ReplayComponent(Component):
+    """Files of one layout, read in order, chunk by chunk; optionally looped."""
+
+    def __init__(self, spec: ComponentSpec, *, loop: bool, chunk_size: int) -> None:
+        super().__init__(spec)
+        assert spec.layout is not None
+        self._reader = reader_for(spec.layout)
+        self._paths = expand_paths(spec.paths)
+        self._loop = loop
+        self._chunk_size = chunk_size
+        self._file_index = 0
+        self._iterator: Any = None
+        self._events_this_pass = 0
+        self.passes = 0
+
+    def _fill(self) -> None:
+        while True:
+            if self._iterator is None:
+                if self._file_index == len(self._paths):
+                    self.passes += 1
+                    if not self._loop or self._events_this_pass == 0:
+                        self.exhausted = True
+                        return
+                    self._file_index, self._events_this_pass = 0, 0
+                path = self._paths[self._file_index]
+                self._iterator = self._reader(
+                    [path], chunk_size=self._chunk_size, skip_bad_rows=True
+                )
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._next_file()
+                continue
+            except (DataFileError, OSError, ValueError) as exc:
+                self.bad_files += 1
+                log.warning("skipping the rest of %s: %s", self._paths[self._file_index], exc)
+                self._next_file()
+                continue
+            self.bad_rows += int(batch.meta.get("bad_rows") or 0)
+            self._events_this_pass += len(batch)
+            self._push(batch)
+            return
+
+    def _next_file(self) -> None:
+        self._iterator = None
+        self._file_index += 1
+
+
+class GeneratorComponent(Component):
+    """A recipe generated block by block, in this process or in worker processes."""
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        *,
+        seed: int,
+        block: int,
+        workers: int,
+        detector: DetectorModel | None = None,
+        jets: JetConfig | None = None,
+    ) -> None:
+        super().__init__(spec)
+        assert spec.recipe is not None
+        self._seed = seed
+        self._block = block
+        self._next_index = 0
+        self._generator: EventGenerator | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: deque[Future[Any]] = deque()
+        detector, jets = detector or DetectorModel(), jets or JetConfig()
+        if workers == 0:
+            self._generator = EventGenerator(spec.recipe, seed=seed, detector=detector, jets=jets)
+        else:
+            level = logging.getLogger().getEffectiveLevel()
+            self._pool = ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("spawn"),
+                initializer=init_worker,
+                initargs=(spec.recipe, seed, detector, jets, level),
+            )
+            self._prefetch = 2 * workers
+            self._top_up()
+
+    def _top_up(self) -> None:
+        assert self._pool is not None
+        while len(self._futures) < self._prefetch:
+            task = (self._next_index, self._block, 0)
+            self._futures.append(self._pool.submit(run_block, task))
+            self._next_index += 1
+
+    def ready(self, n: int) -> bool:
+        if self._pool is None or self._buffered >= n:
+            return True
+        done = 0
+        for future in self._futures:
+            if not future.done():
+                break
+            done += self._block
+        return self._buffered + done >= n
+
+    def _fill(self) -> None:
+        if self._generator is not None:
+            self._push(self._generator.block(self._next_index, self._block))
+            self._next_index += 1
+            return
+        self._top_up()
+        columns, truth, _ = self._futures.popleft().result()
+        self._push(EventBatch(columns, truth, {"source": self.spec.text}))
+        self._top_up()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._futures:
+                future.cancel()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _apportion(weights: np.ndarray, done: np.ndarray, n: int) -> np.ndarray:
+    """Split ``n`` events so that cumulative counts ``done + share`` track ``weights``."""
+    if n == 0:
+        return np.zeros(weights.size, np.int64)
+    target = weights / weights.sum() * (done.sum() + n) - done
+    share = np.clip(np.floor(target), 0, None).astype(np.int64)
+    while share.sum() > n:
+        share[np.argmax(share - target)] -= 1
+    remainder = target - share
+    for i in np.argsort(-remainder, kind="stable")[: n - int(share.sum())]:
+        share[i] += 1
+    return share
+
+
+@dataclass(slots=True)
+class _Stream:
+    name: str
+    components: list[Component]
+    weights: np.ndarray
+    done: np.ndarray
+
+
+class Source(Producer):
+    """Mixes, numbers and paces events; see the module doc. Emits on port ``out``."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        *,
+        name: str,
+        clock: Callable[[], float] = time.monotonic,
+        detector: DetectorModel | None = None,
+        jets: JetConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self._clock = clock
+        self._rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7]))
+        self._streams: list[_Stream] = []
+        index = 0
+        for stream in ("background", "signal"):
+            specs = getattr(config, stream)
+            weights = getattr(config, f"{stream}_weights") or (1.0,) * len(specs)
+            components: list[Component] = []
+            for text in specs:
+                spec = parse_component(text)
+                if spec.layout is not None:
+                    components.append(
+                        ReplayComponent(spec, loop=config.loop, chunk_size=config.chunk_size)
+                    )
+                else:
+                    components.append(
+                        GeneratorComponent(
+                            spec,
+                            seed=derived_seed(config.seed, 1000 + index),
+                            block=config.generator_block,
+                            workers=config.generator_workers,
+                            detector=detector,
+                            jets=jets,
+                        )
+                    )
+                index += 1
+            self._streams.append(
+                _Stream(
+                    stream,
+                    components,
+                    np.asarray(weights, float),
+                    np.zeros(len(components), np.int64),
+                )
+            )
+        self.emitted = 0
+        self.signal_emitted = 0
+        self._dropped_bad_rows = 0
+        self._reported_bad = {"bad_file": 0, "bad_row": 0}
+        self.rate_hz = 0.0
+        self._next_due_s: float | None = None
+        self._last_now_s = clock()
+        self._window: deque[tuple[float, int]] = deque()
+        self._plan: list[np.ndarray] | None = None
+        self._done = False
+        self._dropped_columns: set[str] = set()
+        SOURCE_TARGET_RATE.labels(node=name).set(config.rate_hz)
+        log.info(
+            "source %s: background %s, signal %s at fraction %g, rate %s",
+            name,
+            list(config.background),
+            list(config.signal),
+            config.signal_fraction,
+            f"{config.rate_hz:g} Hz" if config.rate_hz else "unpaced",
+        )
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _next_size(self) -> int:
+        n = self.config.batch_size
+        if self.config.max_events:
+            n = min(n, self.config.max_events - self.emitted)
+        return n
+
+    def _make_plan(self) -> list[np.ndarray]:
+        if self._plan is None:
+            n = self._next_size()
+            f = self.config.signal_fraction
+            n_signal = int(np.floor(f * (self.emitted + n))) - self.signal_emitted
+            n_signal = min(max(n_signal, 0), n)
+            counts = (n - n_signal, n_signal)
+            self._plan = [
+                _apportion(stream.weights, stream.done, k)
+                for stream, k in zip(self._streams, counts, strict=True)
+            ]
+        return self._plan
+
+    # -- Producer ------------------------------------------------------------------------
+
+    def wait_s(self, now_s: float) -> float:
+        self._last_now_s = now_s
+        if self._done or self._next_size() <= 0:
+            return 0.0
+        if self.config.rate_hz > 0:
+            if self._next_due_s is None:
+                self._next_due_s = now_s
+            if self._next_due_s > now_s:
+                return self._next_due_s - now_s
+        plan = self._make_plan()
+        for stream, shares in zip(self._streams, plan, strict=True):
+            for component, k in zip(stream.components, shares, strict=True):
+                if k and not component.ready(int(k)):
+                    return 0.02
+        return 0.0
+
+    def produce(self) -> Outcome | None:
+        if self._done or self._next_size() <= 0:
+            return None
+        plan = self._make_plan()
+        self._plan = None
+        parts: list[EventBatch] = []
+        short = False
+        n_signal = 0
+        for stream, shares in zip(self._streams, plan, strict=True):
+            for i, (component, k) in enumerate(zip(stream.components, shares, strict=True)):
+                if k == 0:
+                    continue
+                pieces = component.take(int(k))
+                got = sum(len(p) for p in pieces)
+                stream.done[i] += got
+                short |= got < k
+                if stream.name == "signal":
+                    n_signal += got
+                    pieces = [_mark(p, 1) for p in pieces]
+                elif isinstance(component, GeneratorComponent):
+                    pieces = [_mark(p, 0) for p in pieces]
+                parts.extend(_with_truth(p) for p in pieces)
+        dropped = self._collect_bad_input()
+        if short:
+            self._done = True
+            log.info("source %s: a component ran out after %d events", self.name, self.emitted)
+        if not parts:
+            return Outcome(dropped={"bad_input": dropped}) if dropped else None
+        batch = self._number(self._concat(parts))
+        n = len(batch)
+        self.emitted += n
+        self.signal_emitted += n_signal
+        SOURCE_EVENTS.labels(node=self.name, stream="background").inc(n - n_signal)
+        SOURCE_EVENTS.labels(node=self.name, stream="signal").inc(n_signal)
+        self._update_rate(n)
+        if self.config.rate_hz > 0 and self._next_due_s is not None:
+            # Fall behind rather than burst: owe at most one second of events.
+            floor_s = self._last_now_s - 1.0
+            self._next_due_s = max(self._next_due_s, floor_s) + n / self.config.rate_hz
+        outcome_dropped = {"bad_input": dropped} if dropped else {}
+        return Outcome(emits=(Emit("out", batch),), accepted=n, dropped=outcome_dropped)
+
+    def finish(self) -> tuple[Emit, ...]:
+        for stream in self._streams:
+            for component in stream.components:
+                component.close()
+        return ()
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "emitted": self.emitted,
+            "signal_emitted": self.signal_emitted,
+            "rate_hz": self.rate_hz,
+            "components": {
+                c.spec.text: int(s.done[i])
+                for s in self._streams
+                for i, c in enumerate(s.components)
+            },
+            "bad_files": self._reported_bad["bad_file"],
+            "bad_rows": self._reported_bad["bad_row"],
+        }
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _collect_bad_input(self) -> int:
+        files = sum(c.bad_files for s in self._streams for c in s.components)
+        rows = sum(c.bad_rows for s in self._streams for c in s.components)
+        new_files = files - self._reported_bad["bad_file"]
+        new_rows = rows - self._reported_bad["bad_row"]
+        if new_files:
+            SOURCE_BAD_INPUT.labels(node=self.name, reason="bad_file").inc(new_files)
+        if new_rows:
+            SOURCE_BAD_INPUT.labels(node=self.name, reason="bad_row").inc(new_rows)
+        self._reported_bad = {"bad_file": files, "bad_row": rows}
+        return new_rows
+
+    def _concat(self, parts: list[EventBatch]) -> EventBatch:
+        common = set.intersection(*(set(p.columns) for p in parts))
+        lost = set().union(*(set(p.columns) for p in parts)) - common
+        if lost - self._dropped_columns:
+            log.warning(
+                "source %s: components differ in columns; dropping %s",
+                self.name,
+                sorted(lost - self._dropped_columns),
+            )
+            self._dropped_columns |= lost
+        trimmed = [EventBatch({k: p.columns[k] for k in common}, p.truth, p.meta) for p in parts]
+        batch = EventBatch.concat(trimmed) if len(trimmed) > 1 else trimmed[0]
+        order = self._rng.permutation(len(batch))
+        return batch.select(order)
+
+    def _number(self, batch: EventBatch) -> EventBatch:
+        n = len(batch)
+        index = np.arange(self.emitted, self.emitted + n, dtype=np.uint64)
+        cfg = self.config
+        return EventBatch(
+            {
+                **batch.columns,
+                "run": np.full(n, cfg.run, "<u4"),
+                "lumi": (1 + index // cfg.events_per_lumi).astype("<u4"),
+                "event": (cfg.first_event + index).astype("<u8"),
+            },
+            batch.truth,
+            {"source": self.name},
+        )
+
+    def _update_rate(self, n: int) -> None:
+        now = self._clock()
+        self._window.append((now, n))
+        while len(self._window) > 2 and now - self._window[0][0] > 5.0:
+            self._window.popleft()
+        span = now - self._window[0][0]
+        if span > 0:
+            total = sum(k for _, k in list(self._window)[1:])
+            self.rate_hz = total / span
+            SOURCE_RATE.labels(node=self.name).set(self.rate_hz)
+
+
+def _mark(batch: EventBatch, is_signal: int) -> EventBatch:
+    truth = dict(batch.truth)
+    truth["is_signal"] = np.full(len(batch), is_signal, "u1")
+    return EventBatch(batch.columns, truth, batch.meta)
+
+
+def _with_truth(batch: EventBatch) -> EventBatch:
+    """Every event leaves with process_id, is_signal and weight (defaults if missing)."""
+    n = len(batch)
+    defaults = {
+        "process_id": np.full(n, -1, "<i2"),
+        "is_signal": np.zeros(n, "u1"),
+        "weight": np.ones(n, "<f4"),
+    }
+    if set(defaults) <= set(batch.truth):
+        return batch
+    return EventBatch(batch.columns, {**defaults, **batch.truth}, batch.meta)
+
+
+def build(config: SourceConfig, *, name: str) -> Source:
+    """The source worker for ``config`` (starts generator processes, opens nothing else)."""
+    return Source(config, name=name)
+
+
+def lhco_replay(
+    background: Sequence[str | Path],
+    signal: Sequence[str | Path],
+    signal_fraction: float,
+    **options: Any,
+) -> SourceConfig:
+    """A ``SourceConfig`` replaying LHCO R&D feature files (paths or globs) at a signal
+    fraction, looping by default; ``options`` set any other field."""
+    return SourceConfig(
+        background=(f"lhco-features:{','.join(map(str, background))}",),
+        signal=(f"lhco-features:{','.join(map(str, signal))}",) if signal else (),
+        signal_fraction=signal_fraction,
+        loop=options.pop("loop", True),
+        **options,
+    )

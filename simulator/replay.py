@@ -1,0 +1,103 @@
+"""Replay readers by name: every reader streams ``EventBatch`` chunks from a list of files.
+
+``READERS`` maps a layout name to a function ``(paths, *, chunk_size, skip_bad_rows) ->
+Iterator[EventBatch]``. Each raises ``DataFileError`` (naming the file and the entry) for
+a file it cannot read; with ``skip_bad_rows`` a reader that can tell a bad row (NaN,
+infinity) from a bad file leaves the row out and counts it in ``meta["bad_rows"]``.
+
+=================  ================================================================
+name               layout
+=================  ================================================================
+``cache``          this project's HDF5 event cache (``trigfarm simulate``)
+``lhco-features``  LHCO R&D high-level features (``lhco-rnd-100k``), tau21 recomputed
+``lhco-raw``       LHCO R&D raw events, 700 x (pT, eta, phi) + label, clustered here
+``cms-l1ad``       CMS L1 anomaly-detection challenge HDF5, ``Particles`` (N, 19, 4)
+``toptag``         top-tagging landscape pandas table, E/PX/PY/PZ of 200 constituents
+``root``           ROOT trees through uproot (``uproot-HZZ.root`` branch names)
+=================  ================================================================
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from simulator.cache import read_cache
+from simulator.lhco_features import read_lhco_features
+from stream.batch import EventBatch
+
+
+class ReaderFunction(Protocol):
+    """A replay reader."""
+
+    def __call__(
+        self, paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
+    ) -> Iterator[EventBatch]: ...
+
+
+def _cache(paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool) -> Iterator[EventBatch]:
+    del skip_bad_rows  # the cache is written from validated batches
+    return read_cache(paths, chunk_size=chunk_size)
+
+
+def _lhco_features(
+    paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
+) -> Iterator[EventBatch]:
+    return read_lhco_features(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
+READERS: dict[str, ReaderFunction] = {
+    "cache": _cache,
+    "lhco-features": _lhco_features,
+}
+
+
+def register_reader(name: str, function: ReaderFunction) -> None:
+    """Add a reader to ``READERS`` (plain code registration, no directory scanning)."""
+    READERS[name] = function
+
+
+def expand_paths(patterns: Sequence[str | Path]) -> list[Path]:
+    """Paths from file names or glob patterns, each pattern's matches sorted.
+
+    Raises:
+        FileNotFoundError: a pattern that matches nothing (named in the message).
+    """
+    out: list[Path] = []
+    for pattern in patterns:
+        text = str(pattern)
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matches or not all(Path(m).exists() for m in matches):
+            msg = f"no file matches {text!r}"
+            raise FileNotFoundError(msg)
+        out.extend(Path(m) for m in matches)
+    return out
+
+
+def replay(
+    kind: str,
+    paths: Sequence[str | Path],
+    *,
+    chunk_size: int = 4096,
+    skip_bad_rows: bool = False,
+) -> Iterator[EventBatch]:
+    """Stream files of layout ``kind`` (a key of ``READERS``); globs are expanded.
+
+    Example:
+        >>> batches = replay("lhco-features", ["../shared/data/lhco-rnd-100k/scalars_sig01.h5"])
+        >>> len(next(batches)) <= 4096
+        True
+    """
+    reader = reader_for(kind)
+    return reader(expand_paths(paths), chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
+def reader_for(kind: str) -> ReaderFunction:
+    """The reader registered as ``kind``; the error lists the known ones."""
+    try:
+        return READERS[kind]
+    except KeyError:
+        msg = f"unknown replay layout {kind!r}; known: {', '.join(sorted(READERS))}"
+        raise KeyError(msg) from None

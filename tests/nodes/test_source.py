@@ -1,0 +1,248 @@
+"""The source node: mixing, signal injection, numbering, looping, bad files, pacing over ZeroMQ."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from nodes.source import SourceConfig, build, lhco_replay, parse_component
+from simulator import generate
+from simulator.cache import CacheWriter
+from stream import EventBatch, Node, NodeConfig
+from stream.testing import RecordingSink, free_tcp_port
+from tests.conftest import shared_data
+
+
+def write_cache(path: Path, process: str, n: int, seed: int) -> Path:
+    with CacheWriter(path) as writer:
+        for batch in generate(process, n, seed=seed, batch_size=n):
+            writer.append(batch)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("source")
+    return {
+        "qcd": write_cache(root / "qcd.h5", "qcd", 40, 1),
+        "ttbar": write_cache(root / "ttbar.h5", "ttbar", 40, 2),
+        "wprime": write_cache(root / "wprime.h5", "wprime", 30, 3),
+    }
+
+
+def drain(source, limit: int = 10_000) -> list:  # type: ignore[no-untyped-def]
+    outcomes = []
+    for _ in range(limit):
+        outcome = source.produce()
+        if outcome is None:
+            return outcomes
+        outcomes.append(outcome)
+    raise AssertionError("source never stopped")
+
+
+def batches_of(outcomes: list) -> EventBatch:  # type: ignore[type-arg]
+    return EventBatch.concat(e.message for o in outcomes for e in o.emits)
+
+
+def test_mixes_by_weight_injects_signal_and_numbers_events(files: dict[str, Path]) -> None:
+    config = SourceConfig(
+        background=(f"cache:{files['qcd']}", f"cache:{files['ttbar']}"),
+        background_weights=(3.0, 1.0),
+        signal=(f"cache:{files['wprime']}",),
+        signal_fraction=0.1,
+        batch_size=37,
+        max_events=300,
+        loop=True,
+        run=7,
+        first_event=1,
+        events_per_lumi=100,
+    )
+    source = build(config, name="mix")
+    batch = batches_of(drain(source))
+    assert len(batch) == 300
+    np.testing.assert_array_equal(batch["event"], np.arange(1, 301))
+    assert (batch["run"] == 7).all()
+    np.testing.assert_array_equal(np.bincount(batch["lumi"])[1:], [100, 100, 100])
+    truth = batch.truth
+    assert int(truth["is_signal"].sum()) == 30  # floor(0.1 x 300)
+    assert (truth["process_id"][truth["is_signal"] == 1] == 1).all()
+    background = truth["process_id"][truth["is_signal"] == 0]
+    n_qcd, n_top = int((background == 0).sum()), int((background == 3).sum())
+    assert n_qcd + n_top == 270 and abs(n_qcd - 3 * n_top) <= 4
+    # Signal is spread over the run, not bunched at the end of each batch.
+    positions = np.flatnonzero(truth["is_signal"])
+    assert positions.min() < 60 and positions.max() > 240
+    assert source.report()["components"][f"cache:{files['wprime']}"] == 30
+
+
+def test_a_file_ends_unless_looped(files: dict[str, Path]) -> None:
+    once = build(SourceConfig(background=(f"cache:{files['qcd']}",), batch_size=16), name="once")
+    assert len(batches_of(drain(once))) == 40
+    looped = build(
+        SourceConfig(
+            background=(f"cache:{files['qcd']}",), batch_size=16, loop=True, max_events=100
+        ),
+        name="looped",
+    )
+    batch = batches_of(drain(looped))
+    assert len(batch) == 100
+    values, counts = np.unique(batch["features"][:, 0], return_counts=True)
+    assert len(values) == 40 and set(counts) == {2, 3}
+
+
+def test_pacing_follows_the_clock(files: dict[str, Path]) -> None:
+    config = SourceConfig(
+        background=(f"cache:{files['qcd']}",), loop=True, rate_hz=100.0, batch_size=10
+    )
+    source = build(config, name="clocked")
+    assert source.wait_s(50.0) == 0.0
+    assert source.produce() is not None
+    assert source.wait_s(50.0) == pytest.approx(0.1)
+    assert source.wait_s(50.06) == pytest.approx(0.04)
+    source.produce()
+    # Far behind (a stall): it owes at most one second, then paces again.
+    assert source.wait_s(80.0) == 0.0
+    for _ in range(11):
+        source.produce()
+    assert source.wait_s(80.0) > 0
+
+
+def test_a_bad_file_is_counted_and_skipped(files: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(files["qcd"].read_bytes()[:5000])
+    config = SourceConfig(background=(f"cache:{broken},{files['ttbar']}",), batch_size=25)
+    source = build(config, name="bad-file")
+    batch = batches_of(drain(source))
+    assert len(batch) == 40
+    assert source.report()["bad_files"] == 1
+
+
+def test_a_nan_row_is_dropped_and_accounted(tmp_path: Path) -> None:
+    import h5py
+
+    original = shared_data("lhco-rnd-100k", "scalars_bkg01.h5")
+    path = tmp_path / "nan.h5"
+    path.write_bytes(original.read_bytes())
+    with h5py.File(path, "r+") as handle:
+        items = [x.decode() for x in handle["bkg/block0_items"][:]]
+        handle["bkg/block0_values"][3, items.index("mjj")] = np.nan
+    source = build(
+        SourceConfig(background=(f"lhco-features:{path}",), batch_size=500, max_events=1000),
+        name="nan-row",
+    )
+    outcomes = drain(source)
+    assert sum(o.dropped.get("bad_input", 0) for o in outcomes) == 1
+    assert sum(o.accepted for o in outcomes) == 1000
+    assert source.report()["bad_rows"] == 1
+
+
+def test_lhco_replay_at_a_signal_fraction() -> None:
+    bkg = shared_data("lhco-rnd-100k", "scalars_bkg01.h5")
+    sig = shared_data("lhco-rnd-100k", "scalars_sig01.h5")
+    source = build(lhco_replay([bkg], [sig], 0.05, batch_size=1000, max_events=4000), name="lhco")
+    batch = batches_of(drain(source))
+    assert len(batch) == 4000 and int(batch.truth["is_signal"].sum()) == 200
+    mjj_sig = batch["features"][batch.truth["is_signal"] == 1, 0]
+    assert 3300 < np.median(mjj_sig) < 3700
+
+
+def test_generator_components_in_process_and_in_workers() -> None:
+    for workers in (0, 1):
+        config = SourceConfig(
+            background=("zll",),
+            signal=("wprime?m_x_gev=300",),
+            signal_fraction=0.25,
+            batch_size=16,
+            max_events=32,
+            generator_workers=workers,
+            generator_block=8,
+        )
+        source = build(config, name=f"gen{workers}")
+        deadline = time.monotonic() + 60
+        while source.wait_s(time.monotonic()) > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        batch = batches_of(drain(source))
+        source.finish()
+        assert len(batch) == 32 and int(batch.truth["is_signal"].sum()) == 8
+        signal_mass = batch["features"][batch.truth["is_signal"] == 1, 1]
+        assert np.median(signal_mass) < 400  # the re-massed X (300 GeV)
+
+
+def test_bad_configs_name_the_key() -> None:
+    with pytest.raises(ValueError, match="signal_fraction"):
+        SourceConfig(signal=("wprime",), signal_fraction=1.5)
+    with pytest.raises(ValueError, match="background_weights"):
+        SourceConfig(background=("qcd", "ttbar"), background_weights=(1.0,))
+    with pytest.raises(ValueError, match="neither a process"):
+        SourceConfig(background=("nonsense",))
+    with pytest.raises(ValueError, match="m_x_gev"):
+        parse_component("qcd?m_x_gev=3")
+    assert SourceConfig(background=["qcd"]).background == ("qcd",)  # type: ignore[arg-type]
+
+
+def test_feeds_a_downstream_node_at_the_set_rate(files: dict[str, Path]) -> None:
+    port = free_tcp_port()
+    ctx = zmq.Context()
+    rate_hz, n_events = 400.0, 800
+    source_node = Node(
+        NodeConfig(
+            "paced-source",
+            "source",
+            outputs={"out": f"@tcp://127.0.0.1:{port}"},
+            metrics_port=0,
+            heartbeat_interval_s=0.2,
+        ),
+        build(
+            SourceConfig(
+                background=(f"cache:{files['qcd']}",),
+                loop=True,
+                rate_hz=rate_hz,
+                batch_size=20,
+                max_events=n_events,
+            ),
+            name="paced-source",
+        ),
+        context=ctx,
+    )
+    sink = RecordingSink()
+    sink_node = Node(
+        NodeConfig("paced-sink", "sink", inputs=(f">tcp://127.0.0.1:{port}",), drain_idle_s=0.5),
+        sink,
+        context=ctx,
+    )
+    sink_thread = threading.Thread(target=sink_node.run, daemon=True)
+    sink_thread.start()
+    assert sink_node.wait_started(10)
+    source_thread = threading.Thread(target=source_node.run, daemon=True)
+    t0 = time.monotonic()
+    source_thread.start()
+    assert source_node.wait_started(10)
+    scraped = None
+    while source_thread.is_alive():
+        if scraped is None and time.monotonic() - t0 > 1.2:
+            url = f"http://127.0.0.1:{source_node.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                scraped = reply.read().decode()
+        time.sleep(0.01)
+    source_thread.join(10)
+    sink_node.request_stop()
+    sink_thread.join(10)
+    ctx.term()
+    elapsed = time.monotonic() - t0
+    ids = sink.event_ids()
+    assert len(ids) == n_events and sink_node.stats.balanced
+    np.testing.assert_array_equal(np.sort(ids[:, 1]), np.arange(1, n_events + 1))
+    assert 0.8 * n_events / rate_hz < elapsed < 2.0 * n_events / rate_hz
+    assert scraped is not None
+    line = next(
+        x
+        for x in scraped.splitlines()
+        if x.startswith('source_rate_events_per_second{node="paced-source"}')
+    )
+    assert 0.6 * rate_hz < float(line.split()[-1]) < 1.4 * rate_hz
