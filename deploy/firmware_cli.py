@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import click
@@ -13,7 +12,24 @@ from firmware.model import DEFAULT_MODEL_DIR
 
 
 def _command_line() -> str:
-    return shlex.join(["trigfarm", *sys.argv[1:]])
+    """The running command with every option spelled out (defaults included), to reproduce."""
+    ctx = click.get_current_context()
+    words = ["trigfarm", "firmware", ctx.command.name or ""]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option):
+            continue
+        value = ctx.params.get(param.name or "")
+        if param.is_flag:
+            if param.secondary_opts:
+                words.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                words.append(param.opts[0])
+            continue
+        if value is None:
+            continue
+        for item in value if param.multiple else (value,):
+            words += [param.opts[0], str(item)]
+    return shlex.join(words)
 
 
 @click.group(context_settings={"show_default": True})
