@@ -208,13 +208,13 @@ class L1Trigger(Processor):
             mu, log_var = self.emulator.encode(scale_l1_objects(batch["l1_objects"]))
             rz = r_z(mu, log_var)
             scores = rz.astype(np.float32)
-            bits |= (rz > self.threshold).astype(np.uint16) << SEED_BITS["anomaly"]
+            bits |= (rz > self.threshold).astype(np.uint16) << np.uint16(SEED_BITS["anomaly"])
             _observe_many(self._histogram, rz)
             self.scored += n
         else:
             self.unscored += n
         for seed, fired in seed_decisions(self.config, batch).items():
-            bits |= fired.astype(np.uint16) << SEED_BITS[seed]
+            bits |= fired.astype(np.uint16) << np.uint16(SEED_BITS[seed])
         for seed, bit in SEED_BITS.items():
             count = int(((bits >> bit) & 1).sum())
             if count:
