@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware.emulate import build_project, load_emulator
+from firmware.emulate import Emulator, build_project, load_emulator
 from firmware.inputs import read_l1_objects, scale_l1_objects
 from firmware.model import DEFAULT_MODEL_DIR, load_model
 from firmware.scores import r_z
@@ -66,6 +66,11 @@ def main() -> None:
 
         t_hls = best_of(lambda: hls_model.predict(x), 1)
         t_bridge = best_of(lambda: emulator.predict(x), args.repeats)
+        threaded = Emulator(
+            emulator.library, input_type=emulator.input_type, latent=model.vae.latent, threads=2
+        )
+        same_threaded = bool(np.array_equal(threaded.predict(x), ours))
+        t_bridge2 = best_of(lambda: threaded.predict(x), args.repeats)
         t_keras = best_of(lambda: encoder.predict(x, verbose=0, batch_size=1024), args.repeats)
         t_decision = best_of(lambda: r_z(*emulator.encode(x)), args.repeats)
 
@@ -80,6 +85,8 @@ def main() -> None:
         "bridge_events_per_s": rate(t_bridge, n),
         "keras_predict_events_per_s": rate(t_keras, n),
         "bridge_plus_rz_events_per_s": rate(t_decision, n),
+        "bridge_2_threads_events_per_s": rate(t_bridge2, n),
+        "bridge_2_threads_identical": same_threaded,
         "bridge_over_hls4ml": t_hls / t_bridge,
         "bridge_equals_hls4ml": bool(np.array_equal(ours, theirs)),
         "bridge_equals_qkeras": bool(np.array_equal(ours, keras)),
@@ -95,6 +102,10 @@ def main() -> None:
     print(
         f"  batched bridge     {figures['bridge_events_per_s']:>12,.0f} events/s "
         f"({figures['bridge_over_hls4ml']:.1f}x hls4ml)"
+    )
+    print(
+        f"  bridge, 2 threads  {figures['bridge_2_threads_events_per_s']:>12,.0f} events/s "
+        f"(identical: {same_threaded})"
     )
     print(f"  bridge + R_z       {figures['bridge_plus_rz_events_per_s']:>12,.0f} events/s")
     print(f"  QKeras predict()   {figures['keras_predict_events_per_s']:>12,.0f} events/s")

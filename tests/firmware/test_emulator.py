@@ -43,6 +43,11 @@ def test_batched_bridge_is_bit_identical_to_hls4ml_predict(
     # Batch boundaries do not matter.
     parts = np.concatenate([session_emulator.predict(rounded[i : i + 7]) for i in range(0, 700, 7)])
     np.testing.assert_array_equal(parts, ours[:700])
+    # Threads split the batch, not the bits.
+    threaded = Emulator(
+        session_emulator.library, input_type=session_emulator.input_type, latent=3, threads=2
+    )
+    np.testing.assert_array_equal(threaded.predict(rounded), ours)
     assert session_emulator.predict(rounded[:0]).shape == (0, 6)
 
 
