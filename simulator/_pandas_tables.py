@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import tables
 
-from simulator.errors import DataFileError
+from simulator.errors import DataFileError, exception_summary
 
 # What PyTables and pandas raise for a truncated, corrupt or foreign file.
 READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, tables.HDF5ExtError)
@@ -54,7 +54,9 @@ def open_pandas_table(path: str | Path, *, preferred_key: str | None = None) -> 
             head = store.select(key, start=0, stop=0)
             columns = tuple(str(c) for c in head.columns)
     except READ_ERRORS as exc:
-        raise DataFileError(path, f"not a readable pandas HDF5 table ({exc})") from exc
+        raise DataFileError(
+            path, f"not a readable pandas HDF5 table ({exception_summary(exc)})"
+        ) from exc
     return PandasTable(path, key, n_rows, columns)
 
 
@@ -66,14 +68,14 @@ def table_chunks(table: PandasTable, chunk_size: int) -> Iterator[tuple[int, pd.
     try:
         store = pd.HDFStore(table.path, mode="r")
     except READ_ERRORS as exc:
-        raise DataFileError(table.path, f"cannot open ({exc})") from exc
+        raise DataFileError(table.path, f"cannot open ({exception_summary(exc)})") from exc
     with store:
         for start in range(0, table.n_rows, chunk_size):
             stop = min(start + chunk_size, table.n_rows)
             try:
                 frame = store.select(table.key, start=start, stop=stop)
             except READ_ERRORS as exc:
-                msg = f"cannot read rows {start}-{stop} ({exc})"
+                msg = f"cannot read rows {start}-{stop} ({exception_summary(exc)})"
                 raise DataFileError(table.path, msg, entry=start) from exc
             if len(frame) != stop - start:
                 msg = f"rows {start}-{stop} gave {len(frame)} rows"

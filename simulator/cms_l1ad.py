@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from simulator.errors import DataFileError
+from simulator.errors import DataFileError, exception_summary
 from stream.batch import EventBatch
 from stream.schema import N_L1_OBJECTS
 
@@ -71,7 +71,9 @@ def read_cms_l1ad(
         try:
             handle = h5py.File(path, "r")
         except OSError as exc:
-            raise DataFileError(path, f"not a readable HDF5 file ({exc})") from exc
+            raise DataFileError(
+                path, f"not a readable HDF5 file ({exception_summary(exc)})"
+            ) from exc
         with handle:
             dataset = handle.get(DATASET)
             if not isinstance(dataset, h5py.Dataset) or dataset.shape[1:] != (N_L1_OBJECTS, 4):
@@ -83,7 +85,7 @@ def read_cms_l1ad(
                 try:
                     rows = np.asarray(dataset[start:stop], np.float64)
                 except OSError as exc:
-                    msg = f"cannot read rows {start}-{stop} ({exc})"
+                    msg = f"cannot read rows {start}-{stop} ({exception_summary(exc)})"
                     raise DataFileError(path, msg, entry=start) from exc
                 classes = rows[..., 3]
                 bad = ~np.isfinite(rows).all(axis=(1, 2))

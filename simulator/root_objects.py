@@ -31,7 +31,7 @@ import numpy as np
 import uproot
 
 from simulator.detector import Objects
-from simulator.errors import DataFileError
+from simulator.errors import DataFileError, exception_summary
 from simulator.jets import JetConfig, l1_layout
 from simulator.particles import pseudorapidity
 from stream.batch import EventBatch
@@ -155,19 +155,26 @@ def read_root_objects(
         try:
             file = uproot.open(path)
         except READ_ERRORS as exc:
-            raise DataFileError(path, f"not a readable ROOT file ({exc})") from exc
+            raise DataFileError(
+                path, f"not a readable ROOT file ({exception_summary(exc)})"
+            ) from exc
         with file:
             try:
                 layout = root_layout(path, file, tree)
                 handle = file[layout.tree]
+            except DataFileError:
+                raise
             except READ_ERRORS as exc:
-                raise DataFileError(path, f"cannot read the tree ({exc})") from exc
+                raise DataFileError(
+                    path, f"cannot read the tree ({exception_summary(exc)})"
+                ) from exc
             for start in range(0, layout.n_entries, chunk_size):
                 stop = min(start + chunk_size, layout.n_entries)
                 try:
                     arrays = handle.arrays(layout.branches, entry_start=start, entry_stop=stop)
                 except READ_ERRORS as exc:
-                    msg = f"cannot read entries {start}-{stop} of {layout.tree!r} ({exc})"
+                    reason = exception_summary(exc)
+                    msg = f"cannot read entries {start}-{stop} of {layout.tree!r} ({reason})"
                     raise DataFileError(path, msg, entry=start) from exc
                 batch = _batch(arrays, layout, jets, path, start, skip_bad_rows, run, event)
                 if batch is not None:
