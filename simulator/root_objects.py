@@ -86,9 +86,10 @@ def root_layout(path: Path, file: uproot.ReadOnlyDirectory, tree: str | None) ->
     polar: dict[str, bool] = {}
     for name in COLLECTIONS:
         for fields, is_polar in ((_POLAR, True), (_CARTESIAN, False)):
-            branches = tuple(f"{name}_{f}" for f in fields)
+            a, b, c = (f"{name}_{f}" for f in fields)
+            branches = (a, b, c)
             if set(branches) <= names:
-                collections[name] = branches  # type: ignore[assignment]
+                collections[name] = branches
                 polar[name] = is_polar
                 break
     if {"MET_pt", "MET_phi"} <= names:
