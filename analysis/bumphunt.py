@@ -108,7 +108,7 @@ def _fit(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)  # overflow while exploring
             try:
                 params, _ = curve_fit(
-                    lambda m, *p: dijet(m, *p, *([0.0] * (4 - n_params))),
+                    lambda m, *p, k=n_params: dijet(m, *p, *([0.0] * (4 - k))),
                     x,
                     y,
                     p0=start[:n_params],
