@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -13,7 +14,7 @@ def analyze() -> None:
     """Find anomalies from the archived flows (and, optionally, stored events)."""
 
 
-def _options(function):  # type: ignore[no-untyped-def]
+def _options(function: Any) -> Any:
     options = [
         click.option(
             "--archive",
@@ -70,28 +71,36 @@ def _options(function):  # type: ignore[no-untyped-def]
     return function
 
 
-def _run(method: str, **kw: object) -> None:
+def _run(
+    method: str,
+    *,
+    archive_dir: str,
+    test_specs: tuple[str, ...],
+    events_specs: tuple[str, ...],
+    out_dir: str,
+    signal_region: tuple[float, float],
+    samples: int,
+    ensemble: int,
+    epochs: int,
+    seed: int,
+) -> None:
     # Imported here so that other trigfarm commands do not pay for torch at start-up.
     from analysis.classifier import ClassifierConfig
     from analysis.methods import SearchConfig
     from analysis.report import analyze as run_analysis
 
     config = SearchConfig(
-        signal_region_gev=tuple(kw["signal_region"]),  # type: ignore[arg-type]
-        n_samples=int(kw["samples"]),  # type: ignore[call-overload]
-        classifier=ClassifierConfig(
-            n_models=kw["ensemble"],
-            epochs=kw["epochs"],  # type: ignore[arg-type]
-            seed=kw["seed"],
-        ),  # type: ignore[arg-type]
-        seed=int(kw["seed"]),  # type: ignore[call-overload]
+        signal_region_gev=signal_region,
+        n_samples=samples,
+        classifier=ClassifierConfig(n_models=ensemble, epochs=epochs, seed=seed),
+        seed=seed,
     )
     summary = run_analysis(
         method,
-        str(kw["archive_dir"]),
-        list(kw["test_specs"]),  # type: ignore[call-overload]
-        str(kw["out_dir"]),
-        events_specs=list(kw["events_specs"]),  # type: ignore[call-overload]
+        archive_dir,
+        list(test_specs),
+        out_dir,
+        events_specs=list(events_specs),
         config=config,
     )
     for name, figures in summary["methods"].items():
@@ -106,7 +115,7 @@ def _run(method: str, **kw: object) -> None:
                 f"  bump hunt eps={bump['efficiency']:g}: observed {bump['observed_sr']}, "
                 f"fit {bump['expected_sr']:.1f}, local Z {bump['local_significance']:.2f}"
             )
-    click.echo(f"wrote {Path(str(kw['out_dir'])) / 'summary.json'}")
+    click.echo(f"wrote {Path(out_dir) / 'summary.json'}")
     click.echo(
         json.dumps(
             {"method": summary["method"], **summary["methods"][summary["method"]]}, default=float
@@ -116,20 +125,20 @@ def _run(method: str, **kw: object) -> None:
 
 @analyze.command()
 @_options
-def cwola(**kw: object) -> None:
+def cwola(**kw: Any) -> None:
     """CWoLa from flows: all-data flow samples at SR vs sideband mjj."""
     _run("cwola", **kw)
 
 
 @analyze.command()
 @_options
-def cathode(**kw: object) -> None:
+def cathode(**kw: Any) -> None:
     """CATHODE: sideband flow interpolated into the SR vs data (flow samples or --events)."""
     _run("cathode", **kw)
 
 
 @analyze.command()
 @_options
-def anode(**kw: object) -> None:
+def anode(**kw: Any) -> None:
     """ANODE: the likelihood ratio of the all-data and sideband flows."""
     _run("anode", **kw)
