@@ -133,7 +133,10 @@ def stream_once(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 files, tiny training")
-    parser.add_argument("--sb", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
+    parser.add_argument(
+        "--sb", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02, 0.05],
+        help="S/B in the SR; 0 is the no-signal control",
+    )
     parser.add_argument("--nodes", type=int, default=2, help="HLT nodes (flows per role)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/out/ephemeral_lhco", help="plots and JSON")
