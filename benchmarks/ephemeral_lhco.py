@@ -131,16 +131,19 @@ def stream_once(
     seed: int,
     p_bkg_sr: float,
     p_sig_sr: float,
+    n_background: int,
 ) -> dict[str, Any]:
     """Replay the stream through learners and archive; returns counts and timings."""
     ratio = sb * p_bkg_sr / p_sig_sr  # S/(B) over the whole stream for the wanted SR S/B
     fraction = ratio / (1 + ratio)
+    n_events = int(n_background / (1 - fraction))  # every background event once
     source = build_source(
         SourceConfig(
             background=(dataset.stream_background,),
             signal=(dataset.injected_signal,),
             signal_fraction=fraction,
             loop=False,
+            max_events=n_events,
             batch_size=1000,
             events_per_lumi=10_000,
             seed=seed,
@@ -180,7 +183,7 @@ def stream_once(
         "stream_wall_s": wall_s,
         "events_per_s_trained_per_node": [r["events_per_s_trained"] for r in reports],
         "not_learned_total": sum(r["not_learned_total"] for r in reports),
-        "final_loss": [r["flows"]["all"]["loss"] for r in reports],
+        "final_loss": [r["flows"].get("all", {}).get("loss") for r in reports],
     }
 
 
@@ -205,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="use N simulated QCD events (and W'->XY signal) instead of LHCO",
     )
-    parser.add_argument(
-        "--cache", default="out/sim_cache", help="where simulated events are kept"
-    )
+    parser.add_argument("--cache", default="out/sim_cache", help="where simulated events are kept")
     args = parser.parse_args(argv)
     if not args.simulated and not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             p_bkg_sr=p_bkg_sr,
             p_sig_sr=p_sig_sr,
+            n_background=len(stream_bkg),
         )
         archive = Archive(archive_dir)
         problems = archive.verify()
