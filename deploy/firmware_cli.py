@@ -119,9 +119,7 @@ def train(
     }
     quant = replace(quant, **layers)
     objects, _ = read_l1_objects(data, max_events=max_events)
-    fitted = (
-        InputScaling.fit(objects, min_std=min_std) if scaling == "standard" else FIXED_SCALING
-    )
+    fitted = InputScaling.fit(objects, min_std=min_std) if scaling == "standard" else FIXED_SCALING
     inputs = round_to_fixed(scale_l1_objects(objects, fitted), quant.input_fixed)
     mask = input_mask(objects)
     click.echo(f"training on {len(inputs)} events from {', '.join(map(str, data))}")
@@ -288,7 +286,8 @@ def deploy(
         click.echo(f"simulating {test_events} l1bkg events for the test vectors ...")
         batches = list(generate("l1bkg", test_events, seed=12345, batch_size=test_events))
         objects = np.concatenate([b["l1_objects"] for b in batches])
-    project = boards.write_board_project(model, board, out, scale_l1_objects(objects, model.input_scaling), emulator
+    project = boards.write_board_project(
+        model, board, out, scale_l1_objects(objects, model.input_scaling), emulator
     )
     click.echo(f"wrote {project.hls_dir} ({board}), tb_data, {project.driver}, {project.readme}")
     if csim:

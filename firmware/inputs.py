@@ -69,7 +69,9 @@ class InputScaling:
         unit = np.asarray(FIXED_SCALING.std)
         mean = x.mean(axis=0) * unit
         std = np.maximum(x.std(axis=0), min_std) * unit
-        return cls(tuple(mean), tuple(std), method=f"standardised on background, min_std {min_std:g}")
+        return cls(
+            tuple(mean), tuple(std), method=f"standardised on background, min_std {min_std:g}"
+        )
 
     @classmethod
     def from_card(cls, entry: dict[str, Any] | None) -> InputScaling:
@@ -107,9 +109,7 @@ FIXED_SCALING = InputScaling(
 )
 
 
-def scale_l1_objects(
-    l1_objects: np.ndarray, scaling: InputScaling = FIXED_SCALING
-) -> np.ndarray:
+def scale_l1_objects(l1_objects: np.ndarray, scaling: InputScaling = FIXED_SCALING) -> np.ndarray:
     """(N, 19, 3) objects -> (N, 57) float32 network inputs under ``scaling`` (a model's
     ``L1Model.input_scaling``; by default pT / 32 GeV, eta and phi as they are)."""
     return scaling.apply(l1_objects)

@@ -2,8 +2,9 @@
 
 Layout of a model directory::
 
-    model_card.json   architecture, quantization, input scaling (per-input mean, std), data, training, metrics,
-                      calibration (threshold), reproduce command, package versions
+    model_card.json   architecture, quantization, input scaling (per-input mean and std),
+                      data, training, metrics, calibration (threshold), reproduce command,
+                      package versions
     weights.npz       float weights by "<layer>/kernel" and "<layer>/bias" (the encoder's
                       are the unquantized QKeras weights; the quantizers apply at use)
     loss.png          the training and validation loss curves
