@@ -199,6 +199,9 @@ class NodeStats:
     batches_out: Counter[str] = field(default_factory=Counter)
     records_out: Counter[str] = field(default_factory=Counter)
     latency: LatencyReservoir = field(default_factory=LatencyReservoir)
+    busy_s: float = 0.0
+    first_in_s: float | None = None
+    last_in_s: float | None = None
 
     @property
     def balanced(self) -> bool:
@@ -217,6 +220,9 @@ class NodeStats:
             "batches_out": dict(self.batches_out),
             "records_out": dict(self.records_out),
             "latency": self.latency.summary(),
+            "busy_s": self.busy_s,
+            "first_in_s": self.first_in_s,
+            "last_in_s": self.last_in_s,
             "balanced": self.balanced,
         }
 
@@ -236,6 +242,7 @@ class Node:
         *,
         clock: Clock = time.monotonic,
         context: zmq.Context | None = None,
+        extra_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.worker = worker
@@ -251,6 +258,7 @@ class Node:
         self._heartbeat_seq = 0
         self._t0 = clock()
         self._error_kinds: set[str] = set()
+        self._extra_report = extra_report
 
     # -- control -------------------------------------------------------------------------
 
@@ -480,6 +488,9 @@ class Node:
                 accepted -= len(emit.message)
                 dropped["backpressure"] += len(emit.message)
         stats.events_in += n_in
+        if n_in:
+            stats.first_in_s = t0 if stats.first_in_s is None else stats.first_in_s
+            stats.last_in_s = t0
         stats.accepted += accepted
         stats.rejected += outcome.rejected
         stats.dropped.update(dropped)
@@ -489,6 +500,7 @@ class Node:
         for reason, count in dropped.items():
             metrics.DROPPED.labels(**labels, reason=reason).inc(count)
         elapsed = self._clock() - t0
+        stats.busy_s += elapsed
         stats.latency.add(elapsed)
         metrics.BATCH_LATENCY.labels(**labels).observe(elapsed)
 
@@ -530,8 +542,21 @@ class Node:
     # -- reporting -----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters and worker figures as plain data (heartbeats and the stats file)."""
-        return {**self.stats.to_dict(), "worker": self.worker.report()}
+        """Counters and worker figures as plain data (heartbeats and the stats file).
+
+        ``cpu_s`` is this process's CPU time; ``first_in_s``/``last_in_s`` are node-clock
+        times of the first and last batch with events; ``extra`` comes from the
+        ``extra_report`` hook (e.g. refused CURVE peers).
+        """
+        body = {
+            **self.stats.to_dict(),
+            "queue_depth": len(self._queue),
+            "cpu_s": time.process_time(),
+            "worker": self.worker.report(),
+        }
+        if self._extra_report is not None:
+            body["extra"] = self._extra_report()
+        return body
 
     def _heartbeat(self, sockets: _Sockets) -> None:
         if sockets.control is None:
