@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,9 @@ def _log_level() -> int:
     return logging.getLogger().getEffectiveLevel()
 
 
-def _run_and_print(topology: Topology, events: int, duration: float, out: Path | None, quiet: bool) -> None:
+def _run_and_print(
+    topology: Topology, events: int, duration: float, out: Path | None, quiet: bool
+) -> None:
     from deploy.report import format_report
     from deploy.run import run_farm
     from deploy.view import ProgressView
@@ -87,7 +90,9 @@ _quiet_option = click.option("--quiet", is_flag=True, help="No live progress vie
 @_duration_option
 @_out_option
 @_quiet_option
-def run(topology_path: str | None, events: int, duration: float, out: Path | None, quiet: bool) -> None:
+def run(
+    topology_path: str | None, events: int, duration: float, out: Path | None, quiet: bool
+) -> None:
     """Run the whole farm on this host, every node its own process, and report.
 
     Stops when the source is done (or on Ctrl-C): each stage drains in turn, the archive
@@ -134,7 +139,9 @@ def replay(
     signal = list(signal_files)
     if len(dataset) == 1 and Path(dataset[0]).is_dir():
         folder = Path(dataset[0])
-        background = [str(folder / "*bkg*.h5")] if list(folder.glob("*bkg*.h5")) else [str(folder / "*.h5")]
+        background = (
+            [str(folder / "*bkg*.h5")] if list(folder.glob("*bkg*.h5")) else [str(folder / "*.h5")]
+        )
         if not signal and list(folder.glob("*sig*.h5")):
             signal = [str(folder / "*sig*.h5")]
     if signal_fraction > 0 and not signal:
@@ -163,7 +170,28 @@ def replay(
     envvar="TRIGFARM_OUT",
     help="Folder for this node's stats and output (env TRIGFARM_OUT).",
 )
-def node(stage: str, topology_path: str, index: int, events: int, out: Path) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    envvar="TRIGFARM_METRICS_PORT",
+    help="Serve metrics on this port instead of the topology's (env TRIGFARM_METRICS_PORT).",
+)
+@click.option(
+    "--metrics-host",
+    default=None,
+    envvar="TRIGFARM_METRICS_HOST",
+    help="Serve metrics on this interface instead of the topology's (env TRIGFARM_METRICS_HOST).",
+)
+def node(
+    stage: str,
+    topology_path: str,
+    index: int,
+    events: int,
+    out: Path,
+    metrics_port: int | None,
+    metrics_host: str | None,
+) -> None:
     """Run one node (STAGE, e.g. hlt) of a topology alone, for farms across hosts.
 
     Every link is the TCP endpoint the topology gives (fixed ports needed); with
@@ -178,7 +206,8 @@ def node(stage: str, topology_path: str, index: int, events: int, out: Path) -> 
     except KeyError as exc:
         raise click.UsageError(str(exc.args[0])) from exc
     if index >= spec.count:
-        raise click.UsageError(f"stage {stage!r} has {spec.count} node(s); --index {index} is out of range")
+        msg = f"stage {stage!r} has {spec.count} node(s); --index {index} is out of range"
+        raise click.UsageError(msg)
     try:
         plan = plan_farm(
             topology,
@@ -191,8 +220,18 @@ def node(stage: str, topology_path: str, index: int, events: int, out: Path) -> 
     except TopologyError as exc:
         raise click.UsageError(str(exc)) from exc
     mine = plan.stage_nodes(stage)[index]
+    changes: dict[str, object] = {}
+    if metrics_port is not None:
+        changes["metrics_port"] = metrics_port
+    if metrics_host is not None:
+        changes["metrics_host"] = metrics_host
+    if changes:
+        mine = dataclasses.replace(mine, node=dataclasses.replace(mine.node, **changes))
     (out / "nodes").mkdir(parents=True, exist_ok=True)
-    click.echo(f"{mine.node.name}: inputs {list(mine.node.inputs)}, outputs {dict(mine.node.outputs)}", err=True)
+    click.echo(
+        f"{mine.node.name}: inputs {list(mine.node.inputs)}, outputs {dict(mine.node.outputs)}",
+        err=True,
+    )
     sys.exit(run_node(mine))
 
 
@@ -217,7 +256,10 @@ def keys(topology_path: str | None, out: Path | None, force: bool) -> None:
         raise click.UsageError(str(exc)) from exc
     for path in written:
         click.echo(path)
-    click.echo(f"copy each host only the secret keys of the stages it runs; public keys go everywhere ({folder})")
+    click.echo(
+        f"keys in {folder}: copy to each host only the secret keys of the stages it runs; "
+        "public keys go everywhere"
+    )
 
 
 def _latest_run() -> Path | None:
@@ -234,8 +276,18 @@ def _latest_run() -> Path | None:
     help="Run folder of the farm to watch (its farm.json); default: the newest under runs/.",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=9090, help="Prometheus web port.")
-@click.option("--duration", type=click.FloatRange(min=0), default=0.0, help="Stop after S seconds (0: Ctrl-C).")
-@click.option("--grafana-out", type=click.Path(path_type=Path), default=None, help="Also write the Grafana dashboard JSON here.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Stop after S seconds (0: Ctrl-C).",
+)
+@click.option(
+    "--grafana-out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the Grafana dashboard JSON here.",
+)
 def monitor(run_dir: Path | None, port: int, duration: float, grafana_out: Path | None) -> None:
     """Start a local Prometheus scraping a running farm, and say where to look."""
     from deploy.monitoring import grafana_dashboard, prometheus_config_for_run
@@ -243,7 +295,9 @@ def monitor(run_dir: Path | None, port: int, duration: float, grafana_out: Path 
 
     run_dir = run_dir or _latest_run()
     if run_dir is None or not (run_dir / "farm.json").is_file():
-        raise click.UsageError("no running farm found: start one with `trigfarm run`, or pass --run DIR")
+        raise click.UsageError(
+            "no running farm found: start one with `trigfarm run`, or pass --run DIR"
+        )
     config = prometheus_config_for_run(run_dir / "farm.json")
     if grafana_out is not None:
         grafana_out.write_text(json.dumps(grafana_dashboard(), indent=2))
@@ -253,7 +307,9 @@ def monitor(run_dir: Path | None, port: int, duration: float, grafana_out: Path 
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"prometheus: {server.url} (graph: {server.url}/graph)")
-    click.echo("try: sum by (role) (rate(events_in_total[10s]))   or   sum(dropped_total) by (reason)")
+    click.echo(
+        "try: sum by (role) (rate(events_in_total[10s]))   or   sum(dropped_total) by (reason)"
+    )
     try:
         deadline = time.monotonic() + duration if duration else None
         while deadline is None or time.monotonic() < deadline:
@@ -271,7 +327,12 @@ def deploy() -> None:
 
 @deploy.command("k8s", context_settings={"show_default": True})
 @_topology_option
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the manifests.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the manifests.",
+)
 @click.option("--image", default="trigfarm:latest", help="Container image with trigfarm installed.")
 @click.option("--namespace", default="trigfarm", help="Kubernetes namespace.")
 def deploy_k8s(topology_path: str | None, out: Path, image: str, namespace: str) -> None:

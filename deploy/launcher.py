@@ -40,7 +40,12 @@ from stream.transport import CurveKeys, SocketOptions
 
 log = logging.getLogger(__name__)
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,8 @@ def _resolve_ports(topology: Topology, *, fixed: bool) -> dict[str, int]:
             continue
         if stage.port == 0 and fixed:
             raise TopologyError(
-                f"topology.{stage.name}.port", "needs a fixed port to run nodes on separate hosts"
+                key=f"topology.{stage.name}.port",
+                problem="needs a fixed port to run nodes on separate hosts",
             )
         ports[stage.name] = stage.port
     return ports
@@ -122,7 +128,9 @@ def plan_farm(
         if topology.security.curve and downstream is not None:
             allowed = (security.load_public(topology.keys_dir(), downstream.name),)
         for i, name in enumerate(stage.node_names()):
-            inputs = tuple(f">{url}" for _, url in endpoints.get(upstream.name, [])) if upstream else ()
+            inputs = (
+                tuple(f">{url}" for _, url in endpoints.get(upstream.name, [])) if upstream else ()
+            )
             outputs = {}
             if role.output_port is not None and downstream is not None:
                 outputs[role.output_port] = f"@{endpoints[stage.name][i][0]}"
@@ -160,7 +168,7 @@ def _keys(topology: Topology, stage: StageSpec, upstream: StageSpec | None) -> C
             topology.keys_dir(), stage.name, upstream.name if upstream else None
         )
     except (FileNotFoundError, ValueError) as exc:
-        raise TopologyError("topology.security.keys_dir", str(exc)) from exc
+        raise TopologyError(key="topology.security.keys_dir", problem=str(exc)) from exc
 
 
 # -- one node -------------------------------------------------------------------------------
@@ -227,7 +235,8 @@ def _child_main(plan: NodePlan, parent_pid: int) -> None:
     """Entry point of a spawned node process."""
     os.setsid()  # Ctrl-C in the terminal reaches the launcher only; it stops us in order
     logging.basicConfig(
-        level=plan.log_level, format=f"%(asctime)s {plan.node.name} %(name)s %(levelname)s %(message)s"
+        level=plan.log_level,
+        format=f"%(asctime)s {plan.node.name} %(name)s %(levelname)s %(message)s",
     )
     raise SystemExit(run_node(plan, parent_pid=parent_pid))
 
@@ -327,7 +336,9 @@ class Farm:
             self._start(stage)
         if rest and not self._wait(control, lambda: self._all_running(rest), self.start_timeout_s):
             if not self._interrupts:
-                failed = [n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0)]
+                failed = [
+                    n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0)
+                ]
                 msg = f"nodes did not start in {self.start_timeout_s:.0f} s (failed: {failed})"
                 raise RuntimeError(msg)
             return
@@ -381,7 +392,10 @@ class Farm:
                     continue
                 status = self.statuses.get(beat.name)
                 if status is not None:
-                    new_port = status.heartbeat is None or status.heartbeat.metrics_port != beat.metrics_port
+                    new_port = (
+                        status.heartbeat is None
+                        or status.heartbeat.metrics_port != beat.metrics_port
+                    )
                     status.heartbeat = beat
                     if new_port:
                         self._write_farm_file("running")

@@ -8,6 +8,7 @@ next stage received. ``report.json`` holds the figures and ``dashboard.png`` plo
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Mapping
@@ -118,7 +119,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
             }
         )
     links = []
-    for up, down in zip(stages, stages[1:], strict=False):
+    for up, down in itertools.pairwise(stages):
         port = ROLES[up["role"]].output_port or ""
         sent = up["events_out"].get(port, 0)
         links.append(

@@ -122,7 +122,9 @@ class Role:
 
     def make_config(self, table: Mapping[str, Any], where: str) -> Any:
         if not self.available():
-            raise TopologyError(where, f"role needs module {self.module}, which is not installed")
+            raise TopologyError(
+                key=where, problem=f"role needs module {self.module}, which is not installed"
+            )
         return fill_config(self.config_type(), table, where)
 
     def launch_table(self, table: Mapping[str, Any], launch: LaunchContext) -> dict[str, Any]:
@@ -157,7 +159,9 @@ class Role:
             return builder(config, name=launch.name)
         module, cls, build_learner = self.learner
         learner_module = _import(module)
-        learner_config = fill_config(getattr(learner_module, cls), stage.learner, f"{where}.learner")
+        learner_config = fill_config(
+            getattr(learner_module, cls), stage.learner, f"{where}.learner"
+        )
         learner = getattr(learner_module, build_learner)(learner_config, node_id=launch.name)
         return builder(config, name=launch.name, learner=learner)
 
@@ -178,7 +182,11 @@ ROLES: dict[str, Role] = {
     "archive": Role("nodes.archive", "ArchiveConfig", output_port=None, out_dir_key="out_dir"),
     # Synthetic roles: for exercising the farm machinery only.
     "synthetic-source": Role(
-        "deploy.roles", "SyntheticSourceConfig", "_synthetic_source", consumes=False, events_key="events"
+        "deploy.roles",
+        "SyntheticSourceConfig",
+        "_synthetic_source",
+        consumes=False,
+        events_key="events",
     ),
     "relay": Role("deploy.roles", "RelayConfig", "_relay"),
     "sink": Role("deploy.roles", "SinkConfig", "_sink", output_port=None, out_dir_key="ids_path"),

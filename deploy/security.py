@@ -33,7 +33,9 @@ def key_paths(keys_dir: str | Path, stage: str) -> tuple[Path, Path]:
     return base / f"{stage}.key", base / f"{stage}.key_secret"
 
 
-def generate_keys(keys_dir: str | Path, stages: Iterable[str], *, overwrite: bool = False) -> list[Path]:
+def generate_keys(
+    keys_dir: str | Path, stages: Iterable[str], *, overwrite: bool = False
+) -> list[Path]:
     """Write a key pair per stage (secret files readable by the owner only).
 
     Raises:

@@ -35,7 +35,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class TopologyError(ValueError):
     """A topology that cannot run; the message starts with the dotted path of the bad key."""
 
-    def __init__(self, key: str, problem: str) -> None:
+    def __init__(self, *, key: str, problem: str) -> None:
         self.key = key
         super().__init__(f"{key}: {problem}")
 
@@ -202,9 +202,9 @@ def load_topology(path: str | Path | None = None, *, deep: bool = False) -> Topo
     try:
         table = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise TopologyError("topology", f"cannot read {path}: {exc.strerror}") from exc
+        raise TopologyError(key="topology", problem=f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise TopologyError("topology", f"{path} is not valid TOML: {exc}") from exc
+        raise TopologyError(key="topology", problem=f"{path} is not valid TOML: {exc}") from exc
     return parse_topology(table, path=str(path.resolve()), deep=deep)
 
 
@@ -213,21 +213,36 @@ def parse_topology(table: Mapping[str, Any], *, path: str = "", deep: bool = Fal
     farm_table = _table(table, "farm", "topology.farm", required=True)
     farm = _fill(FarmSettings, farm_table, "topology.farm")
     if not farm.chain:
-        raise TopologyError("topology.farm.chain", "needs at least one stage")
+        raise TopologyError(key="topology.farm.chain", problem="needs at least one stage")
     if len(set(farm.chain)) != len(farm.chain):
-        raise TopologyError("topology.farm.chain", f"names a stage twice: {list(farm.chain)}")
+        raise TopologyError(
+            key="topology.farm.chain", problem=f"names a stage twice: {list(farm.chain)}"
+        )
     for key in ("heartbeat_interval_s", "drain_idle_s", "stall_after_s"):
         if getattr(farm, key) <= 0:
-            raise TopologyError(f"topology.farm.{key}", f"must be > 0, got {getattr(farm, key)}")
-    security = _fill(SecuritySettings, _table(table, "security", "topology.security"), "topology.security")
-    metrics = _fill(MetricsSettings, _table(table, "metrics", "topology.metrics"), "topology.metrics")
+            raise TopologyError(
+                key=f"topology.farm.{key}", problem=f"must be > 0, got {getattr(farm, key)}"
+            )
+    security = _fill(
+        SecuritySettings, _table(table, "security", "topology.security"), "topology.security"
+    )
+    metrics = _fill(
+        MetricsSettings, _table(table, "metrics", "topology.metrics"), "topology.metrics"
+    )
     if not 0 <= metrics.base_port < 65536:
-        raise TopologyError("topology.metrics.base_port", f"must be in [0, 65535], got {metrics.base_port}")
+        raise TopologyError(
+            key="topology.metrics.base_port",
+            problem=f"must be in [0, 65535], got {metrics.base_port}",
+        )
     known = {"farm", "security", "metrics", *farm.chain}
     for key in table:
         if key not in known:
-            hint = f"; add it to topology.farm.chain {list(farm.chain)}" if isinstance(table[key], dict) else ""
-            raise TopologyError(f"topology.{key}", f"unknown key{hint}")
+            hint = (
+                f"; add it to topology.farm.chain {list(farm.chain)}"
+                if isinstance(table[key], dict)
+                else ""
+            )
+            raise TopologyError(key=f"topology.{key}", problem=f"unknown key{hint}")
     stages = tuple(_stage(table, name, farm) for name in farm.chain)
     topology = Topology(farm, stages, security, metrics, path)
     _check_roles(topology, deep=deep)
@@ -244,12 +259,18 @@ def _stage(table: Mapping[str, Any], name: str, farm: FarmSettings) -> StageSpec
     stage = _fill(StageSpec, {"name": name, **body}, where)
     for key in ("count", "threads", "max_queue_batches"):
         if getattr(stage, key) < 1:
-            raise TopologyError(f"{where}.{key}", f"must be >= 1, got {getattr(stage, key)}")
+            raise TopologyError(
+                key=f"{where}.{key}", problem=f"must be >= 1, got {getattr(stage, key)}"
+            )
     if not 0 <= stage.port < 65536 or stage.port + stage.count > 65536:
-        raise TopologyError(f"{where}.port", f"must leave {stage.count} ports below 65536, got {stage.port}")
+        raise TopologyError(
+            key=f"{where}.port",
+            problem=f"must leave {stage.count} ports below 65536, got {stage.port}",
+        )
     if not stage.hosts or len(stage.hosts) not in (1, stage.count):
         raise TopologyError(
-            f"{where}.hosts", f"needs 1 or count={stage.count} entries, got {len(stage.hosts)}"
+            key=f"{where}.hosts",
+            problem=f"needs 1 or count={stage.count} entries, got {len(stage.hosts)}",
         )
     return stage
 
@@ -261,29 +282,45 @@ def _check_roles(topology: Topology, *, deep: bool) -> None:
         where = f"topology.{stage.name}"
         role = ROLES.get(stage.role)
         if role is None:
-            raise TopologyError(f"{where}.role", f"unknown role {stage.role!r}; known: {sorted(ROLES)}")
+            raise TopologyError(
+                key=f"{where}.role",
+                problem=f"unknown role {stage.role!r}; known: {sorted(ROLES)}",
+            )
         if index == 0 and role.consumes:
-            raise TopologyError(f"{where}.role", f"the first stage must produce events; {stage.role!r} consumes them")
+            raise TopologyError(
+                key=f"{where}.role",
+                problem=f"the first stage must produce events; {stage.role!r} consumes them",
+            )
         if index > 0 and not role.consumes:
-            raise TopologyError(f"{where}.role", f"{stage.role!r} is a source and can only come first")
+            raise TopologyError(
+                key=f"{where}.role",
+                problem=f"{stage.role!r} is a source and can only come first",
+            )
         if index + 1 < len(topology.stages) and role.output_port is None:
-            raise TopologyError(f"{where}.role", f"{stage.role!r} has no output but feeds {topology.stages[index + 1].name!r}")
+            raise TopologyError(
+                key=f"{where}.role",
+                problem=f"{stage.role!r} has no output but feeds another stage",
+            )
         if stage.learner is not None and role.learner is None:
-            raise TopologyError(f"{where}.learner", f"role {stage.role!r} takes no learner")
+            raise TopologyError(
+                key=f"{where}.learner", problem=f"role {stage.role!r} takes no learner"
+            )
         role.check(stage, where, deep=deep)
 
 
 # -- typed filling --------------------------------------------------------------------------
 
 
-def _table(table: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> Mapping[str, Any]:
+def _table(
+    table: Mapping[str, Any], key: str, where: str, *, required: bool = False
+) -> Mapping[str, Any]:
     value = table.get(key)
     if value is None:
         if required:
-            raise TopologyError(where, "missing table")
+            raise TopologyError(key=where, problem="missing table")
         return {}
     if not isinstance(value, dict):
-        raise TopologyError(where, f"expected a table, got {value!r}")
+        raise TopologyError(key=where, problem=f"expected a table, got {value!r}")
     return value
 
 
@@ -305,17 +342,19 @@ def _fill(cls: type, table: Mapping[str, Any], where: str) -> Any:
     names = {f.name for f in fields(cls)}
     for key in table:
         if key not in names:
-            raise TopologyError(f"{where}.{key}", f"unknown key; known: {sorted(names)}")
+            raise TopologyError(
+                key=f"{where}.{key}", problem=f"unknown key; known: {sorted(names)}"
+            )
     values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in table:
             values[f.name] = _coerce(table[f.name], hints[f.name], f"{where}.{f.name}")
         elif f.default is MISSING and f.default_factory is MISSING:
-            raise TopologyError(f"{where}.{f.name}", "missing")
+            raise TopologyError(key=f"{where}.{f.name}", problem="missing")
     try:
         return cls(**values)
     except ValueError as exc:
-        raise TopologyError(where, str(exc)) from exc
+        raise TopologyError(key=where, problem=str(exc)) from exc
 
 
 def _type_name(tp: Any) -> str:
@@ -336,29 +375,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except TopologyError:
                 continue
-        raise TopologyError(where, f"expected {' | '.join(_type_name(o) for o in options)}, got {value!r}")
+        raise TopologyError(
+            key=where,
+            problem=f"expected {' | '.join(_type_name(o) for o in options)}, got {value!r}",
+        )
     if tp is Any:
         return value
     if origin in (tuple, list) or tp in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise TopologyError(where, f"expected a list, got {value!r}")
+            raise TopologyError(key=where, problem=f"expected a list, got {value!r}")
         args = typing.get_args(tp)
         item = args[0] if args else Any
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping) or tp in (dict, Mapping) or origin is typing.get_origin(Mapping[str, Any]):
+    if (
+        origin in (dict, Mapping)
+        or tp in (dict, Mapping)
+        or origin is typing.get_origin(Mapping[str, Any])
+    ):
         if not isinstance(value, dict):
-            raise TopologyError(where, f"expected a table, got {value!r}")
+            raise TopologyError(key=where, problem=f"expected a table, got {value!r}")
         return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TopologyError(where, f"expected float, got {value!r}")
+            raise TopologyError(key=where, problem=f"expected float, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TopologyError(where, f"expected int, got {value!r}")
+            raise TopologyError(key=where, problem=f"expected int, got {value!r}")
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
-            raise TopologyError(where, f"expected {tp.__name__}, got {value!r}")
+            raise TopologyError(key=where, problem=f"expected {tp.__name__}, got {value!r}")
         return value
     return value

@@ -38,8 +38,17 @@ def stage_rows(statuses: Mapping[str, NodeStatus], rates: StageRates) -> list[di
         stage = status.plan.stage.name
         row = rows.setdefault(
             stage,
-            {"stage": stage, "nodes": 0, "states": set(), "in": 0, "accepted": 0,
-             "rejected": 0, "dropped": 0, "queues": [], "refused": 0},
+            {
+                "stage": stage,
+                "nodes": 0,
+                "states": set(),
+                "in": 0,
+                "accepted": 0,
+                "rejected": 0,
+                "dropped": 0,
+                "queues": [],
+                "refused": 0,
+            },
         )
         row["nodes"] += 1
         beat = status.heartbeat
@@ -65,7 +74,9 @@ def stage_rows(statuses: Mapping[str, NodeStatus], rates: StageRates) -> list[di
 class ProgressView:
     """A ``rich`` live table refreshed from ``Farm.on_update`` (a plain line if not a TTY)."""
 
-    def __init__(self, title: str, *, console: Console | None = None, min_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, title: str, *, console: Console | None = None, min_interval_s: float = 0.25
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.title = title
         self._rates = StageRates()
@@ -94,8 +105,17 @@ class ProgressView:
 
     def _table(self, rows: list[dict[str, Any]]) -> Table:
         table = Table(title=self.title)
-        for column in ("stage", "nodes", "state", "in", "accepted", "rejected", "dropped",
-                       "rate/s", "queues"):
+        for column in (
+            "stage",
+            "nodes",
+            "state",
+            "in",
+            "accepted",
+            "rejected",
+            "dropped",
+            "rate/s",
+            "queues",
+        ):
             table.add_column(column, justify="left" if column in ("stage", "state") else "right")
         for row in rows:
             table.add_row(
