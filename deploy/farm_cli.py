@@ -298,7 +298,7 @@ def monitor(run_dir: Path | None, port: int, duration: float, grafana_out: Path 
         raise click.UsageError(
             "no running farm found: start one with `trigfarm run`, or pass --run DIR"
         )
-    config = prometheus_config_for_run(run_dir / "farm.json")
+    config = prometheus_config_for_run(run_dir)
     if grafana_out is not None:
         grafana_out.write_text(json.dumps(grafana_dashboard(), indent=2))
         click.echo(f"grafana dashboard: {grafana_out} (import it; data source: this Prometheus)")

@@ -296,7 +296,8 @@ class Farm:
     def run(self) -> FarmResult:
         out = Path(self.plan.out_dir)
         (out / "nodes").mkdir(parents=True, exist_ok=True)
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
         t0 = time.monotonic()
         zctx = zmq.Context()
         try:
@@ -306,11 +307,12 @@ class Farm:
                 self._write_farm_file("starting")
                 self._run_stages(control)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
             self._kill_all()
             zctx.term()
+            self._write_farm_file("stopped")
         wall = time.monotonic() - t0
-        self._write_farm_file("stopped")
         stats = {}
         for name, status in self.statuses.items():
             path = Path(status.plan.node.stats_path or "")
@@ -464,7 +466,8 @@ class Farm:
                 status.process.join(5)
 
     def _write_farm_file(self, state: str) -> None:
-        """``<out>/farm.json``: nodes, pids and metrics addresses, for ``trigfarm monitor``."""
+        """``<out>/farm.json`` (nodes, pids, metrics addresses) and ``<out>/targets.json``
+        (Prometheus file-based service discovery), for ``trigfarm monitor``."""
         nodes = []
         for name, status in self.statuses.items():
             port = status.heartbeat.metrics_port if status.heartbeat else None
@@ -486,7 +489,13 @@ class Farm:
             "out_dir": self.plan.out_dir,
             "nodes": nodes,
         }
-        path = Path(self.plan.out_dir) / "farm.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=2))
-        tmp.replace(path)
+        out = Path(self.plan.out_dir)
+        targets = [
+            {"targets": [n["metrics"]], "labels": {"node": n["name"], "stage": n["stage"]}}
+            for n in nodes
+            if n["metrics"]
+        ]
+        for name, content in (("farm.json", body), ("targets.json", targets)):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(json.dumps(content, indent=2))
+            tmp.replace(out / name)

@@ -110,13 +110,26 @@ def prometheus_config(topology: Topology, *, interval_s: float = 1.0) -> str:
     return scrape_config(topology_targets(topology), interval_s=interval_s)
 
 
-def prometheus_config_for_run(farm_json: str | Path, *, interval_s: float = 1.0) -> str:
-    """The Prometheus configuration for a running farm (its ``farm.json``)."""
-    targets = run_targets(farm_json)
-    if not targets:
-        msg = f"{farm_json} lists no metrics endpoint yet (is the farm still starting?)"
-        raise ValueError(msg)
-    return scrape_config(targets, interval_s=interval_s)
+def prometheus_config_for_run(run_dir: str | Path, *, interval_s: float = 1.0) -> str:
+    """The Prometheus configuration for a farm run: file-based discovery of
+    ``<run_dir>/targets.json``, which the launcher keeps up to date (the file need not
+    exist yet, so Prometheus can start before the farm)."""
+    interval = f"{int(interval_s * 1000)}ms"
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "scrape_configs": [
+            {
+                "job_name": JOB,
+                "file_sd_configs": [
+                    {
+                        "files": [str(Path(run_dir).resolve() / "targets.json")],
+                        "refresh_interval": "1s",
+                    }
+                ],
+            }
+        ],
+    }
+    return json.dumps(config, indent=2)
 
 
 def grafana_dashboard(*, title: str = "trigfarm", datasource: str = "Prometheus") -> dict[str, Any]:

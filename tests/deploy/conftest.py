@@ -1,0 +1,46 @@
+"""Helpers for farm tests: small topologies written to temporary files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def write_topology(path: Path, table: dict[str, Any]) -> Path:
+    """Write a topology given as nested dicts (one level of sub-tables) as TOML."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    for section, body in table.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in body.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def synthetic_table(events: int = 2000, **farm: Any) -> dict[str, Any]:
+    """A source -> relay x2 -> sink farm of synthetic roles."""
+    return {
+        "farm": {"name": "t", "chain": ["source", "relay", "sink"], "drain_idle_s": 0.3, **farm},
+        "source": {"role": "synthetic-source", "config": {"events": events, "batch_size": 100}},
+        "relay": {"count": 2},
+        "sink": {},
+    }
+
+
+@pytest.fixture
+def topo_file(tmp_path: Path):  # noqa: ANN201
+    def make(table: dict[str, Any]) -> Path:
+        return write_topology(tmp_path / "topology.toml", table)
+
+    return make
