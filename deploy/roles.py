@@ -115,7 +115,12 @@ class Role:
         """With ``deep``, import the module and validate the stage's config tables."""
         if not deep:
             return
-        self.make_config(stage.config, f"{where}.config")
+        if not self.available():
+            raise TopologyError(
+                key=where, problem=f"role needs module {self.module}, which is not installed"
+            )
+        launch = LaunchContext(name=stage.name, index=0, out_dir="<out>")
+        self.make_config(self.launch_table(stage.config, launch), f"{where}.config")
         if self.learner is not None and stage.learner is not None:
             module, cls, _ = self.learner
             fill_config(getattr(_import(module), cls), stage.learner, f"{where}.learner")

@@ -48,10 +48,14 @@ def test_synthetic_farm_delivers_every_event_once(tmp_path: Path) -> None:
 
 def test_cli_run_prints_a_balanced_report(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        main, ["run", "--topology", "synthetic", "--events", "700", "--out", str(tmp_path), "--quiet"]
+        main,
+        ["run", "--topology", "synthetic", "--events", "700", "--out", str(tmp_path), "--quiet"],
     )
     assert result.exit_code == 0, result.output
-    assert "accounting (in = accepted + rejected + dropped, sent = received): balanced" in result.output
+    assert (
+        "accounting (in = accepted + rejected + dropped, sent = received): balanced"
+        in result.output
+    )
     assert (tmp_path / "report.json").is_file() and (tmp_path / "dashboard.png").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["events_generated"] == 700
@@ -74,7 +78,17 @@ def test_ctrl_c_stops_in_stages_and_still_balances(tmp_path: Path) -> None:
     write_topology(path, table)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy", "run", "--topology", str(path), "--out", str(tmp_path / "run"), "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "deploy",
+            "run",
+            "--topology",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

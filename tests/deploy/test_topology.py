@@ -57,7 +57,11 @@ def _mutate(path: tuple[str, ...], value: object) -> dict:
         (("relay", "role"), "l3", "topology.relay.role: unknown role 'l3'"),
         (("relay", "hosts"), ["a", "b", "c"], "topology.relay.hosts: needs 1 or count=2"),
         (("relay", "port"), 65535, "topology.relay.port: must leave 2 ports"),
-        (("farm", "heartbeat_interval_s"), "fast", "topology.farm.heartbeat_interval_s: expected float"),
+        (
+            ("farm", "heartbeat_interval_s"),
+            "fast",
+            "topology.farm.heartbeat_interval_s: expected float",
+        ),
         (("farm", "drain_idle_s"), 0, "topology.farm.drain_idle_s: must be > 0"),
         (("farm", "chain"), ["source", "source"], "topology.farm.chain: names a stage twice"),
         (("security", "curve"), "yes", "topology.security.curve: expected bool, got 'yes'"),
@@ -102,7 +106,9 @@ def test_real_source_config_is_validated() -> None:
     from deploy.roles import ROLES
 
     with pytest.raises(TopologyError, match=r"signal_fraction must be in \[0, 1\)"):
-        ROLES["source"].make_config({"signal": ["wprime"], "signal_fraction": 2.0}, "topology.source.config")
+        ROLES["source"].make_config(
+            {"signal": ["wprime"], "signal_fraction": 2.0}, "topology.source.config"
+        )
 
 
 def test_unreadable_files_are_named(tmp_path) -> None:  # noqa: ANN001
@@ -115,7 +121,9 @@ def test_unreadable_files_are_named(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_with_changes_overrides_stage_fields() -> None:
-    topology = load_topology("default").with_changes(hlt={"count": 4}, source={"config": {"max_events": 10}})
+    topology = load_topology("default").with_changes(
+        hlt={"count": 4}, source={"config": {"max_events": 10}}
+    )
     assert topology.stage("hlt").count == 4
     assert topology.stage("source").config["max_events"] == 10
     assert topology.stage("source").config["signal"] == ["wprime"]
