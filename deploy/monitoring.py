@@ -159,3 +159,19 @@ def grafana_dashboard(*, title: str = "trigfarm", datasource: str = "Prometheus"
         "tags": ["trigfarm"],
         "panels": panels,
     }
+
+
+SHIPPED_DASHBOARD = Path(__file__).resolve().parent / "grafana" / "trigfarm.json"
+SHIPPED_SCRAPE_CONFIG = Path(__file__).resolve().parent / "grafana" / "prometheus-multihost.yml"
+
+
+def main() -> None:
+    """Regenerate the shipped dashboard and the multi-host topology's scrape config."""
+    from deploy.topology import load_topology
+
+    SHIPPED_DASHBOARD.write_text(json.dumps(grafana_dashboard(), indent=2) + "\n")
+    SHIPPED_SCRAPE_CONFIG.write_text(prometheus_config(load_topology("multihost")) + "\n")
+
+
+if __name__ == "__main__":
+    main()

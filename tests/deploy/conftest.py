@@ -39,7 +39,7 @@ def synthetic_table(events: int = 2000, **farm: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def topo_file(tmp_path: Path):  # noqa: ANN201
+def topo_file(tmp_path: Path):
     def make(table: dict[str, Any]) -> Path:
         return write_topology(tmp_path / "topology.toml", table)
 

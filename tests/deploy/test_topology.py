@@ -111,7 +111,7 @@ def test_real_source_config_is_validated() -> None:
         )
 
 
-def test_unreadable_files_are_named(tmp_path) -> None:  # noqa: ANN001
+def test_unreadable_files_are_named(tmp_path) -> None:
     with pytest.raises(TopologyError, match="cannot read"):
         load_topology(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
