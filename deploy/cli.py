@@ -7,6 +7,7 @@ import logging
 import click
 
 from deploy.farm_cli import FARM_COMMANDS
+from deploy.firmware_cli import firmware
 from deploy.simulate_cli import simulate
 
 
@@ -19,5 +20,6 @@ def main(verbose: int) -> None:
 
 
 main.add_command(simulate)
+main.add_command(firmware)
 for command in FARM_COMMANDS:
     main.add_command(command)

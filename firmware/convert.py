@@ -7,6 +7,7 @@ types come from ``QuantizationConfig``; none is left "auto".
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,24 @@ def convert(
     Without ``board`` the plain Vivado backend is used (emulation, HLS IP); with a board
     the VivadoAccelerator backend wraps it in an AXI-stream design for that board.
     """
-    import hls4ml
-
     from firmware.vae import encoder_from_model
 
     encoder = encoder_from_model(model)
     config = hls_config(encoder, model.quantization)
+    with warnings.catch_warnings():
+        # hls4ml serialises the QKeras quantizers through keras.constraints.serialize(),
+        # which warns about the non-Constraint type; the conversion reads them correctly.
+        warnings.filterwarnings(
+            "ignore", message=r"The `keras\.constraints\.serialize\(\)` API", category=UserWarning
+        )
+        return _convert(encoder, config, output_dir, board=board, part=part)
+
+
+def _convert(
+    encoder: Any, config: dict[str, Any], output_dir: str | Path, *, board: str | None, part: str
+) -> Any:
+    import hls4ml
+
     common: dict[str, Any] = {
         "hls_config": config,
         "output_dir": str(output_dir),
