@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from deploy.hlt_cli import hlt
 from deploy.simulate_cli import simulate
 from stream import NodeConfig
 from stream.testing import FakeNodeSpec, free_tcp_port, run_fake_node, stats_of
@@ -75,3 +76,4 @@ def run(events: int, batch_size: int) -> None:
 
 
 main.add_command(simulate)
+main.add_command(hlt)
