@@ -8,6 +8,7 @@ import click
 
 from deploy.farm_cli import FARM_COMMANDS
 from deploy.firmware_cli import firmware
+from deploy.hlt_cli import hlt
 from deploy.simulate_cli import simulate
 
 
@@ -21,5 +22,6 @@ def main(verbose: int) -> None:
 
 main.add_command(simulate)
 main.add_command(firmware)
+main.add_command(hlt)
 for command in FARM_COMMANDS:
     main.add_command(command)

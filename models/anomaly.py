@@ -131,21 +131,27 @@ def mass_decorrelated_indices(
     *,
     bins: np.ndarray | int = 20,
     target: np.ndarray | None = None,
+    min_count: int = 5,
     seed: int = 0,
 ) -> np.ndarray:
     """Indices that resample every class to a common jet-mass histogram.
 
     Each class keeps as many jets as it has (drawn with replacement, weight target/own
     density per mass bin), so class balance is unchanged while the mass distribution of
-    every class becomes ``target`` (default: the pooled histogram of all classes).
-    Mass bins that a class does not populate get no jets from it.
+    every class becomes ``target`` (default: the pooled histogram of all classes). Only
+    bins where every class has at least ``min_count`` jets can be matched: the target is
+    zero elsewhere, so jets outside the common mass range are not drawn.
 
     Arguments:
         mass: (N,) jet masses.
         labels: (N,) integer classes.
         bins: bin edges, or a count of quantile bins over the pooled masses.
         target: (n_bins,) target densities (any scale).
+        min_count: jets a class needs in a bin for that bin to be used.
         seed: resampling seed.
+
+    Raises:
+        ValueError: no bin is populated by every class.
     """
     rng = np.random.default_rng(seed)
     if np.isscalar(bins):
@@ -155,11 +161,15 @@ def mass_decorrelated_indices(
     which = np.clip(np.searchsorted(edges, mass, side="right") - 1, 0, len(edges) - 2)
     n_bins = len(edges) - 1
     want = np.bincount(which, minlength=n_bins).astype(float) if target is None else target
-    want = np.asarray(want, dtype=float) / np.sum(want)
+    classes = np.unique(labels)
+    own_counts = np.stack([np.bincount(which[labels == c], minlength=n_bins) for c in classes])
+    want = np.where((own_counts >= min_count).all(0), np.asarray(want, dtype=float), 0.0)
+    if want.sum() <= 0:
+        raise ValueError("no mass bin holds enough jets of every class to resample to")
+    want /= want.sum()
     out = []
-    for c in np.unique(labels):
+    for c, own in zip(classes, own_counts.astype(float), strict=True):
         rows = np.flatnonzero(labels == c)
-        own = np.bincount(which[rows], minlength=n_bins).astype(float)
         weight = np.divide(want, own, out=np.zeros(n_bins), where=own > 0)[which[rows]]
         out.append(rng.choice(rows, size=rows.size, replace=True, p=weight / weight.sum()))
     return np.concatenate(out)
