@@ -155,7 +155,9 @@ def plan_farm(
                 socket=SocketOptions(sndhwm=farm.sndhwm, rcvhwm=farm.rcvhwm, curve=keys),
                 stats_path=f"{out}/nodes/{name}.json",
             )
-            launch = LaunchContext(name=name, index=i, out_dir=out, events=events)
+            launch = LaunchContext(
+                name=name, index=i, out_dir=out, events=events, threads=stage.threads
+            )
             plans.append(NodePlan(stage, node, launch, stage.threads, allowed, log_level))
     return FarmPlan(topology, tuple(plans), out, control)
 

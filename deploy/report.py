@@ -62,10 +62,11 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
 
 
 def _sum_paths(workers: list[Mapping[str, Any]]) -> dict[str, int]:
-    """Accepted counts per trigger path, from worker reports that give ``paths``."""
+    """Events per trigger path, from worker reports that give ``paths`` (HLT) or
+    ``fired`` (L1 seeds); an event may fire several paths."""
     total: Counter[str] = Counter()
     for worker in workers:
-        paths = worker.get("paths") or worker.get("trigger_paths") or {}
+        paths = worker.get("paths") or worker.get("fired") or {}
         if isinstance(paths, Mapping):
             for key, value in paths.items():
                 if isinstance(value, int | float):

@@ -27,6 +27,7 @@ class LaunchContext:
     index: int
     out_dir: str
     events: int = 0
+    threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class Role:
         output_port: the port the next stage reads (``None``: a terminal stage).
         learner: (module, config class, builder) of the online learner it can take.
         events_key: config field set from ``trigfarm run --events``.
+        threads_key: config field set from the stage's ``threads`` unless given.
         out_dir_key: config field set to the node's own folder under ``--out``.
     """
 
@@ -99,6 +101,7 @@ class Role:
     output_port: str | None = "out"
     learner: tuple[str, str, str] | None = None
     events_key: str = ""
+    threads_key: str = ""
     out_dir_key: str = ""
 
     def available(self) -> bool:
@@ -136,6 +139,8 @@ class Role:
         """The config table with the run's settings applied (events, output folder)."""
         body = dict(table)
         names = {f.name for f in fields(self.config_type())}
+        if self.threads_key in names and self.threads_key not in body:
+            body[self.threads_key] = launch.threads
         if launch.events and self.events_key in names:
             body[self.events_key] = launch.events
         if self.out_dir_key in names and not body.get(self.out_dir_key):
@@ -183,6 +188,7 @@ ROLES: dict[str, Role] = {
         "HLTConfig",
         output_port="archive",
         learner=("nodes.learner", "FlowLearnerConfig", "build_learner"),
+        threads_key="torch_threads",
     ),
     "archive": Role("nodes.archive", "ArchiveConfig", output_port=None, out_dir_key="out_dir"),
     # Synthetic roles: for exercising the farm machinery only.
