@@ -154,6 +154,8 @@ def plan_farm(
                 drop_when_full=stage.drop_when_full,
                 socket=SocketOptions(sndhwm=farm.sndhwm, rcvhwm=farm.rcvhwm, curve=keys),
                 stats_path=f"{out}/nodes/{name}.json",
+                output_peers=downstream.count if outputs and downstream else 0,
+                peer_wait_s=farm.peer_wait_s,
             )
             launch = LaunchContext(
                 name=name, index=i, out_dir=out, events=events, threads=stage.threads

@@ -42,7 +42,12 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class FarmSettings:
-    """Farm-wide settings (``[farm]``)."""
+    """Farm-wide settings (``[farm]``).
+
+    ``control`` is a heartbeat endpoint for ``trigfarm node`` (the launcher makes its own);
+    ``peer_wait_s`` bounds how long a node waits for all its downstream peers to connect
+    before it starts sending.
+    """
 
     name: str
     chain: tuple[str, ...]
@@ -53,6 +58,7 @@ class FarmSettings:
     sndhwm: int = 20
     rcvhwm: int = 20
     control: str = ""
+    peer_wait_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +224,7 @@ def parse_topology(table: Mapping[str, Any], *, path: str = "", deep: bool = Fal
         raise TopologyError(
             key="topology.farm.chain", problem=f"names a stage twice: {list(farm.chain)}"
         )
-    for key in ("heartbeat_interval_s", "drain_idle_s", "stall_after_s"):
+    for key in ("heartbeat_interval_s", "drain_idle_s", "stall_after_s", "peer_wait_s"):
         if getattr(farm, key) <= 0:
             raise TopologyError(
                 key=f"topology.farm.{key}", problem=f"must be > 0, got {getattr(farm, key)}"

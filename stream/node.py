@@ -27,12 +27,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import prometheus_client
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from stream import metrics
 from stream.batch import EventBatch, Message
@@ -132,6 +134,9 @@ class NodeConfig:
     ``inputs`` connect by default and ``outputs`` bind by default (prefix ``@`` to bind,
     ``>`` to connect). ``control`` is the controller's heartbeat endpoint (connect by
     default). ``metrics_port`` 0 picks a free port, ``None`` serves no metrics.
+    ``output_peers`` > 0 holds the node in ``starting`` until every output has completed
+    that many peer handshakes (at most ``peer_wait_s``), so that the first batches are
+    spread over all downstream nodes instead of going to whichever connected first.
     """
 
     name: str
@@ -148,6 +153,8 @@ class NodeConfig:
     drop_when_full: bool = False
     socket: SocketOptions = field(default_factory=SocketOptions)
     stats_path: str | None = None
+    output_peers: int = 0
+    peer_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -280,6 +287,7 @@ class Node:
         try:
             server = self._start_metrics()
             with self._open_sockets(ctx) as sockets:
+                self._await_peers(sockets)
                 self._set_state(NodeState.RUNNING, sockets)
                 self._started.set()
                 if isinstance(self.worker, Producer):
@@ -344,7 +352,10 @@ class Node:
                 sockets.inputs = open_socket(ctx, zmq.PULL, endpoints, cfg.socket)
             for port, text in cfg.outputs.items():
                 endpoint = Endpoint.parse(text, bind=True)
-                sockets.outputs[port] = open_socket(ctx, zmq.PUSH, [endpoint], cfg.socket)
+                prepare = partial(sockets.watch, port) if cfg.output_peers > 0 else None
+                sockets.outputs[port] = open_socket(
+                    ctx, zmq.PUSH, [endpoint], cfg.socket, prepare=prepare
+                )
             if cfg.control:
                 endpoint = Endpoint.parse(cfg.control, bind=False)
                 control_options = SocketOptions(sndhwm=100, rcvhwm=100, linger_ms=500)
@@ -353,6 +364,35 @@ class Node:
             sockets.close()
             raise
         return sockets
+
+    def _await_peers(self, sockets: _Sockets) -> None:
+        """Wait (heartbeating) until each output has ``output_peers`` handshakes."""
+        cfg = self.config
+        try:
+            deadline = self._clock() + cfg.peer_wait_s
+            next_heartbeat = self._clock()
+            for port, (_, monitor) in sockets.monitors.items():
+                seen = 0
+                while seen < cfg.output_peers and not self._stop.is_set():
+                    now = self._clock()
+                    if now >= deadline:
+                        log.warning(
+                            "%s: output %r has %d of %d peers after %.0f s; going on",
+                            cfg.name,
+                            port,
+                            seen,
+                            cfg.output_peers,
+                            cfg.peer_wait_s,
+                        )
+                        break
+                    if now >= next_heartbeat:
+                        self._heartbeat(sockets)
+                        next_heartbeat = now + cfg.heartbeat_interval_s
+                    if monitor.poll(100):
+                        event = recv_monitor_message(monitor)
+                        seen += event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        finally:
+            sockets.close_monitors()
 
     def _set_state(self, state: NodeState, sockets: _Sockets) -> None:
         self.state = state
@@ -607,6 +647,17 @@ class _Sockets:
     inputs: zmq.Socket | None = None
     outputs: dict[str, zmq.Socket] = field(default_factory=dict)
     control: zmq.Socket | None = None
+    monitors: dict[str, tuple[zmq.Socket, zmq.Socket]] = field(default_factory=dict)
+
+    def watch(self, port: str, sock: zmq.Socket) -> None:
+        """Attach a handshake monitor to an output before it binds (see ``_await_peers``)."""
+        self.monitors[port] = (sock, sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+
+    def close_monitors(self) -> None:
+        for sock, monitor in self.monitors.values():
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        self.monitors.clear()
 
     def __enter__(self) -> _Sockets:
         return self
@@ -616,6 +667,7 @@ class _Sockets:
 
     def close(self) -> None:
         """Close outputs with their linger (so queued batches leave) and the rest at once."""
+        self.close_monitors()
         if self.inputs is not None:
             self.inputs.close(linger=0)
         for sock in self.outputs.values():

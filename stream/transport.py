@@ -6,7 +6,7 @@ a bare URL takes the caller's default. URLs are ``tcp://``, ``ipc://`` or ``inpr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -76,8 +76,14 @@ def open_socket(
     socket_type: int,
     endpoints: Sequence[Endpoint],
     options: SocketOptions = SocketOptions(),
+    *,
+    prepare: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
-    """A socket of ``socket_type`` with ``options`` set, bound or connected to every endpoint."""
+    """A socket of ``socket_type`` with ``options`` set, bound or connected to every endpoint.
+
+    ``prepare`` runs on the socket just before it binds or connects (e.g. to attach a
+    monitor that must not miss the first connection).
+    """
     sock = ctx.socket(socket_type)
     sock.setsockopt(zmq.SNDHWM, options.sndhwm)
     sock.setsockopt(zmq.RCVHWM, options.rcvhwm)
@@ -89,6 +95,8 @@ def open_socket(
             sock.close(linger=0)
             raise
     try:
+        if prepare is not None:
+            prepare(sock)
         for endpoint in endpoints:
             if endpoint.bind:
                 sock.bind(endpoint.url)
