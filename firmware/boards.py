@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware.convert import BOARDS, PROJECT, convert
+from firmware.convert import BOARDS, PROJECT, convert, quantizer_serialisation_warnings_ignored
 from firmware.emulate import Emulator
 from firmware.model import L1Model
 
@@ -86,7 +86,8 @@ def write_board_project(
         shutil.rmtree(hls_dir)
     root.mkdir(parents=True, exist_ok=True)
     hls_model = convert(model, hls_dir, board=board)
-    hls_model.write()
+    with quantizer_serialisation_warnings_ignored():
+        hls_model.write()
     _print_full_precision(hls_dir / f"{PROJECT}_test.cpp")
     rounded = emulator.round_inputs(inputs)
     expected = emulator.predict(rounded)

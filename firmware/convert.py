@@ -8,6 +8,8 @@ types come from ``QuantizationConfig``; none is left "auto".
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ def hls_config(encoder: Any, quant: QuantizationConfig) -> dict[str, Any]:
 
     from firmware.vae import INPUT_NAME, OUTPUT_NAME
 
-    config: dict[str, Any] = hls4ml.utils.config_from_keras_model(
-        encoder, granularity="name", backend="Vivado", default_precision=quant.output
-    )
+    with quantizer_serialisation_warnings_ignored():
+        config: dict[str, Any] = hls4ml.utils.config_from_keras_model(
+            encoder, granularity="name", backend="Vivado", default_precision=quant.output
+        )
     config["Model"].update({"Strategy": "Latency", "ReuseFactor": 1})
     layers = config["LayerName"]
     layers[INPUT_NAME]["Precision"] = {"result": quant.input_type}
@@ -77,13 +80,19 @@ def convert(
 
     encoder = encoder_from_model(model)
     config = hls_config(encoder, model.quantization)
+    with quantizer_serialisation_warnings_ignored():
+        return _convert(encoder, config, output_dir, board=board, part=part)
+
+
+@contextmanager
+def quantizer_serialisation_warnings_ignored() -> Iterator[None]:
+    """hls4ml serialises the model, and Keras warns that QKeras quantizers are not
+    ``Constraint``s; hls4ml reads them correctly, so this one warning is noise."""
     with warnings.catch_warnings():
-        # hls4ml serialises the QKeras quantizers through keras.constraints.serialize(),
-        # which warns about the non-Constraint type; the conversion reads them correctly.
         warnings.filterwarnings(
             "ignore", message=r"The `keras\.constraints\.serialize\(\)` API", category=UserWarning
         )
-        return _convert(encoder, config, output_dir, board=board, part=part)
+        yield
 
 
 def _convert(

@@ -162,15 +162,21 @@ def cache_key(model: L1Model) -> str:
     return h.hexdigest()[:20]
 
 
-def build_project(model: L1Model, project_dir: str | Path) -> Any:
-    """Convert the encoder, write the hls4ml project and ``compile()`` it; returns the model.
+def build_project(model: L1Model, project_dir: str | Path, *, compile_library: bool = True) -> Any:
+    """Convert the encoder and write the hls4ml project; returns hls4ml's model.
 
+    With ``compile_library`` hls4ml also builds its own library (g++), which its per-event
+    ``predict()`` needs; the batched bridge needs only the written project.
     Imports TensorFlow, QKeras and hls4ml.
     """
-    from firmware.convert import convert
+    from firmware.convert import convert, quantizer_serialisation_warnings_ignored
 
     hls_model = convert(model, project_dir)
-    hls_model.compile()
+    with quantizer_serialisation_warnings_ignored():
+        if compile_library:
+            hls_model.compile()
+        else:
+            hls_model.write()
     return hls_model
 
 
@@ -184,7 +190,7 @@ def load_emulator(model: L1Model, *, cache_dir: str | Path | None = None) -> Emu
         log.info("compiling the L1 emulator into %s (one-time, needs TensorFlow + hls4ml)", entry)
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
-            build_project(model, staging / HLS_DIR)
+            build_project(model, staging / HLS_DIR, compile_library=False)
             from firmware.convert import PROJECT
 
             compile_bridge(staging / HLS_DIR, PROJECT, staging / LIBRARY_NAME)

@@ -22,18 +22,24 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
-from qkeras import QActivation, QDense, quantized_bits, quantized_relu
 
 from firmware.config import ENCODER_LAYERS, LayerQuantization, QuantizationConfig, VAEConfig
 from firmware.inputs import N_INPUTS, PT_SCALE_GEV
 from firmware.model import CARD_FORMAT, DECODER_LAYERS, LOSS_PNG, WEIGHTS_NAME, L1Model, write_card
+
+with warnings.catch_warnings():
+    # TensorFlow 2.14 and QKeras touch deprecated ml_dtypes/numpy names while importing;
+    # under pytest's filterwarnings=error that would abort the import half-way.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import tensorflow as tf
+    from qkeras import QActivation, QDense, quantized_bits, quantized_relu
 
 INPUT_NAME = "l1_inputs"
 OUTPUT_NAME = "mu_logvar"

@@ -1,0 +1,206 @@
+"""The L1 node: VAE OR seeds, bits and scores, accounting, missing columns, NaN rows, and a
+real source -> L1 -> sink chain over ZeroMQ with the emulated firmware and Prometheus."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from firmware.emulate import Emulator, load_emulator
+from firmware.inputs import scale_l1_objects
+from firmware.model import load_model
+from firmware.scores import r_z
+from nodes.l1 import SEED_BITS, SEEDS, L1Config, build, seed_decisions
+from stream import EventBatch, Node, NodeConfig
+from stream.testing import ListSource, RecordingSink, free_tcp_port
+from tests.firmware.conftest import l1_like_objects
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Emulator:
+    # Same directory as the firmware tests' session cache: a hit when they ran first.
+    cache = tmp_path_factory.getbasetemp() / "l1-emulator-cache"
+    return load_emulator(load_model(), cache_dir=cache)
+
+
+def l1_batch(n: int, seed: int, *, first_event: int = 0) -> EventBatch:
+    rng = np.random.default_rng(seed)
+    return EventBatch(
+        {
+            "run": np.ones(n, "<u4"),
+            "lumi": np.ones(n, "<u4"),
+            "event": np.arange(first_event, first_event + n, dtype="<u8"),
+            "l1_objects": l1_like_objects(n, seed),
+            "fatjets": rng.uniform(100, 900, (n, 2, 4)).astype("<f4"),
+        },
+        truth={"is_signal": np.zeros(n, "u1")},
+    )
+
+
+def median_threshold(emulator: Emulator, batch: EventBatch) -> float:
+    mu, log_var = emulator.encode(scale_l1_objects(batch["l1_objects"]))
+    return float(np.median(r_z(mu, log_var)))
+
+
+def test_config_validates_and_comes_from_plain_values() -> None:
+    config = L1Config(**{"threshold": 3.0, "seeds": ["met", "ht"], "met_gev": 80.0})
+    assert config.seeds == ("met", "ht")
+    assert L1Config().seeds == SEEDS
+    with pytest.raises(ValueError, match="unknown seed"):
+        L1Config(seeds=("single_tau",))
+    with pytest.raises(ValueError, match="met_gev"):
+        L1Config(met_gev=-1.0)
+    with pytest.raises(ValueError, match="finite"):
+        L1Config(threshold=float("nan"))
+
+
+def test_accepts_on_rz_or_seeds_with_bits_and_scores(emulator: Emulator) -> None:
+    batch = l1_batch(500, seed=1)
+    threshold = median_threshold(emulator, batch)
+    config = L1Config(threshold=threshold, seeds=("single_jet", "met"))
+    trigger = build(config, name="l1-test", emulator=emulator)
+    outcome = trigger.process(batch)
+    mu, log_var = emulator.encode(scale_l1_objects(batch["l1_objects"]))
+    rz = r_z(mu, log_var)
+    seeds = seed_decisions(config, batch)
+    want = (rz > threshold) | seeds["single_jet"] | seeds["met"]
+    assert outcome.accepted == int(want.sum()) and outcome.rejected == int((~want).sum())
+    assert 250 <= outcome.accepted < 500
+    (emit,) = outcome.emits
+    out = emit.message
+    assert emit.port == "out"
+    np.testing.assert_array_equal(out["event"], batch["event"][want])
+    np.testing.assert_array_equal(out["l1_score"], rz[want].astype(np.float32))
+    bits = out["l1_bits"]
+    assert bits.dtype == np.uint16
+    np.testing.assert_array_equal(bits & 1, (rz[want] > threshold).astype(np.uint16))
+    np.testing.assert_array_equal(
+        (bits >> SEED_BITS["met"]) & 1, seeds["met"][want].astype(np.uint16)
+    )
+    assert not (bits >> SEED_BITS["ht"] & 1).any()  # disabled seed never fires
+    assert trigger.report()["fired"]["anomaly"] == int((rz > threshold).sum())
+
+
+def test_seed_definitions() -> None:
+    objects = np.zeros((4, 19, 3), np.float32)
+    objects[0, 9] = (200.0, 0.0, 0.0)  # one hard jet
+    objects[1, 9:13, 0] = 100.0  # four 100 GeV central jets: HT 400
+    objects[1, 13] = (100.0, 3.0, 0.0)  # forward jet, not in HT
+    objects[2, 1, 0] = 35.0  # e/gamma
+    objects[3, 5, 0] = 25.0  # muon
+    objects[3, 0, 0] = 150.0  # MET
+    batch = EventBatch(
+        {"l1_objects": objects, "fatjets": np.zeros((4, 2, 4), np.float32)},
+    )
+    fired = seed_decisions(L1Config(), batch)
+    assert fired["single_jet"].tolist() == [True, False, False, False]
+    assert fired["ht"].tolist() == [False, True, False, False]
+    assert fired["single_egamma"].tolist() == [False, False, True, False]
+    assert fired["single_muon"].tolist() == [False, False, False, True]
+    assert fired["met"].tolist() == [False, False, False, True]
+    assert not fired["fatjet_pt"].any()
+
+
+def test_feature_level_batch_skips_the_vae_and_uses_the_fatjet_seed(emulator: Emulator) -> None:
+    n = 100
+    pts = np.linspace(100, 1000, n, dtype=np.float32)
+    fatjets = np.zeros((n, 2, 4), np.float32)
+    fatjets[:, 1, 0] = pts  # the lighter jet can be the harder one
+    batch = EventBatch({"event": np.arange(n, dtype="<u8"), "fatjets": fatjets})
+    trigger = build(L1Config(threshold=1.0, fatjet_pt_gev=500.0), name="l1-lhco", emulator=emulator)
+    outcome = trigger.process(batch)
+    assert outcome.accepted == int((pts > 500).sum()) and outcome.accounted == n
+    out = outcome.emits[0].message
+    assert np.isnan(out["l1_score"]).all()
+    assert (out["l1_bits"] == 1 << SEED_BITS["fatjet_pt"]).all()
+    assert trigger.report()["unscored"] == n
+
+
+def test_nan_rows_are_dropped_and_the_rest_carry_on(emulator: Emulator) -> None:
+    batch = l1_batch(50, seed=2)
+    objects = batch["l1_objects"].copy()
+    objects[[3, 17], 9, 1] = np.nan
+    bad = EventBatch({**batch.columns, "l1_objects": objects}, batch.truth)
+    trigger = build(L1Config(threshold=0.0), name="l1-nan", emulator=emulator)
+    outcome = trigger.process(bad)
+    assert outcome.dropped == {"nonfinite": 2}
+    assert outcome.accounted == 50 and outcome.accepted + outcome.rejected == 48
+    if outcome.emits:
+        assert not np.isin([3, 17], outcome.emits[0].message["event"]).any()
+
+
+def test_no_threshold_and_no_calibration_is_a_clear_error(tmp_path, emulator: Emulator) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+
+    model = load_model()
+    shutil.copytree(model.path, tmp_path / "m")
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    card["calibration"] = None
+    (tmp_path / "m" / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="calibrate"):
+        build(L1Config(model_dir=str(tmp_path / "m")), name="l1", emulator=emulator)
+
+
+def test_l1_node_over_zeromq_with_prometheus(emulator: Emulator) -> None:
+    batches = [l1_batch(200, seed=10 + i, first_event=200 * i) for i in range(5)]
+    threshold = median_threshold(emulator, batches[0])
+    config = L1Config(threshold=threshold, seeds=("met",))
+    in_port, out_port = free_tcp_port(), free_tcp_port()
+    ctx = zmq.Context()
+    source = Node(
+        NodeConfig("src", "source", outputs={"out": f"@tcp://127.0.0.1:{in_port}"}),
+        ListSource(batches),
+        context=ctx,
+    )
+    l1_node = Node(
+        NodeConfig(
+            "l1-zmq",
+            "l1",
+            inputs=(f">tcp://127.0.0.1:{in_port}",),
+            outputs={"out": f"@tcp://127.0.0.1:{out_port}"},
+            metrics_port=0,
+            drain_idle_s=0.3,
+        ),
+        build(config, name="l1-zmq", emulator=emulator),
+        context=ctx,
+    )
+    sink = RecordingSink()
+    sink_node = Node(
+        NodeConfig("sink", "sink", inputs=(f">tcp://127.0.0.1:{out_port}",), drain_idle_s=0.3),
+        sink,
+        context=ctx,
+    )
+    threads = [threading.Thread(target=n.run, daemon=True) for n in (sink_node, l1_node, source)]
+    for thread, node in zip(threads, (sink_node, l1_node, source), strict=True):
+        thread.start()
+        assert node.wait_started(10)
+    threads[2].join(20)
+    deadline_events = 1000
+    for _ in range(200):
+        if l1_node.stats.events_in >= deadline_events:
+            break
+        threading.Event().wait(0.05)
+    url = f"http://127.0.0.1:{l1_node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        scraped = reply.read().decode()
+    l1_node.request_stop()
+    threads[1].join(20)
+    sink_node.request_stop()
+    threads[0].join(20)
+    ctx.term()
+    stats = l1_node.stats
+    assert stats.events_in == 1000 and stats.balanced
+    everything = EventBatch.concat(batches)
+    mu, log_var = emulator.encode(scale_l1_objects(everything["l1_objects"]))
+    want = (r_z(mu, log_var) > threshold) | seed_decisions(config, everything)["met"]
+    assert stats.accepted == int(want.sum()) and stats.rejected == int((~want).sum())
+    np.testing.assert_array_equal(np.sort(sink.event_ids()[:, 1]), everything["event"][want])
+    anomaly = int((r_z(mu, log_var) > threshold).sum())
+    assert f'l1_seed_accepts_total{{node="l1-zmq",seed="anomaly"}} {anomaly:.1f}' in scraped
+    assert 'l1_score_rz_count{node="l1-zmq"} 1000.0' in scraped
+    assert 'l1_score_rz_bucket{le="+Inf",node="l1-zmq"} 1000.0' in scraped
