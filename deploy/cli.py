@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from deploy.analyze_cli import analyze
 from deploy.farm_cli import FARM_COMMANDS
 from deploy.firmware_cli import firmware
 from deploy.hlt_cli import hlt
@@ -23,5 +24,6 @@ def main(verbose: int) -> None:
 main.add_command(simulate)
 main.add_command(firmware)
 main.add_command(hlt)
+main.add_command(analyze)
 for command in FARM_COMMANDS:
     main.add_command(command)

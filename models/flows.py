@@ -333,7 +333,10 @@ class FlowMixture:
         """log Σ w_i p_i(x|m), per row, by log-sum-exp."""
         with np.errstate(divide="ignore"):
             terms = np.stack(
-                [np.log(w) + f.log_prob(x, mjj_gev) for f, w in zip(self.flows, self.weights)]
+                [
+                    np.log(w) + f.log_prob(x, mjj_gev)
+                    for f, w in zip(self.flows, self.weights, strict=True)
+                ]
             )
         top = terms.max(axis=0)
         safe = np.where(np.isfinite(top), top, 0.0)

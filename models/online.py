@@ -35,7 +35,8 @@ from models.flows import (
     Preprocessing,
 )
 
-# mjj histogram kept with each flow (for sampling at the mjj of the events seen).
+# mjj histogram kept with each flow (for sampling at the mjj of the events seen);
+# outside 1-9 TeV events count in the end bins.
 MJJ_EDGES_GEV = np.linspace(1000.0, 9000.0, 161)
 ROLES = ("all", "sideband")
 
@@ -103,7 +104,7 @@ class OnlineConfig:
             raise ValueError(msg)
         low, high = self.signal_region_gev if len(self.signal_region_gev) == 2 else (1, 0)
         if not low < high:
-            msg = f"signal_region_gev must be (low, high) with low < high, got {self.signal_region_gev}"
+            msg = f"signal_region_gev must be (low, high), low < high: {self.signal_region_gev}"
             raise ValueError(msg)
 
     def flow_config(self) -> FlowConfig:
@@ -251,7 +252,9 @@ class StreamTrainer:
         stats.learned += size
         stats.mjj_min_gev = min(stats.mjj_min_gev, float(mjj.min()))
         stats.mjj_max_gev = max(stats.mjj_max_gev, float(mjj.max()))
-        stats.mjj_hist += np.histogram(mjj, MJJ_EDGES_GEV)[0]
+        # Under- and overflow go to the first and last bins, so the histogram counts all.
+        inside = np.clip(mjj, MJJ_EDGES_GEV[0], np.nextafter(MJJ_EDGES_GEV[-1], 0))
+        stats.mjj_hist += np.histogram(inside, MJJ_EDGES_GEV)[0]
         stats.train_s += time.perf_counter() - t0
 
 

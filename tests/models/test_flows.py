@@ -23,9 +23,12 @@ def small_flow(seed: int, lower=(10.0, -2.0), upper=(50.0, 3.0)) -> ConditionalF
 
 
 def grid_integral(log_density, lower, upper, mjj: float, n: int = 300) -> float:
-    xs = [np.linspace(lo, hi, n + 1)[:-1] + (hi - lo) / n / 2 for lo, hi in zip(lower, upper)]
+    xs = [
+        np.linspace(lo, hi, n + 1)[:-1] + (hi - lo) / n / 2
+        for lo, hi in zip(lower, upper, strict=True)
+    ]
     mesh = np.stack(np.meshgrid(*xs, indexing="ij"), axis=-1).reshape(-1, 2)
-    cell = np.prod([(hi - lo) / n for lo, hi in zip(lower, upper)])
+    cell = np.prod([(hi - lo) / n for lo, hi in zip(lower, upper, strict=True)])
     return float(np.exp(log_density(mesh, np.full(len(mesh), mjj))).sum() * cell)
 
 

@@ -56,7 +56,7 @@ def test_record_and_wire_round_trip_is_bit_exact(snapshot: FlowSnapshot) -> None
     same(snapshot, again)
     flow = snapshot.flow()
     rebuilt = again.flow()
-    for (name, p), (_, q) in zip(flow.named_parameters(), rebuilt.named_parameters()):
+    for (name, p), (_, q) in zip(flow.named_parameters(), rebuilt.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     x = np.random.default_rng(1).normal(size=(10, 4))
     m = np.full(10, 3500.0)
@@ -83,7 +83,7 @@ def test_a_truncated_file_is_rejected(snapshot: FlowSnapshot, tmp_path: Path) ->
     path = tmp_path / "s.snap"
     snapshot.write(path)
     path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(SnapshotError, match="checksum|truncated"):
+    with pytest.raises(SnapshotError, match=r"checksum|truncated"):
         FlowSnapshot.read(path)
 
 
