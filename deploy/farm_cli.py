@@ -36,6 +36,7 @@ def _log_level() -> int:
 def _run_and_print(
     topology: Topology, events: int, duration: float, out: Path | None, quiet: bool
 ) -> None:
+    from deploy.launcher import FarmError
     from deploy.report import format_report
     from deploy.run import run_farm
     from deploy.view import ProgressView
@@ -43,14 +44,17 @@ def _run_and_print(
     if events and duration:
         raise click.UsageError("give --events or --duration, not both")
     with ProgressView(f"trigfarm {topology.farm.name}") as view:
-        outcome = run_farm(
-            topology,
-            out_dir=out,
-            events=events,
-            duration_s=duration,
-            log_level=_log_level(),
-            on_update=None if quiet else view.update,
-        )
+        try:
+            outcome = run_farm(
+                topology,
+                out_dir=out,
+                events=events,
+                duration_s=duration,
+                log_level=_log_level(),
+                on_update=None if quiet else view.update,
+            )
+        except (FarmError, TopologyError) as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(format_report(outcome.report))
     click.echo(f"report: {outcome.report_path}\ndashboard: {outcome.dashboard_path}")
     if not outcome.report["accounting"]["balanced"]:

@@ -48,6 +48,10 @@ THREAD_ENV = (
 )
 
 
+class FarmError(RuntimeError):
+    """The farm could not run: a node failed to start or never reported running."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodePlan:
     """Everything a node process needs: picklable, built by the launcher or ``trigfarm node``."""
@@ -182,6 +186,7 @@ def _limit_threads(threads: int) -> None:
     for key in THREAD_ENV:
         os.environ[key] = str(threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banner
 
 
 def _watch_parent(node: Node, parent_pid: int) -> None:
@@ -341,13 +346,14 @@ class Farm:
         for stage in reversed(rest):
             self._start(stage)
         if rest and not self._wait(control, lambda: self._all_running(rest), self.start_timeout_s):
-            if not self._interrupts:
-                failed = [
-                    n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0)
-                ]
-                msg = f"nodes did not start in {self.start_timeout_s:.0f} s (failed: {failed})"
-                raise RuntimeError(msg)
-            return
+            if self._interrupts:
+                return
+            failed = [n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0)]
+            if failed:
+                msg = f"node(s) {failed} failed to start (their errors are logged above)"
+            else:
+                msg = f"nodes did not report running within {self.start_timeout_s:.0f} s"
+            raise FarmError(msg)
         self._start(first)
         self._source_started = True
         source_started = time.monotonic()

@@ -129,7 +129,9 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
                 "to": down["stage"],
                 "sent": sent,
                 "received": down["events_in"],
-                "balanced": sent == down["events_in"],
+                "records_sent": up["records_out"],
+                "records_received": down["records_in"],
+                "balanced": sent == down["events_in"] and up["records_out"] == down["records_in"],
             }
         )
     archive_bytes = {}
@@ -154,7 +156,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
         "accounting": {
             "balanced": balanced,
             "rule": "every node and stage: in = accepted + rejected + sum(dropped); "
-            "every link: sent = received",
+            "every link: events and records sent = received",
             "stages": {s["stage"]: s["balanced"] for s in stages},
             "links": {f"{link['from']}->{link['to']}": link["balanced"] for link in links},
         },
@@ -205,8 +207,8 @@ def plot_dashboard(report: Mapping[str, Any], path: Path) -> None:
         if s["accept_fraction"] is not None:
             labels.append(s["stage"])
             fractions.append(s["accept_fraction"])
-        for path, count in s["paths"].items():
-            labels.append(f"{s['stage']}:{path}")
+        for trigger_path, count in s["paths"].items():
+            labels.append(f"{s['stage']}:{trigger_path}")
             fractions.append(count / s["events_in"] if s["events_in"] else 0)
     ax.barh(np.arange(len(labels)), fractions, color="tab:green")
     ax.set_yticks(np.arange(len(labels)), labels)
@@ -251,11 +253,19 @@ def format_report(report: Mapping[str, Any]) -> str:
         )
         if s["dropped"]:
             lines.append(f"{'':<10}dropped by reason: {s['dropped']}")
+        if s["paths"]:
+            fired = ", ".join(f"{k} {v}" for k, v in s["paths"].items())
+            lines.append(f"{'':<10}trigger paths (events firing): {fired}")
+        if s["records_out"] or s["records_in"]:
+            lines.append(
+                f"{'':<10}records (flow snapshots): {s['records_out']} out, {s['records_in']} in"
+            )
     for link in report["links"]:
         if not link["balanced"]:
             lines.append(
-                f"link {link['from']}->{link['to']}: sent {link['sent']}, "
-                f"received {link['received']}: UNBALANCED"
+                f"link {link['from']}->{link['to']}: sent {link['sent']} events and "
+                f"{link['records_sent']} records, received {link['received']} and "
+                f"{link['records_received']}: UNBALANCED"
             )
     archived = sum(report["archive_bytes"].values())
     lines.append(f"archive: {archived:,} bytes")

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import main
+from deploy.launcher import FarmError
 from deploy.run import run_farm
 from deploy.topology import parse_topology
 from tests.deploy.conftest import synthetic_table
@@ -115,7 +116,7 @@ def test_ctrl_c_stops_in_stages_and_still_balances(tmp_path: Path) -> None:
 def test_a_node_that_cannot_start_stops_the_farm(tmp_path: Path) -> None:
     table = synthetic_table()
     table["sink"]["config"] = {"colour": "red"}  # not a SinkConfig field: the node fails to build
-    with pytest.raises(RuntimeError, match="did not start"):
+    with pytest.raises(FarmError, match=r"\['sink'\] failed to start"):
         run_farm(parse_topology(table), out_dir=tmp_path, start_timeout_s=30)
     farm = json.loads((tmp_path / "farm.json").read_text())
     assert farm["state"] == "stopped"
