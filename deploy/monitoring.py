@@ -57,7 +57,7 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "L1 anomaly score R_z distribution",
         "short",
-        (("sum by (le) (increase(l1_score_bucket[5m]))", "{{le}}"),),
+        (("sum by (le) (increase(l1_score_rz_bucket[5m]))", "{{le}}"),),
     ),
     ("Flow training loss", "short", (("flow_loss", "{{node}} {{flow}}"),)),
     ("Refused CURVE peers", "short", (("sum by (node) (curve_refused_total)", "{{node}}"),)),
