@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,20 @@ def synthetic_table(events: int = 2000, **farm: Any) -> dict[str, Any]:
         "relay": {"count": 2},
         "sink": {},
     }
+
+
+def default_table() -> dict[str, Any]:
+    """The shipped default topology as plain data, with an explicit L1 threshold only while
+    the shipped L1 model carries no calibration (``trigfarm firmware calibrate`` writes one
+    into its model card)."""
+    from deploy.topology import TOPOLOGY_DIR
+    from firmware.model import load_model
+
+    table = tomllib.loads((TOPOLOGY_DIR / "default.toml").read_text())
+    l1 = table["l1"].setdefault("config", {})
+    if "threshold" not in l1 and load_model(l1.get("model_dir")).threshold is None:
+        l1["threshold"] = 5.0
+    return table
 
 
 @pytest.fixture

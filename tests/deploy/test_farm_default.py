@@ -5,7 +5,6 @@ every stage and link, the archive holds verifiable flow snapshots, and the repor
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ from click.testing import CliRunner
 
 from deploy.cli import main
 from deploy.roles import ROLES
-from deploy.topology import TOPOLOGY_DIR, load_topology
-from tests.deploy.conftest import write_topology
+from tests.deploy.conftest import default_table, write_topology
 
 pytestmark = pytest.mark.skipif(
     not all(ROLES[r].available() for r in ("source", "l1", "hlt", "archive")),
@@ -22,23 +20,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _default_topology_file(tmp_path: Path) -> str:
-    """The shipped default, with an explicit L1 threshold only while the shipped L1 model
-    carries no calibration (``trigfarm firmware calibrate`` writes it into its card)."""
-    from firmware.model import load_model
-
-    topology = load_topology()
-    if load_model(topology.stage("l1").config.get("model_dir") or None).threshold is not None:
-        return str(topology.path)
-    table = tomllib.loads((TOPOLOGY_DIR / "default.toml").read_text())
-    table["l1"]["config"] = {"threshold": 5.0}
-    return str(write_topology(tmp_path / "default.toml", table))
-
-
 @pytest.mark.slow
 def test_trigfarm_run_default_chain(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    topology = _default_topology_file(tmp_path)
+    topology = str(write_topology(tmp_path / "default.toml", default_table()))
     args = ["run", "--topology", topology, "--events", "256", "--out", str(out), "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from deploy.roles import ROLES
 from deploy.security import generate_keys
 from deploy.topology import load_topology
-from tests.deploy.conftest import write_topology
+from tests.deploy.conftest import default_table, write_topology
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_A, HOST_B = "10.231.7.1", "10.231.7.2"
@@ -81,61 +83,81 @@ while True:
 """
 
 
-def _node(ns: str, stage: str, topo: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            sys.executable,
-            "-m",
-            "deploy",
-            "node",
-            stage,
-            "--config",
-            str(topo),
-            "--out",
-            str(out),
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@dataclass
+class NodeProcess:
+    """A ``trigfarm node`` process in a namespace, logging to a file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def running(self) -> bool:
+        """Whether it logged that it runs (or died trying)."""
+        return self.proc.poll() is not None or ": running" in self.log.read_text()
+
+    def output(self) -> str:
+        return self.log.read_text()
 
 
-def _stop(procs: list[subprocess.Popen[str]]) -> list[str]:
-    for proc in procs:
-        proc.terminate()  # ip netns exec passes SIGTERM on to the node (it execs)
-    return [proc.communicate(timeout=60)[0] for proc in procs]
+def _node(ns: str, stage: str, topo: Path, out: Path, *extra: str) -> NodeProcess:
+    log = out.parent / f"{stage}{''.join(extra[-1:])}.log"
+    command = [sys.executable, "-m", "deploy", "-v", "node", stage]
+    command += ["--config", str(topo), "--out", str(out), *extra]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *command],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    return NodeProcess(proc, log)
+
+
+def _stop(nodes: list[NodeProcess]) -> list[str]:
+    for node in nodes:
+        node.proc.terminate()  # ip netns exec execs the node, which drains on SIGTERM
+    for node in nodes:
+        node.proc.wait(timeout=60)
+    return [node.output() for node in nodes]
+
+
+def _synthetic_table() -> dict:
+    return {
+        "farm": {"name": "two-hosts", "chain": ["source", "l1", "hlt", "archive"]},
+        "source": {"role": "synthetic-source", "config": {"events": 3000, "batch_size": 100}},
+        "l1": {"role": "relay"},
+        "hlt": {"role": "relay", "count": 2},
+        "archive": {"role": "sink"},
+    }
+
+
+def _physics_table() -> dict:
+    table = default_table()
+    table["farm"]["name"] = "two-hosts"
+    table["source"]["config"]["max_events"] = 256
+    return table
 
 
 @pytest.mark.slow
-def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str]) -> None:
+@pytest.mark.parametrize("chain", ["synthetic", "physics"])
+def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str], chain: str) -> None:
+    if chain == "physics" and not all(ROLES[r].available() for r in ("l1", "hlt", "archive")):
+        pytest.skip("the L1, HLT and archive node modules are not all installed")
     ns_a, ns_b = two_hosts
-    table = {
-        "farm": {
-            "name": "two-hosts",
-            "chain": ["source", "l1", "hlt", "archive"],
-            "drain_idle_s": 0.5,
-        },
-        "security": {"curve": True, "keys_dir": "keys"},
-        "metrics": {"enabled": False},
-        "source": {
-            "role": "synthetic-source",
-            "hosts": HOST_A,
-            "port": 17101,
-            "config": {"events": 3000, "batch_size": 100},
-        },
-        "l1": {"role": "relay", "hosts": HOST_A, "port": 17111},
-        "hlt": {"role": "relay", "count": 2, "hosts": HOST_B, "port": 17121},
-        "archive": {"role": "sink", "hosts": HOST_B},
-    }
+    table = _synthetic_table() if chain == "synthetic" else _physics_table()
+    table["farm"]["drain_idle_s"] = 1.0
+    table["security"] = {"curve": True, "keys_dir": "keys"}
+    table["metrics"] = {"enabled": False}
+    for stage, host, port in (
+        ("source", HOST_A, 17101),
+        ("l1", HOST_A, 17111),
+        ("hlt", HOST_B, 17121),
+        ("archive", HOST_B, 0),
+    ):
+        table[stage]["hosts"] = host
+        table[stage]["port"] = port
     topo = write_topology(tmp_path / "topology.toml", table)
     topology = load_topology(topo)
+    n_events = 3000 if chain == "synthetic" else 256
     generate_keys(topology.keys_dir(), topology.farm.chain)
     out_a, out_b = tmp_path / "host-a", tmp_path / "host-b"
     rogue = subprocess.Popen(
@@ -159,15 +181,18 @@ def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str]) -> Non
     hlts = [_node(ns_b, "hlt", topo, out_b, "--index", str(i)) for i in range(2)]
     l1 = _node(ns_a, "l1", topo, out_a)
     try:
-        time.sleep(4.0)  # imports, binds, CURVE handshakes (and the rogue's refusal)
+        # Wait for the consumers: the L1 reports running once both HLT nodes connected.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not l1.running():
+            time.sleep(0.2)
         source = _node(ns_a, "source", topo, out_a)
-        source_out = source.communicate(timeout=120)[0]
-        assert source.returncode == 0, source_out
+        assert source.proc.wait(timeout=120) == 0, source.output()
         outputs = _stop([l1]) + _stop(hlts) + _stop([archive])
     finally:
-        for proc in (rogue, archive, l1, *hlts):
-            if proc.poll() is None:
-                proc.kill()
+        for node in (archive, l1, *hlts):
+            if node.proc.poll() is None:
+                node.proc.kill()
+        rogue.kill()
         rogue_out = rogue.communicate(timeout=30)[0]
     stats = {
         name: json.loads(path.read_text())
@@ -178,10 +203,17 @@ def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str]) -> Non
     assert set(stats) == {"source", "l1", "hlt-0", "hlt-1", "archive"}, outputs
     for name, body in stats.items():
         assert body["balanced"], (name, body)
-    assert stats["source"]["accepted"] == 3000
-    assert stats["l1"]["events_in"] == 3000
-    assert stats["hlt-0"]["events_in"] + stats["hlt-1"]["events_in"] == 3000
+    assert stats["source"]["accepted"] == n_events
+    assert stats["l1"]["events_in"] == n_events
+    hlt_in = stats["hlt-0"]["events_in"] + stats["hlt-1"]["events_in"]
+    assert hlt_in == stats["l1"]["events_out"].get("out", 0) == stats["l1"]["accepted"]
     assert stats["hlt-0"]["events_in"] > 0 and stats["hlt-1"]["events_in"] > 0
-    assert stats["archive"]["events_in"] == 3000
+    port = ROLES[topology.stage("hlt").role].output_port
+    hlt_out = sum(stats[n]["events_out"].get(port, 0) for n in ("hlt-0", "hlt-1"))
+    assert stats["archive"]["events_in"] == hlt_out
+    records = sum(stats[n]["records_out"].get(port, 0) for n in ("hlt-0", "hlt-1"))
+    assert stats["archive"]["records_in"] == records
+    if chain == "physics":
+        assert records >= 4  # both flows of both HLT nodes crossed the encrypted link
     assert stats["l1"]["extra"]["curve_refused"] >= 1
     assert "got" not in rogue_out, rogue_out
