@@ -17,8 +17,12 @@ are reported for flows and for events, and events/s trained per node.
 
 Data split (files of lhco-rnd-100k): stream background bkg01-06, idealised background
 bkg07-08, test background bkg09-10; injected signal sig01-03, test signal sig04-10.
+``--simulated N`` runs the same chain on simulator events instead (N QCD dijets in the
+stream, N/2 each for the idealised and test background, W'->XY signal), generated once
+into ``--cache``.
 
-    python benchmarks/ephemeral_lhco.py [--quick] [--sb 0.005 0.01 0.02 0.05] [--nodes 2]
+    python benchmarks/ephemeral_lhco.py [--quick] [--sb 0 0.005 0.01 0.02 0.05] [--nodes 2]
+    python benchmarks/ephemeral_lhco.py --simulated 6000 --sb 0.2
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +47,9 @@ from analysis.report import MethodResult, evaluate, score_method, write_report
 from nodes.archive import Archive, ArchiveConfig
 from nodes.archive import build as build_archive
 from nodes.learner import FlowLearnerConfig, build_learner
+from nodes.source import SourceConfig
 from nodes.source import build as build_source
-from nodes.source import lhco_replay
+from simulator.production import simulate_to_file
 from stream.batch import EventBatch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lhco-rnd-100k"
@@ -66,27 +72,78 @@ def sr_fraction(events: Events) -> float:
     return float(events.in_window(SR).mean())
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """Where each part of the benchmark's events comes from (source component specs)."""
+
+    name: str
+    stream_background: str
+    injected_signal: str
+    idealised_background: str
+    test: tuple[str, ...]
+
+
+def lhco_dataset(quick: bool) -> Dataset:
+    def spec(kind: str, numbers: range) -> str:
+        return f"lhco-features:{','.join(files(kind, numbers))}"
+
+    return Dataset(
+        "LHCO R&D 100k",
+        spec("bkg", range(1, 3) if quick else range(1, 7)),
+        spec("sig", range(1, 4)),
+        spec("bkg", range(7, 9)),
+        (spec("bkg", range(9, 11)), spec("sig", range(4, 11))),
+    )
+
+
+def simulated_dataset(n_background: int, folder: Path, seed: int) -> Dataset:
+    """QCD dijets and W'->XY (m = 3.5 TeV, 500 GeV, 100 GeV) from the simulator, cached."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {
+        "qcd_stream": ("qcd", n_background),
+        "qcd_ideal": ("qcd", n_background // 2),
+        "qcd_test": ("qcd", n_background // 2),
+        "wprime_inject": ("wprime", max(200, n_background // 10)),
+        "wprime_test": ("wprime", max(200, n_background // 10)),
+    }
+    for i, (name, (process, n)) in enumerate(sizes.items()):
+        path = folder / f"{name}_{n}_{seed}.h5"
+        if not path.exists():
+            print(f"generating {n} {process} events into {path}")
+            simulate_to_file(process, n, path, seed=seed * 100 + i, workers=2, progress=False)
+    spec = {name: f"cache:{folder / f'{name}_{n}_{seed}.h5'}" for name, (_, n) in sizes.items()}
+    return Dataset(
+        f"simulated QCD + W'->XY ({n_background} stream background events)",
+        spec["qcd_stream"],
+        spec["wprime_inject"],
+        spec["qcd_ideal"],
+        (spec["qcd_test"], spec["wprime_test"]),
+    )
+
+
 def stream_once(
     sb: float,
+    dataset: Dataset,
     *,
     n_nodes: int,
     learner_config: FlowLearnerConfig,
     archive_dir: Path,
     seed: int,
-    quick: bool,
     p_bkg_sr: float,
     p_sig_sr: float,
+    n_background: int,
 ) -> dict[str, Any]:
     """Replay the stream through learners and archive; returns counts and timings."""
     ratio = sb * p_bkg_sr / p_sig_sr  # S/(B) over the whole stream for the wanted SR S/B
     fraction = ratio / (1 + ratio)
-    background = files("bkg", range(1, 3) if quick else range(1, 7))
+    n_events = int(n_background / (1 - fraction))  # every background event once
     source = build_source(
-        lhco_replay(
-            background,
-            files("sig", range(1, 4)),
-            fraction,
+        SourceConfig(
+            background=(dataset.stream_background,),
+            signal=(dataset.injected_signal,),
+            signal_fraction=fraction,
             loop=False,
+            max_events=n_events,
             batch_size=1000,
             events_per_lumi=10_000,
             seed=seed,
@@ -126,20 +183,34 @@ def stream_once(
         "stream_wall_s": wall_s,
         "events_per_s_trained_per_node": [r["events_per_s_trained"] for r in reports],
         "not_learned_total": sum(r["not_learned_total"] for r in reports),
-        "final_loss": [r["flows"]["all"]["loss"] for r in reports],
+        "final_loss": [r["flows"].get("all", {}).get("loss") for r in reports],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 files, tiny training")
-    parser.add_argument("--sb", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
+    parser.add_argument(
+        "--sb",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.005, 0.01, 0.02, 0.05],
+        help="S/B in the SR; 0 is the no-signal control",
+    )
     parser.add_argument("--nodes", type=int, default=2, help="HLT nodes (flows per role)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/out/ephemeral_lhco", help="plots and JSON")
+    parser.add_argument("--out", default="out/ephemeral_lhco", help="plots and JSON")
     parser.add_argument("--keep-archive", action="store_true", help="keep archives under --out")
+    parser.add_argument(
+        "--simulated",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use N simulated QCD events (and W'->XY signal) instead of LHCO",
+    )
+    parser.add_argument("--cache", default="out/sim_cache", help="where simulated events are kept")
     args = parser.parse_args(argv)
-    if not DATA.exists():
+    if not args.simulated and not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
     torch.set_num_threads(1)
@@ -166,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         ),
         seed=args.seed,
     )
-    test = load_events(
-        [f"lhco-features:{','.join(files('bkg', range(9, 11)) + files('sig', range(4, 11)))}"]
+    dataset = (
+        simulated_dataset(args.simulated, Path(args.cache), args.seed)
+        if args.simulated
+        else lhco_dataset(args.quick)
     )
-    true_background = load_events([f"lhco-features:{','.join(files('bkg', range(7, 9)))}"])
-    stream_bkg = load_events([f"lhco-features:{','.join(files('bkg', range(1, 7)))}"])
-    injected = load_events([f"lhco-features:{','.join(files('sig', range(1, 4)))}"])
+    test = load_events(list(dataset.test))
+    true_background = load_events([dataset.idealised_background])
+    stream_bkg = load_events([dataset.stream_background])
+    injected = load_events([dataset.injected_signal])
     p_bkg_sr, p_sig_sr = sr_fraction(stream_bkg), sr_fraction(injected)
     test_sr = test.select(test.in_window(SR))
     assert test_sr.is_signal is not None
@@ -187,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         stream = stream_once(
             sb,
+            dataset,
             n_nodes=args.nodes,
             learner_config=learner_config,
             archive_dir=archive_dir,
             seed=args.seed,
-            quick=args.quick,
             p_bkg_sr=p_bkg_sr,
             p_sig_sr=p_sig_sr,
+            n_background=len(stream_bkg),
         )
         archive = Archive(archive_dir)
         problems = archive.verify()
@@ -214,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             results,
             out / f"sb_{sb:g}",
             search,
-            {"s_over_b_target": sb, "stream": stream, "storage": storage, "timings_s": timings,
-             "archive_problems": problems},
-            title=f"LHCO R&D 100k, S/B in SR = {stream['sr_s_over_b']:.4f}",
+            {
+                "s_over_b_target": sb,
+                "stream": stream,
+                "storage": storage,
+                "timings_s": timings,
+                "archive_problems": problems,
+            },
+            title=f"{dataset.name}, S/B in SR = {stream['sr_s_over_b']:.4f}",
         )
         row = {
             "sb_target": sb,
@@ -263,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp)
     final = {
         "benchmark": "ephemeral_lhco",
+        "dataset": dataset.name,
         "quick": args.quick,
         "nodes": args.nodes,
         "seed": args.seed,

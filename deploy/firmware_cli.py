@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import click
@@ -13,7 +12,24 @@ from firmware.model import DEFAULT_MODEL_DIR
 
 
 def _command_line() -> str:
-    return shlex.join(["trigfarm", *sys.argv[1:]])
+    """The running command with every option spelled out (defaults included), to reproduce."""
+    ctx = click.get_current_context()
+    words = ["trigfarm", "firmware", ctx.command.name or ""]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option):
+            continue
+        value = ctx.params.get(param.name or "")
+        if param.is_flag:
+            if param.secondary_opts:
+                words.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                words.append(param.opts[0])
+            continue
+        if value is None:
+            continue
+        for item in value if param.multiple else (value,):
+            words += [param.opts[0], str(item)]
+    return shlex.join(words)
 
 
 @click.group(context_settings={"show_default": True})
@@ -35,9 +51,9 @@ def firmware() -> None:
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model dir."
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=30, help="Training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=60, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Minibatch size.")
-@click.option("--beta", type=click.FloatRange(min=0), default=0.8, help="Weight of the KL term.")
+@click.option("--beta", type=click.FloatRange(min=0), default=0.01, help="Weight of the KL term.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3)
 @click.option("--max-events", type=click.IntRange(min=0), default=0, help="0: all events.")
 @click.option("--seed", type=int, default=1, help="Training seed.")
@@ -100,7 +116,7 @@ def train(
         "final_kl": result.history["kl"][-1],
     }
     data_card = {
-        "files": [str(p) for p in data],
+        "files": [_describe_cache(p) for p in data],
         "n_events": len(inputs),
         "validation_fraction": vae.validation_fraction,
     }
@@ -111,6 +127,15 @@ def train(
         f"wrote {out} (model_card.json, weights.npz, loss.png) in {result.elapsed_s:.1f} s "
         "of training; next: trigfarm firmware calibrate"
     )
+
+
+def _describe_cache(path: Path) -> dict[str, object]:
+    """Path, process, seed, events and the command that made an event cache."""
+    from simulator.cache import open_cache
+
+    info = open_cache(path)
+    keys = ("process", "seed", "n_events", "command", "created_utc")
+    return {"path": str(path), **{k: info.attrs.get(k) for k in keys}}
 
 
 def _scores(model_dir: Path, data: tuple[Path, ...], max_events: int, cache_dir: Path | None):

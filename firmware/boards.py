@@ -20,6 +20,9 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +88,10 @@ def write_board_project(
     if hls_dir.exists():
         shutil.rmtree(hls_dir)
     root.mkdir(parents=True, exist_ok=True)
-    hls_model = convert(model, hls_dir, board=board)
-    with quantizer_serialisation_warnings_ignored():
-        hls_model.write()
+    with _board_file_leak_ignored():
+        hls_model = convert(model, hls_dir, board=board)
+        with quantizer_serialisation_warnings_ignored():
+            hls_model.write()
     _print_full_precision(hls_dir / f"{PROJECT}_test.cpp")
     rounded = emulator.round_inputs(inputs)
     expected = emulator.predict(rounded)
@@ -122,6 +126,17 @@ def write_board_project(
         + "\n"
     )
     return BoardProject(root, board, hls_dir, tb / TB_INPUT, tb / TB_OUTPUT, driver, readme)
+
+
+@contextmanager
+def _board_file_leak_ignored() -> Iterator[None]:
+    """hls4ml's VivadoAccelerator config reads ``supported_boards.json`` with an unclosed
+    ``open()`` each time it is built (a ResourceWarning); nothing of ours leaks."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="unclosed file.*supported_boards", category=ResourceWarning
+        )
+        yield
 
 
 def _print_full_precision(testbench: Path) -> None:

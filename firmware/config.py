@@ -189,9 +189,9 @@ class VAEConfig:
 
     hidden: tuple[int, int] = (32, 16)
     latent: int = 3
-    beta: float = 0.8
+    beta: float = 0.01
     learning_rate: float = 1e-3
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 256
     validation_fraction: float = 0.1
     seed: int = 1

@@ -109,6 +109,7 @@ def write_card(path: str | Path, card: dict[str, Any]) -> Path:
     with tempfile.NamedTemporaryFile("w", dir=root, delete=False, suffix=".tmp") as tmp:
         json.dump(card, tmp, indent=2, sort_keys=False, default=_plain)
         tmp.write("\n")
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, root / CARD_NAME)
     return root / CARD_NAME
 

@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -26,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -41,6 +42,9 @@ with warnings.catch_warnings():
     import tensorflow as tf
     from qkeras import QActivation, QDense, quantized_bits, quantized_relu
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 INPUT_NAME = "l1_inputs"
 OUTPUT_NAME = "mu_logvar"
 
@@ -49,6 +53,22 @@ def _quantizer(layer: LayerQuantization) -> Any:
     return quantized_bits(layer.weight_bits, layer.weight_integer, alpha=1)
 
 
+def _float_seed_warning_ignored(function: Callable[P, R]) -> Callable[P, R]:
+    """Keras and QKeras draw layer seeds with ``random.randint(1, 1e9)``, a float bound that
+    Python 3.10+ deprecates (DeprecationWarning); harmless, and only that one is ignored."""
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="non-integer arguments to randrange", category=DeprecationWarning
+            )
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_float_seed_warning_ignored
 def build_encoder(vae: VAEConfig, quant: QuantizationConfig) -> tf.keras.Model:
     """The QKeras encoder: (N, 57) -> (N, 2 x latent) = concat(mu, log sigma^2)."""
     inputs = tf.keras.Input((N_INPUTS,), name=INPUT_NAME)
@@ -73,6 +93,7 @@ def build_encoder(vae: VAEConfig, quant: QuantizationConfig) -> tf.keras.Model:
     return tf.keras.Model(inputs, outputs, name="l1_vae_encoder")
 
 
+@_float_seed_warning_ignored
 def build_decoder(vae: VAEConfig) -> tf.keras.Model:
     """The float decoder: (N, latent) -> (N, 57)."""
     inputs = tf.keras.Input((vae.latent,), name="z")
@@ -110,6 +131,7 @@ class TrainResult:
     elapsed_s: float
 
 
+@_float_seed_warning_ignored
 def train(
     inputs: np.ndarray,
     mask: np.ndarray,

@@ -373,14 +373,16 @@ class OnlineFlow:
         return out
 
     def _start(self, preprocessing: dict[str, Preprocessing]) -> None:
-        for i, role in enumerate(ROLES):
+        # Both flows start from the same weights: their modelling errors then correlate,
+        # and cancel in the ratio p_all / p_sideband that ANODE and CATHODE rely on.
+        for role in ROLES:
             on_step = None
             if self._on_step is not None:
                 on_step = _tagged(self._on_step, role)
             self.trainers[role] = StreamTrainer(
                 self.config,
                 preprocessing[role],
-                seed=self.config.seed * 100 + i,
+                seed=self.config.seed,
                 clock=self._clock,
                 on_step=on_step,
             )

@@ -107,6 +107,16 @@ PARTICLENET_LITE = ParticleNetConfig(
 VARIANTS: dict[str, ParticleNetConfig] = {c.name: c for c in (PARTICLENET, PARTICLENET_LITE)}
 
 
+def _distances(points: Tensor, mask: Tensor) -> Tensor:
+    """(N, P, P) squared distances; +inf towards padding and towards the particle itself."""
+    n_points = points.shape[1]
+    inner = points @ points.transpose(1, 2)
+    square = (points * points).sum(-1)
+    distance = square.unsqueeze(2) - 2 * inner + square.unsqueeze(1)
+    forbidden = ~mask.unsqueeze(1) | torch.eye(n_points, dtype=torch.bool, device=points.device)
+    return distance.masked_fill(forbidden, float("inf"))
+
+
 def knn(points: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k nearest real neighbours of every particle, self excluded.
 
@@ -120,26 +130,20 @@ def knn(points: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
         holds a real neighbour (False where the jet has too few real particles, and on
         padded rows' slots pointing at padding).
     """
-    n_points = points.shape[1]
-    inner = points @ points.transpose(1, 2)
-    square = (points * points).sum(-1)
-    distance = square.unsqueeze(2) - 2 * inner + square.unsqueeze(1)
-    forbidden = ~mask.unsqueeze(1) | torch.eye(n_points, dtype=torch.bool, device=points.device)
-    distance = distance.masked_fill(forbidden, float("inf"))
-    nearest, index = distance.topk(min(k, n_points), dim=-1, largest=False, sorted=False)
+    distance = _distances(points, mask)
+    nearest, index = distance.topk(min(k, points.shape[1]), dim=-1, largest=False, sorted=False)
     return index, torch.isfinite(nearest)
 
 
-def _gather(values: Tensor, index: Tensor) -> Tensor:
-    """values (N, P, C), index (N, P, K) -> (N, P, K, C) neighbour values."""
-    n, p, c = values.shape
-    offset = (torch.arange(n, device=values.device) * p).view(n, 1, 1)
-    flat = values.reshape(n * p, c)
-    return flat[(index + offset).reshape(-1)].view(*index.shape, c)
+def _fold(norm: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as y = scale * x + shift."""
+    assert norm.running_var is not None and norm.running_mean is not None
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    return scale, norm.bias - norm.running_mean * scale
 
 
 class _Affine(nn.Module):
-    """Linear + BatchNorm over the last axis of any-rank input (channel-last layers)."""
+    """Linear + BatchNorm on (rows, C); in eval mode the norm is folded into the weights."""
 
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
@@ -147,16 +151,19 @@ class _Affine(nn.Module):
         self.norm = nn.BatchNorm1d(n_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        y = self.norm(self.linear(x.reshape(-1, shape[-1])))
-        return y.view(*shape[:-1], -1)
+        if self.training:
+            return self.norm(self.linear(x))
+        scale, shift = _fold(self.norm)
+        return nn.functional.linear(x, self.linear.weight * scale.unsqueeze(1), shift)
 
 
 class EdgeConv(nn.Module):
     """One EdgeConv block: kNN graph, a shared edge MLP, mean over real neighbours, shortcut.
 
-    The first layer's input is (x_i, x_j - x_i); it is computed per particle, then added
-    per edge (see the module notes). Input and output are channel-last, padded rows zero.
+    Only real particles' edges are computed (packed rows), so padding costs nothing past
+    the kNN and batch-norm statistics see real edges only. The first layer's input is
+    (x_i, x_j - x_i); it is computed per particle, then added per edge (module notes).
+    Input and output are channel-last, padded rows zero.
     """
 
     def __init__(self, n_in: int, channels: tuple[int, ...], k: int) -> None:
@@ -171,17 +178,33 @@ class EdgeConv(nn.Module):
 
     def forward(self, points: Tensor, x: Tensor, mask: Tensor) -> Tensor:
         """points (N, P, D) for the kNN, x (N, P, C) features, mask (N, P) -> (N, P, C')."""
-        index, valid = knn(points, mask, self.k)
-        edges = self.center(x).unsqueeze(2) + _gather(self.neighbour(x), index)
-        n, p, kk, c = edges.shape
-        edges = torch.relu(self.first_norm(edges.view(-1, c)).view(n, p, kk, c))
+        n, p, c = x.shape
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # real particles, flat
+        distance = _distances(points, mask).view(n * p, p)[rows]  # (R, P), real rows only
+        nearest, index = distance.topk(min(self.k, p), dim=-1, largest=False, sorted=False)
+        neighbours = index + (rows // p * p).unsqueeze(1)  # (R, K) flat indices
+        weight = torch.isfinite(nearest).unsqueeze(-1).to(x.dtype)  # (R, K, 1)
+        flat = x.reshape(n * p, c)
+        real = flat[rows]
+        if self.training:
+            edges = self.center(real).unsqueeze(1) + self.neighbour(flat)[neighbours]
+            r, kk, width = edges.shape
+            edges = torch.relu(self.first_norm(edges.view(-1, width)))
+        else:
+            scale, shift = _fold(self.first_norm)
+            centre = nn.functional.linear(real, self.center.weight * scale.unsqueeze(1), shift)
+            other = nn.functional.linear(flat, self.neighbour.weight * scale.unsqueeze(1))
+            edges = centre.unsqueeze(1) + other[neighbours]
+            r, kk, width = edges.shape
+            edges = torch.relu_(edges.view(-1, width))
         for layer in self.layers:
             edges = torch.relu(layer(edges))
-        weight = valid.unsqueeze(-1).to(edges.dtype)
-        count = weight.sum(2).clamp(min=1.0)
-        pooled = (edges * weight).sum(2) / count
-        out = torch.relu(pooled + self.shortcut(x))
-        return out * mask.unsqueeze(-1).to(out.dtype)
+        edges = edges.view(r, kk, -1)
+        pooled = (edges * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        out_real = torch.relu(pooled + self.shortcut(real))
+        out = x.new_zeros(n * p, out_real.shape[-1])
+        out[rows] = out_real
+        return out.view(n, p, -1)
 
 
 class ParticleNet(nn.Module):

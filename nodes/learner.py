@@ -118,7 +118,9 @@ class FlowLearner:
 
     def finish(self) -> Sequence[Record]:
         """Train on what is buffered and publish the final snapshots."""
+        t0 = time.perf_counter()
         self.online.finish()
+        self._t_learn_s += time.perf_counter() - t0
         self._publish_metrics()
         if not self.online.calibrated:
             log.warning("%s: too few events to calibrate; no snapshot", self.node_id)
