@@ -224,13 +224,13 @@ def node(
     except TopologyError as exc:
         raise click.UsageError(str(exc)) from exc
     mine = plan.stage_nodes(stage)[index]
-    changes: dict[str, object] = {}
-    if metrics_port is not None:
-        changes["metrics_port"] = metrics_port
-    if metrics_host is not None:
-        changes["metrics_host"] = metrics_host
-    if changes:
-        mine = dataclasses.replace(mine, node=dataclasses.replace(mine.node, **changes))
+    if metrics_port is not None or metrics_host is not None:
+        node_config = dataclasses.replace(
+            mine.node,
+            metrics_port=mine.node.metrics_port if metrics_port is None else metrics_port,
+            metrics_host=metrics_host or mine.node.metrics_host,
+        )
+        mine = dataclasses.replace(mine, node=node_config)
     (out / "nodes").mkdir(parents=True, exist_ok=True)
     click.echo(
         f"{mine.node.name}: inputs {list(mine.node.inputs)}, outputs {dict(mine.node.outputs)}",

@@ -128,7 +128,7 @@ def plan_farm(
         upstream = topology.upstream(stage.name)
         downstream = topology.downstream(stage.name)
         keys = _keys(topology, stage, upstream)
-        allowed = ()
+        allowed: tuple[bytes, ...] = ()
         if topology.security.curve and downstream is not None:
             allowed = (security.load_public(topology.keys_dir(), downstream.name),)
         for i, name in enumerate(stage.node_names()):

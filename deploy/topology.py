@@ -54,7 +54,7 @@ class FarmSettings:
     host: str = "127.0.0.1"
     heartbeat_interval_s: float = 0.5
     drain_idle_s: float = 0.5
-    stall_after_s: float = 10.0
+    stall_after_s: float = 60.0
     sndhwm: int = 20
     rcvhwm: int = 20
     control: str = ""

@@ -266,6 +266,7 @@ class Node:
         self._t0 = clock()
         self._error_kinds: set[str] = set()
         self._extra_report = extra_report
+        self._stalled_ports: set[str] = set()
 
     # -- control -------------------------------------------------------------------------
 
@@ -548,7 +549,9 @@ class Node:
         """Send one emit, blocking under back-pressure but still heartbeating.
 
         Returns ``False`` when the message was dropped: at once with ``drop_when_full``,
-        or after ``stall_after_s`` of back-pressure while draining.
+        or after ``stall_after_s`` of back-pressure while draining. Once a port has
+        stalled that long while draining, its later messages are dropped at once: its
+        readers are gone, and waiting again per message would hold the node for minutes.
         """
         sock = sockets.outputs.get(emit.port)
         if sock is None:
@@ -556,12 +559,17 @@ class Node:
             raise KeyError(msg)
         cfg = self.config
         blocked_since = self._clock()
-        timeout_ms = 0 if cfg.drop_when_full else int(cfg.heartbeat_interval_s * 1000)
+        stopping = final or self._stop.is_set()
+        dead = stopping and emit.port in self._stalled_ports
+        timeout_ms = 0 if cfg.drop_when_full or dead else int(cfg.heartbeat_interval_s * 1000)
         while not send_message(sock, emit.message, timeout_ms=timeout_ms):
             blocked_s = self._clock() - blocked_since
             stalled = blocked_s > cfg.stall_after_s
             metrics.NODE_HEALTHY.labels(**self._labels).set(not stalled)
-            if cfg.drop_when_full or (stalled and (final or self._stop.is_set())):
+            stopping = final or self._stop.is_set()
+            if cfg.drop_when_full or dead or (stalled and stopping):
+                if stalled or dead:
+                    self._stalled_ports.add(emit.port)
                 self._log_once(
                     f"full:{emit.port}", "%s: output %r full, dropping", cfg.name, emit.port
                 )

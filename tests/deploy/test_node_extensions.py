@@ -10,7 +10,8 @@ import pytest
 import zmq
 
 from stream import Node, NodeConfig
-from stream.testing import ListSource, free_tcp_port, synthetic_batch
+from stream.codec import encode
+from stream.testing import ListSource, Relay, free_tcp_port, synthetic_batch
 from stream.transport import CurveKeys, Endpoint, SocketOptions, open_socket, recv_message
 
 
@@ -62,4 +63,41 @@ def test_curve_role_follows_bind_or_connect() -> None:
         assert server.curve_server
         server.close(linger=0)
     finally:
+        ctx.term()
+
+
+def test_a_dead_output_costs_one_stall_not_one_per_batch() -> None:
+    ctx = zmq.Context()
+    config = NodeConfig(
+        "relay",
+        "relay",
+        inputs=("@inproc://dead-in",),
+        outputs={"out": "@inproc://dead-out"},  # nobody ever reads it
+        heartbeat_interval_s=0.1,
+        drain_idle_s=0.2,
+        stall_after_s=0.5,
+        socket=SocketOptions(sndhwm=1, rcvhwm=1, linger_ms=0),
+    )
+    node = Node(config, Relay(), context=ctx)
+    thread = threading.Thread(target=node.run)
+    thread.start()
+    try:
+        assert node.wait_started(10)
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://dead-in")
+        for i in range(8):
+            push.send_multipart(encode(synthetic_batch(10, first_event=10 * i)))
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        node.request_stop()
+        thread.join(20)
+        elapsed = time.monotonic() - t0
+        assert not thread.is_alive()
+        assert node.stats.events_in == 80 and node.stats.balanced
+        assert node.stats.dropped["backpressure"] >= 60
+        assert elapsed < 3.0, f"draining took {elapsed:.1f} s"  # 8 stalls would be >= 4 s
+        push.close(linger=0)
+    finally:
+        node.request_stop()
+        thread.join(10)
         ctx.term()
