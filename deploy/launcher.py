@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -217,17 +218,17 @@ def run_node(plan: NodePlan, *, parent_pid: int | None = None) -> int:
     except (TopologyError, ValueError, FileNotFoundError, ImportError) as exc:
         log.error("%s: cannot build the %s worker: %s", name, plan.stage.role, exc)
         return 2
-    if "torch" in __import__("sys").modules:
-        import torch
-
-        torch.set_num_threads(plan.threads)
+    if "torch" in sys.modules:  # the worker may have set its own; the topology decides
+        sys.modules["torch"].set_num_threads(plan.threads)
     ctx = zmq.Context()
     auth = None
-    guard = None
+    guard = security.KeyGuard(name, plan.allowed_clients)
     if plan.node.socket.curve is not None and plan.node.outputs:
-        guard = security.KeyGuard(name, plan.allowed_clients)
         auth = security.start_authenticator(ctx, guard)
-    extra: Callable[[], dict[str, Any]] = lambda: {"curve_refused": guard.refused if guard else 0}  # noqa: E731
+
+    def extra() -> dict[str, Any]:
+        return {"curve_refused": guard.refused}
+
     node = Node(plan.node, worker, context=ctx, extra_report=extra)
     if parent_pid is not None:
         _watch_parent(node, parent_pid)
@@ -298,6 +299,7 @@ class Farm:
         self.statuses: dict[str, NodeStatus] = {}
         self._interrupts = 0
         self._source_started = False
+        self._failure_logged = False
         self._ctx = mp.get_context("spawn")
 
     # -- public ------------------------------------------------------------------------------
@@ -434,7 +436,7 @@ class Farm:
 
     def _any_failed(self) -> bool:
         failed = [n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0, 3)]
-        if failed and not getattr(self, "_failure_logged", False):
+        if failed and not self._failure_logged:
             log.error("node(s) %s exited with an error; stopping the farm", failed)
             self._failure_logged = True
             for status in self.statuses.values():
