@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             "latency_p99_ms": None if s["latency_p99_s"] is None else 1e3 * s["latency_p99_s"],
             "cpu_s": {n["name"]: n["cpu_s"] for n in s["nodes"]},
             "cpu_fraction": {n["name"]: (n["cpu_s"] or 0) / report["wall_s"] for n in s["nodes"]},
+            "busy_fraction": {n["name"]: n["busy_fraction"] for n in s["nodes"]},
+            "blocked_fraction": {n["name"]: n["blocked_fraction"] for n in s["nodes"]},
         }
     return {
         "wall_s": round(report["wall_s"], 2),
@@ -108,6 +111,7 @@ def chain_rate(report: dict[str, Any]) -> float:
 
 
 def run_once(topology: Topology, out: Path, duration_s: float) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)  # the cache next to it is kept
     outcome = run_farm(topology, out_dir=out, duration_s=duration_s)
     print(format_report(outcome.report))
     print()

@@ -56,6 +56,7 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
         "batches": latency.get("count", 0),
         "cpu_s": stats.get("cpu_s"),
         "busy_fraction": stats.get("busy_s", 0.0) / wall_s if wall_s > 0 else 0.0,
+        "blocked_fraction": stats.get("blocked_s", 0.0) / wall_s if wall_s > 0 else 0.0,
         "curve_refused": stats.get("extra", {}).get("curve_refused", 0),
         "worker": stats.get("worker", {}),
     }

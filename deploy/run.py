@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.launcher import Farm, FarmPlan, NodeStatus, plan_farm
+from deploy.launcher import Farm, FarmError, FarmPlan, NodeStatus, plan_farm
 from deploy.report import build_report, write_report
 from deploy.topology import Topology
 from stream.testing import free_tcp_port
@@ -44,8 +44,14 @@ def run_farm(
 
     ``events`` > 0 overrides the source's event budget; ``duration_s`` > 0 stops the
     source after that long. Returns once every node has drained and exited.
+
+    Raises:
+        FarmError: ``out_dir`` holds an earlier run, or a node failed to start.
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir(topology)
+    if (out / "farm.json").exists():
+        msg = f"{out} already holds a run (its farm.json); choose another --out"
+        raise FarmError(msg)
     out.mkdir(parents=True, exist_ok=True)
     control = f"tcp://127.0.0.1:{free_tcp_port()}"
     plan = plan_farm(topology, out_dir=out, events=events, control=control, log_level=log_level)

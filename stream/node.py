@@ -207,6 +207,7 @@ class NodeStats:
     records_out: Counter[str] = field(default_factory=Counter)
     latency: LatencyReservoir = field(default_factory=LatencyReservoir)
     busy_s: float = 0.0
+    blocked_s: float = 0.0
     first_in_s: float | None = None
     last_in_s: float | None = None
 
@@ -228,6 +229,7 @@ class NodeStats:
             "records_out": dict(self.records_out),
             "latency": self.latency.summary(),
             "busy_s": self.busy_s,
+            "blocked_s": self.blocked_s,
             "first_in_s": self.first_in_s,
             "last_in_s": self.last_in_s,
             "balanced": self.balanced,
@@ -524,10 +526,14 @@ class Node:
                 level=logging.ERROR,
             )
             dropped["accounting_error"] += n_in - outcome.accounted
+        # Latency is the work on the batch; time blocked on full outputs is back-pressure,
+        # kept apart in ``blocked_s``.
+        elapsed = self._clock() - t0
         for emit in outcome.emits:
             if not self._send(sockets, emit) and isinstance(emit.message, EventBatch):
                 accepted -= len(emit.message)
                 dropped["backpressure"] += len(emit.message)
+        stats.blocked_s += self._clock() - t0 - elapsed
         stats.events_in += n_in
         if n_in:
             stats.first_in_s = t0 if stats.first_in_s is None else stats.first_in_s
@@ -540,7 +546,6 @@ class Node:
         metrics.REJECTED.labels(**labels).inc(outcome.rejected)
         for reason, count in dropped.items():
             metrics.DROPPED.labels(**labels, reason=reason).inc(count)
-        elapsed = self._clock() - t0
         stats.busy_s += elapsed
         stats.latency.add(elapsed)
         metrics.BATCH_LATENCY.labels(**labels).observe(elapsed)

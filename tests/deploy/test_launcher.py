@@ -45,6 +45,8 @@ def test_synthetic_farm_delivers_every_event_once(tmp_path: Path) -> None:
     farm = json.loads((tmp_path / "farm.json").read_text())
     assert farm["state"] == "stopped"
     assert {n["name"] for n in farm["nodes"]} == {"source", "relay-0", "relay-1", "sink"}
+    with pytest.raises(FarmError, match="already holds a run"):
+        run_farm(parse_topology(synthetic_table()), out_dir=tmp_path)
 
 
 def test_cli_run_prints_a_balanced_report(tmp_path: Path) -> None:
