@@ -157,7 +157,12 @@ def plan_farm(
                 stall_after_s=farm.stall_after_s,
                 max_queue_batches=stage.max_queue_batches,
                 drop_when_full=stage.drop_when_full,
-                socket=SocketOptions(sndhwm=farm.sndhwm, rcvhwm=farm.rcvhwm, curve=keys),
+                socket=SocketOptions(
+                    sndhwm=farm.sndhwm,
+                    rcvhwm=farm.rcvhwm,
+                    linger_ms=int(farm.linger_s * 1000),
+                    curve=keys,
+                ),
                 stats_path=f"{out}/nodes/{name}.json",
                 output_peers=downstream.count if outputs and downstream else 0,
                 peer_wait_s=farm.peer_wait_s,

@@ -46,7 +46,10 @@ class FarmSettings:
 
     ``control`` is a heartbeat endpoint for ``trigfarm node`` (the launcher makes its own);
     ``peer_wait_s`` bounds how long a node waits for all its downstream peers to connect
-    before it starts sending.
+    before it starts sending. ``linger_s`` is how long a stopping node keeps trying to
+    deliver batches still queued on its outputs: the next stage is still running then
+    (staged stop), so this only runs out if it died; what is lost then shows up as an
+    unbalanced link in the report.
     """
 
     name: str
@@ -59,6 +62,7 @@ class FarmSettings:
     rcvhwm: int = 20
     control: str = ""
     peer_wait_s: float = 60.0
+    linger_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +228,7 @@ def parse_topology(table: Mapping[str, Any], *, path: str = "", deep: bool = Fal
         raise TopologyError(
             key="topology.farm.chain", problem=f"names a stage twice: {list(farm.chain)}"
         )
-    for key in ("heartbeat_interval_s", "drain_idle_s", "stall_after_s", "peer_wait_s"):
+    for key in ("heartbeat_interval_s", "drain_idle_s", "stall_after_s", "peer_wait_s", "linger_s"):
         if getattr(farm, key) <= 0:
             raise TopologyError(
                 key=f"topology.farm.{key}", problem=f"must be > 0, got {getattr(farm, key)}"
