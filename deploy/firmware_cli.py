@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -85,18 +86,17 @@ def train(
         epochs=epochs, batch_size=batch_size, beta=beta, learning_rate=learning_rate, seed=seed
     )
     quant = QuantizationConfig()
-    bits = {"weight_bits": weight_bits, "weight_integer": weight_integer}
-    quant = replace(
-        quant,
-        enc_dense1=replace(
-            quant.enc_dense1, **bits, activation_bits=relu_bits, activation_integer=relu_integer
-        ),
-        enc_dense2=replace(
-            quant.enc_dense2, **bits, activation_bits=relu_bits, activation_integer=relu_integer
-        ),
-        z_mean=replace(quant.z_mean, **bits),
-        z_log_var=replace(quant.z_log_var, **bits),
-    )
+    hidden = {"activation_bits": relu_bits, "activation_integer": relu_integer}
+    layers: dict[str, Any] = {
+        name: replace(
+            quant.layer(name),
+            weight_bits=weight_bits,
+            weight_integer=weight_integer,
+            **(hidden if name.startswith("enc_") else {}),  # type: ignore[arg-type]
+        )
+        for name in ("enc_dense1", "enc_dense2", "z_mean", "z_log_var")
+    }
+    quant = replace(quant, **layers)
     objects, _ = read_l1_objects(data, max_events=max_events)
     inputs = round_to_fixed(scale_l1_objects(objects), quant.input_fixed)
     mask = input_mask(objects)

@@ -51,7 +51,13 @@ class Emulator:
     would do the same), so callers and references see exactly what the firmware sees.
     """
 
-    def __init__(self, library: str | Path, *, input_type: FixedType, latent: int) -> None:
+    def __init__(
+        self, library: str | Path, *, input_type: FixedType, latent: int, threads: int = 1
+    ) -> None:
+        if threads < 1:
+            msg = f"threads must be >= 1, got {threads}"
+            raise ValueError(msg)
+        self.threads = threads
         self.library = Path(library)
         self.input_type = input_type
         self.latent = latent
@@ -65,7 +71,7 @@ class Emulator:
             )
             raise ValueError(msg)
         fn = self._lib.trigfarm_predict_batch
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         fn.restype = ctypes.c_long
         self._predict = fn
 
@@ -78,7 +84,7 @@ class Emulator:
         x = self.round_inputs(np.asarray(inputs, np.float32).reshape(-1, self.n_inputs))
         out = np.empty((len(x), self.n_outputs), np.float32)
         if len(x):
-            self._predict(x.ctypes.data, out.ctypes.data, len(x))
+            self._predict(x.ctypes.data, out.ctypes.data, len(x), self.threads)
         return out
 
     def encode(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +140,7 @@ def compile_bridge(project_dir: str | Path, project: str, library: str | Path) -
         "-fPIC",
         "-std=c++11",
         "-shared",
+        "-fopenmp",
         f"-I{project_dir}",
         f"-I{project_dir / 'firmware'}",
         f"-I{project_dir / 'firmware' / 'ap_types'}",
@@ -153,11 +160,12 @@ def compile_bridge(project_dir: str | Path, project: str, library: str | Path) -
 
 
 def cache_key(model: L1Model) -> str:
-    """Hash of everything the compiled emulator depends on."""
+    """Hash of everything the compiled emulator depends on (model, conversion, bridge, build)."""
     h = hashlib.sha256()
     h.update(model.digest().encode())
     h.update(BRIDGE_SOURCE.read_bytes())
     h.update(Path(__file__).with_name("convert.py").read_bytes())
+    h.update(Path(__file__).read_bytes())  # the g++ command
     h.update(metadata.version("hls4ml").encode())
     return h.hexdigest()[:20]
 
@@ -180,8 +188,11 @@ def build_project(model: L1Model, project_dir: str | Path, *, compile_library: b
     return hls_model
 
 
-def load_emulator(model: L1Model, *, cache_dir: str | Path | None = None) -> Emulator:
-    """The emulator of ``model``, compiled once and cached by ``cache_key``."""
+def load_emulator(
+    model: L1Model, *, cache_dir: str | Path | None = None, threads: int = 1
+) -> Emulator:
+    """The emulator of ``model``, compiled once and cached by ``cache_key``; ``threads``
+    OpenMP threads share each batch."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / cache_key(model)
     library = entry / LIBRARY_NAME
@@ -202,4 +213,6 @@ def load_emulator(model: L1Model, *, cache_dir: str | Path | None = None) -> Emu
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return Emulator(library, input_type=model.quantization.input_fixed, latent=model.vae.latent)
+    return Emulator(
+        library, input_type=model.quantization.input_fixed, latent=model.vae.latent, threads=threads
+    )

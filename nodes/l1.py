@@ -76,6 +76,7 @@ class L1Config:
         anomaly: run the VAE anomaly path at all.
         seeds: the conventional seeds that are enabled (names in ``SEEDS``).
         cache_dir: where compiled emulators are cached; "" is ``~/.cache/trigfarm``.
+        emulator_threads: OpenMP threads the emulator splits each batch over.
         single_jet_pt_gev, ht_gev, ht_jet_pt_gev, ht_jet_abs_eta, single_egamma_pt_gev,
         single_muon_pt_gev, met_gev, fatjet_pt_gev: seed thresholds (see module doc).
     """
@@ -85,6 +86,7 @@ class L1Config:
     anomaly: bool = True
     seeds: tuple[str, ...] = SEEDS
     cache_dir: str = ""
+    emulator_threads: int = 1
     single_jet_pt_gev: float = 180.0
     ht_gev: float = 360.0
     ht_jet_pt_gev: float = 30.0
@@ -100,6 +102,9 @@ class L1Config:
         unknown = set(seeds) - set(SEEDS)
         if unknown:
             msg = f"unknown seed(s) {sorted(unknown)}; choose from {SEEDS}"
+            raise ValueError(msg)
+        if self.emulator_threads < 1:
+            msg = f"emulator_threads must be >= 1, got {self.emulator_threads}"
             raise ValueError(msg)
         if self.threshold is not None and not np.isfinite(self.threshold):
             msg = f"threshold must be finite, got {self.threshold}"
@@ -208,13 +213,13 @@ class L1Trigger(Processor):
             mu, log_var = self.emulator.encode(scale_l1_objects(batch["l1_objects"]))
             rz = r_z(mu, log_var)
             scores = rz.astype(np.float32)
-            bits |= (rz > self.threshold).astype(np.uint16) << SEED_BITS["anomaly"]
+            bits |= (rz > self.threshold).astype(np.uint16) << np.uint16(SEED_BITS["anomaly"])
             _observe_many(self._histogram, rz)
             self.scored += n
         else:
             self.unscored += n
         for seed, fired in seed_decisions(self.config, batch).items():
-            bits |= fired.astype(np.uint16) << SEED_BITS[seed]
+            bits |= fired.astype(np.uint16) << np.uint16(SEED_BITS[seed])
         for seed, bit in SEED_BITS.items():
             count = int(((bits >> bit) & 1).sum())
             if count:
@@ -253,7 +258,9 @@ def build(config: L1Config, *, name: str, emulator: Emulator | None = None) -> L
         )
         raise ValueError(msg)
     if emulator is None:
-        emulator = load_emulator(model, cache_dir=config.cache_dir or None)
+        emulator = load_emulator(
+            model, cache_dir=config.cache_dir or None, threads=config.emulator_threads
+        )
     log.info(
         "L1 %s: model %s, R_z threshold %s, seeds %s", name, model.path, threshold, config.seeds
     )

@@ -7,6 +7,7 @@ Generate events of a named process (see ``PROCESSES``) as ``stream.EventBatch`` 
     ['a4l', 'htautau', 'l1bkg']
 """
 
+from simulator.cms_l1ad import read_cms_l1ad
 from simulator.detector import CellGrid, DetectorModel, Reconstruction
 from simulator.errors import DataFileError
 from simulator.generator import (
@@ -17,8 +18,16 @@ from simulator.generator import (
     make_pythia,
     resolve,
 )
-from simulator.jets import FatJetContent, JetConfig, fatjet_content, l1_objects
+from simulator.jets import (
+    FatJetContent,
+    JetConfig,
+    fatjet_content,
+    l1_layout,
+    l1_objects,
+    single_jet_content,
+)
 from simulator.lhco_features import LHCO_PROCESS_IDS, open_lhco_features, read_lhco_features
+from simulator.lhco_raw import read_lhco_raw
 from simulator.particles import Particles
 from simulator.recipes import (
     PROCESSES,
@@ -37,6 +46,8 @@ from simulator.recipes import (
     make_recipe,
     parse_parameter,
 )
+from simulator.root_objects import read_root_objects
+from simulator.top_landscape import read_top_landscape
 
 __all__ = [
     "LHCO_PROCESS_IDS",
@@ -65,11 +76,17 @@ __all__ = [
     "derived_seed",
     "fatjet_content",
     "generate",
+    "l1_layout",
     "l1_objects",
     "make_pythia",
     "make_recipe",
     "open_lhco_features",
     "parse_parameter",
+    "read_cms_l1ad",
     "read_lhco_features",
+    "read_lhco_raw",
+    "read_root_objects",
+    "read_top_landscape",
     "resolve",
+    "single_jet_content",
 ]

@@ -124,22 +124,7 @@ def fatjet_content(particles: Particles, config: JetConfig | None = None) -> Fat
     kin = _kinematics(*np.moveaxis(four, -1, 0))  # (N, 2, 4) by pT
     n_jets = ak.to_numpy(ak.num(jets, axis=1))
 
-    # Constituents, pT-ordered within each jet.
-    c_pt = np.hypot(constituents.px, constituents.py)
-    c_order = ak.argsort(c_pt, axis=2, ascending=False)
-    constituents = constituents[c_order]
-    n_const = _padded(ak.num(constituents, axis=2), N_FATJETS, 1).astype(np.int64)
-    c_four = np.stack(
-        [
-            _padded(_padded_jets(constituents[f], N_FATJETS), cfg.max_constituents, 2)
-            for f in ("px", "py", "pz", "E")
-        ],
-        -1,
-    )
-    c_kin = _kinematics(*np.moveaxis(c_four, -1, 0))
-    c_kin[..., 3] = c_four[..., 3]  # store E, not mass
-    c_kin[c_four[..., 3] == 0] = 0.0
-
+    c_kin, n_const = _constituent_columns(constituents, cfg.max_constituents)
     taus = _nsubjettiness(constituents, cfg.nsubjettiness_r0)  # (N, 2, 3) by pT
 
     # Order heavier first.
@@ -174,6 +159,59 @@ def fatjet_content(particles: Particles, config: JetConfig | None = None) -> Fat
         features=features.astype("<f4"),
         leading_pt=kin[:, 0, 0],
     )
+
+
+def single_jet_content(particles: Particles, config: JetConfig | None = None) -> FatJetContent:
+    """Fat-jet columns for events that are one jet each (a jet-tagging sample).
+
+    All of an event's particles form the jet in slot 0, without reclustering; slot 1 is
+    empty. Of the features only mj1, tau21_j1 and tau32_j1 are set; the two-jet ones
+    (mjj, delta_mj, deta_jj) and the second jet's are zero.
+    """
+    cfg = config or JetConfig()
+    n_events = particles.n_events
+    constituents = ak.unflatten(_awkward(particles), 1, axis=0)  # (N, 1, n)
+    ev = particles.event_index
+    four = [
+        np.bincount(ev, x, minlength=n_events)
+        for x in (particles.px, particles.py, particles.pz, particles.e)
+    ]
+    fatjets = np.zeros((n_events, N_FATJETS, 4))
+    fatjets[:, 0] = _kinematics(*four)
+    c_kin, n_const = _constituent_columns(constituents, cfg.max_constituents)
+    taus = _nsubjettiness(constituents, cfg.nsubjettiness_r0)
+    features = np.zeros((n_events, len(FEATURE_NAMES)))
+    features[:, _FEATURE_INDEX["mj1"]] = fatjets[:, 0, 3]
+    features[:, _FEATURE_INDEX["tau21_j1"]] = _ratio(taus[:, 0, 1], taus[:, 0, 0])
+    features[:, _FEATURE_INDEX["tau32_j1"]] = _ratio(taus[:, 0, 2], taus[:, 0, 1])
+    return FatJetContent(
+        fatjets=fatjets.astype("<f4"),
+        constituents=c_kin.astype("<f4"),
+        n_constituents=np.minimum(n_const, cfg.max_constituents).astype("<i2"),
+        features=features.astype("<f4"),
+        leading_pt=fatjets[:, 0, 0],
+    )
+
+
+def _constituent_columns(
+    constituents: ak.Array, max_constituents: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2, C, 4) constituents as (pT, eta, phi, E), pT-ordered and zero-padded, and the
+    (N, 2) number of constituents of each jet (before truncation to C)."""
+    c_pt = np.hypot(constituents.px, constituents.py)
+    constituents = constituents[ak.argsort(c_pt, axis=2, ascending=False)]
+    n_const = _padded(ak.num(constituents, axis=2), N_FATJETS, 1).astype(np.int64)
+    c_four = np.stack(
+        [
+            _padded(_padded_jets(constituents[f], N_FATJETS), max_constituents, 2)
+            for f in ("px", "py", "pz", "E")
+        ],
+        -1,
+    )
+    c_kin = _kinematics(*np.moveaxis(c_four, -1, 0))
+    c_kin[..., 3] = c_four[..., 3]  # store E, not mass
+    c_kin[c_four[..., 3] == 0] = 0.0
+    return c_kin, n_const
 
 
 def _padded_jets(array: ak.Array, n_jets: int) -> ak.Array:
@@ -225,13 +263,6 @@ def l1_objects(
     Each group is pT-ordered and zero-padded; the MET row is (MET, 0, phi).
     """
     cfg = config or JetConfig()
-    n_events = candidates.n_events
-    out = np.zeros((n_events, N_L1_OBJECTS, 3), np.float64)
-    met = np.hypot(met_x, met_y)
-    out[:, 0, 0] = met
-    out[:, 0, 2] = np.where(met > 0, np.arctan2(met_y, met_x), 0.0)
-    out[:, 1:5] = _top_objects(egamma, 4, cfg.egamma_eta_max)
-    out[:, 5:9] = _top_objects(muons, 4, cfg.muon_eta_max)
     definition = fastjet.JetDefinition(fastjet.antikt_algorithm, cfg.jet_radius)
     sequence = fastjet.ClusterSequence(_awkward(candidates), definition)
     jets = sequence.inclusive_jets(min_pt=cfg.jet_pt_min_gev)
@@ -239,7 +270,39 @@ def l1_objects(
     flat = {f: ak.to_numpy(ak.flatten(jets[f])) for f in ("px", "py", "pz", "E")}
     kin = _kinematics(flat["px"], flat["py"], flat["pz"], flat["E"])
     jet_objects = Objects(counts, kin[:, 0], kin[:, 1], kin[:, 2])
-    out[:, 9:19] = _top_objects(jet_objects, 10, cfg.jet_eta_max)
+    return l1_layout(met_x, met_y, egamma, muons, jet_objects, cfg)
+
+
+def l1_layout(
+    met_x: np.ndarray,
+    met_y: np.ndarray,
+    egamma: Objects,
+    muons: Objects,
+    jets: Objects,
+    config: JetConfig | None = None,
+) -> np.ndarray:
+    """The (N, 19, 3) L1 layout from reconstructed objects, with the L1 acceptance cuts.
+
+    Keeps the 4 leading e/gamma, 4 muons and 10 jets inside their |eta| acceptance (jets
+    also above ``jet_pt_min_gev``), pT-ordered and zero-padded; the MET row is (MET, 0, phi).
+    """
+    cfg = config or JetConfig()
+    out = np.zeros((met_x.size, N_L1_OBJECTS, 3), np.float64)
+    met = np.hypot(met_x, met_y)
+    out[:, 0, 0] = met
+    out[:, 0, 2] = np.where(met > 0, np.arctan2(met_y, met_x), 0.0)
+    out[:, 1:5] = _top_objects(egamma, 4, cfg.egamma_eta_max)
+    out[:, 5:9] = _top_objects(muons, 4, cfg.muon_eta_max)
+    hard = jets.pt >= cfg.jet_pt_min_gev
+    jets = Objects(
+        np.bincount(
+            np.repeat(np.arange(jets.counts.size), jets.counts)[hard], minlength=jets.counts.size
+        ),
+        jets.pt[hard],
+        jets.eta[hard],
+        jets.phi[hard],
+    )
+    out[:, 9:19] = _top_objects(jets, 10, cfg.jet_eta_max)
     return out.astype("<f4")
 
 

@@ -12,8 +12,8 @@ name               layout
 ``lhco-features``  LHCO R&D high-level features (``lhco-rnd-100k``), tau21 recomputed
 ``lhco-raw``       LHCO R&D raw events, 700 x (pT, eta, phi) + label, clustered here
 ``cms-l1ad``       CMS L1 anomaly-detection challenge HDF5, ``Particles`` (N, 19, 4)
-``toptag``         top-tagging landscape pandas table, E/PX/PY/PZ of 200 constituents
-``root``           ROOT trees through uproot (``uproot-HZZ.root`` branch names)
+``top-landscape``  top-tagging landscape pandas table, E/PX/PY/PZ of 200 constituents
+``root``           ROOT trees of reco objects through uproot, as L1 objects
 =================  ================================================================
 """
 
@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Protocol
 
 from simulator.cache import read_cache
+from simulator.cms_l1ad import read_cms_l1ad
 from simulator.lhco_features import read_lhco_features
+from simulator.lhco_raw import read_lhco_raw
+from simulator.root_objects import read_root_objects
+from simulator.top_landscape import read_top_landscape
 from stream.batch import EventBatch
 
 
@@ -48,9 +52,35 @@ def _lhco_features(
     return read_lhco_features(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
 
 
+def _lhco_raw(
+    paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
+) -> Iterator[EventBatch]:
+    return read_lhco_raw(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
+def _cms_l1ad(
+    paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
+) -> Iterator[EventBatch]:
+    return read_cms_l1ad(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
+def _top_landscape(
+    paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
+) -> Iterator[EventBatch]:
+    return read_top_landscape(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
+def _root(paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool) -> Iterator[EventBatch]:
+    return read_root_objects(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
 READERS: dict[str, ReaderFunction] = {
     "cache": _cache,
     "lhco-features": _lhco_features,
+    "lhco-raw": _lhco_raw,
+    "cms-l1ad": _cms_l1ad,
+    "top-landscape": _top_landscape,
+    "root": _root,
 }
 
 

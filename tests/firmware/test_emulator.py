@@ -15,7 +15,7 @@ from firmware.inputs import round_to_fixed, scale_l1_objects
 from firmware.model import L1Model
 from tests.firmware.conftest import l1_like_objects
 
-N_EVENTS = 400
+N_EVENTS = 10_000  # the bit-exactness check: 10k events
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,13 @@ def test_batched_bridge_is_bit_identical_to_hls4ml_predict(
     np.testing.assert_array_equal(ours, theirs)
     assert np.unique(ours).size > 100  # a real model, not constants
     # Batch boundaries do not matter.
-    parts = np.concatenate(
-        [session_emulator.predict(rounded[i : i + 7]) for i in range(0, N_EVENTS, 7)]
+    parts = np.concatenate([session_emulator.predict(rounded[i : i + 7]) for i in range(0, 700, 7)])
+    np.testing.assert_array_equal(parts, ours[:700])
+    # Threads split the batch, not the bits.
+    threaded = Emulator(
+        session_emulator.library, input_type=session_emulator.input_type, latent=3, threads=2
     )
-    np.testing.assert_array_equal(parts, ours)
+    np.testing.assert_array_equal(threaded.predict(rounded), ours)
     assert session_emulator.predict(rounded[:0]).shape == (0, 6)
 
 
