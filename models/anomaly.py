@@ -57,6 +57,10 @@ class Mahalanobis(nn.Module):
     nearest class mean.
     """
 
+    means: Tensor
+    precision: Tensor
+    n_fitted: Tensor
+
     def __init__(self, n_classes: int, n_features: int) -> None:
         super().__init__()
         self.register_buffer("means", torch.zeros(n_classes, n_features))
@@ -154,8 +158,8 @@ def mass_decorrelated_indices(
         ValueError: no bin is populated by every class.
     """
     rng = np.random.default_rng(seed)
-    if np.isscalar(bins):
-        edges = np.unique(np.quantile(mass, np.linspace(0, 1, int(bins) + 1)))
+    if isinstance(bins, int):
+        edges = np.unique(np.quantile(mass, np.linspace(0, 1, bins + 1)))
     else:
         edges = np.asarray(bins)
     which = np.clip(np.searchsorted(edges, mass, side="right") - 1, 0, len(edges) - 2)

@@ -215,6 +215,9 @@ class ParticleNet(nn.Module):
     (``models.jet_inputs.JetInputs.trimmed``) saves work and does not change the output.
     """
 
+    feature_mean: Tensor
+    feature_std: Tensor
+
     def __init__(self, config: ParticleNetConfig = PARTICLENET) -> None:
         super().__init__()
         self.config = config

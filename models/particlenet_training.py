@@ -124,10 +124,10 @@ def load_labelled_jets(
         msg = f"jets must be one of {JET_CHOICES}, got {jets!r}"
         raise ValueError(msg)
     paths = [Path(p) for p in data]
-    classes = tuple(classes)
+    names = tuple(classes)
     if len(paths) == 1 and paths[0].suffix == ".npz":
         inputs, labels = _npz_jets(paths[0], n_particles, len(classes), max_per_class, seed)
-        sources = (str(paths[0]),)
+        sources: tuple[str, ...] = (str(paths[0]),)
     elif len(paths) == len(classes):
         parts, label_parts = [], []
         for c, path in enumerate(paths):
@@ -142,7 +142,7 @@ def load_labelled_jets(
             f"{','.join(classes)}); got {len(paths)} file(s)"
         )
         raise ValueError(msg)
-    out = LabelledJets(inputs, labels, classes, sources)
+    out = LabelledJets(inputs, labels, names, sources)
     if max_per_class is not None:
         out = out.select(np.sort(_per_class_rows(labels, len(classes), max_per_class, seed)))
     return out
