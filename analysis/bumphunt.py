@@ -18,6 +18,7 @@ import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
 SQRT_S_GEV = 13_000.0
+MAX_CHI2_PER_NDF = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +98,13 @@ def bump_hunt(
 
 
 def _fit(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The four-parameter fit, or the three-parameter one (p3 = 0) if that fails."""
+    """The better (by χ²) of the four- and three-parameter fits; NaN if neither describes
+    the sidebands (χ²/ndf > ``MAX_CHI2_PER_NDF``), so a failed fit never yields a Z."""
     if y.sum() < 5:
         return np.full(at.size, np.nan)
     sigma = np.sqrt(np.maximum(y, 1.0))
     start = [y.max() / dijet(x[np.argmax(y)], 1.0, 10.0, 5.0, 0.0), 10.0, 5.0, 0.0]
+    best, best_chi2 = np.full(at.size, np.nan), np.inf
     for n_params in (4, 3):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)  # a flat covariance is fine here
@@ -117,7 +120,11 @@ def _fit(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
                 )
             except RuntimeError:
                 continue
-            fit = dijet(at, *params, *([0.0] * (4 - n_params)))
-        if np.all(np.isfinite(fit)):
-            return fit
-    return np.full(at.size, np.nan)
+            full = [*params, *([0.0] * (4 - n_params))]
+            fit, at_points = dijet(at, *full), dijet(x, *full)
+        if not (np.all(np.isfinite(fit)) and np.all(fit > 0)):
+            continue
+        chi2 = float((((y - at_points) / sigma) ** 2).sum()) / max(y.size - n_params, 1)
+        if chi2 < best_chi2:
+            best, best_chi2 = fit, chi2
+    return best if best_chi2 <= MAX_CHI2_PER_NDF else np.full(at.size, np.nan)

@@ -36,11 +36,17 @@ class Roc:
         return float(np.nanmax(self.sic()[ok])) if ok.any() else float("nan")
 
     def sic_at(self, signal_efficiency: float) -> float:
-        """SIC at the first threshold whose TPR reaches ``signal_efficiency``."""
+        """SIC at the first threshold whose TPR reaches ``signal_efficiency`` (check
+        ``background_at`` for how many events it rests on)."""
         i = int(np.searchsorted(self.tpr, signal_efficiency))
         if i >= self.tpr.size or self.fpr[i] <= 0:
             return float("nan")
         return float(self.tpr[i] / np.sqrt(self.fpr[i]))
+
+    def background_at(self, signal_efficiency: float) -> int:
+        """Background test events passing the threshold of ``sic_at``."""
+        i = min(int(np.searchsorted(self.tpr, signal_efficiency)), self.tpr.size - 1)
+        return round(float(self.fpr[i]) * self.n_background)
 
 
 def roc(scores: np.ndarray, is_signal: np.ndarray) -> Roc:

@@ -38,6 +38,7 @@ class MethodResult:
         return {
             "max_sic": self.roc.max_sic(),
             "sic_at_eff_s_0.2": self.roc.sic_at(0.2),
+            "background_events_at_eff_s_0.2": self.roc.background_at(0.2),
             "auc": self.roc.auc,
             "n_test_signal": self.roc.n_signal,
             "n_test_background": self.roc.n_background,

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 name: {
                     "max_sic": figures["max_sic"],
                     "sic_at_0.2": figures["sic_at_eff_s_0.2"],
+                    "bkg_at_0.2": figures["background_events_at_eff_s_0.2"],
                     "auc": figures["auc"],
                 }
                 for name, figures in summary["methods"].items()
@@ -330,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, label in METHOD_LABELS.items():
             m = row["methods"][name]
             print(
-                f"  {label:42s} max SIC {m['max_sic']:5.2f}  SIC@0.2 {m['sic_at_0.2']:5.2f}  "
-                f"AUC {m['auc']:.3f}"
+                f"  {label:42s} max SIC {m['max_sic']:5.2f}  SIC@0.2 {m['sic_at_0.2']:5.2f} "
+                f"({m['bkg_at_0.2']} bkg)  AUC {m['auc']:.3f}"
             )
         print(
             f"  bytes per event: flows {row['flow_bytes_per_event_latest']:.2f} (latest), "

@@ -8,8 +8,9 @@ brings a later lumi number), and at ``finish()``.
 
 Prometheus: ``flow_events_learned_total{node,flow}``, ``flow_not_learned_total{node,flow}``
 (events the flow had no time to learn; a uniform subsample is learned instead),
-``flow_loss{node,flow}`` (running mean of the training loss) and
-``flow_snapshots_total{node}``.
+``flow_loss{node,flow}`` (running mean of the training loss),
+``flow_snapshots_total{node}`` and ``flow_bad_events_total{node}`` (events with
+non-finite features, which are never trained on).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ NOT_LEARNED = Counter(
 )
 LOSS = Gauge("flow_loss", "Running mean of the flow's training loss", ["node", "flow"])
 SNAPSHOTS = Counter("flow_snapshots", "Flow snapshots published", ["node"])
+BAD_EVENTS = Counter(
+    "flow_bad_events", "Events with non-finite features, never trained on", ["node"]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class FlowLearner:
         self.online = OnlineFlow(config, clock=clock, on_step=on_step)
         self.events_seen = 0
         self.snapshots = 0
+        self.bad_events = 0
         self._run: int | None = None
         self._lumi_first: int | None = None
         self._lumi_last: int | None = None
@@ -105,8 +110,15 @@ class FlowLearner:
             self._lumi_last = last if self._lumi_last is None else max(self._lumi_last, last)
         if self._run is None and "run" in batch:
             self._run = int(batch["run"][0])
+        features = batch["features"]
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            # One NaN would poison the flow's weights: such events are never trained on.
+            self.bad_events += int((~finite).sum())
+            BAD_EVENTS.labels(node=self.node_id).inc(int((~finite).sum()))
+            features = features[finite]
         t0 = time.perf_counter()
-        self.online.learn(batch["features"])
+        self.online.learn(features)
         self._t_learn_s += time.perf_counter() - t0
         self.events_seen += n
         self._since_snapshot += n
@@ -134,6 +146,7 @@ class FlowLearner:
             "events_learned": learned,
             "not_learned_total": sum(v[1] for v in self._reported.values()),
             "pending_calibration": self.online.pending,
+            "bad_events": self.bad_events,
             "snapshots": self.snapshots,
             "events_per_s_trained": learned / self._t_learn_s if self._t_learn_s else 0.0,
             "flows": self.online.report(),

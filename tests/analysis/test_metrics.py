@@ -44,3 +44,12 @@ def test_bump_hunt_finds_a_planted_bump_and_not_a_fake_one() -> None:
     assert results[1].significance > 5
     fake = bump_hunt(background, rng.random(background.size), signal_region_gev=(3300, 3700))
     assert all(abs(r.significance) < 3.5 for r in fake), [r.significance for r in fake]
+
+
+def test_background_events_behind_sic_at() -> None:
+    scores = np.r_[np.linspace(1, 2, 100), np.linspace(0, 1.5, 1000)]
+    labels = np.r_[np.ones(100), np.zeros(1000)].astype(bool)
+    result = roc(scores, labels)
+    # eps_S = 0.2 keeps signal scores >= 1.8; background above 1.8: none.
+    assert result.background_at(0.2) == 0
+    assert result.background_at(1.0) == (np.linspace(0, 1.5, 1000) >= 1.0).sum()

@@ -67,3 +67,17 @@ def test_snapshots_every_n_events_and_at_lumi_end() -> None:
 def test_config_from_a_plain_table() -> None:
     config = FlowLearnerConfig(**{"buffer_size": 256, "signal_region_gev": [3000, 3500]})
     assert config.signal_region_gev == (3000.0, 3500.0)
+
+
+def test_non_finite_events_are_counted_and_never_trained_on() -> None:
+    config = FlowLearnerConfig(**SMALL, buffer_size=64, batch_size=32, calibration_events=64)
+    learner = build_learner(config, node_id="hlt-t2")
+    good = batch(200, 1, 0)
+    features = good["features"].copy()
+    features[::10, 2] = np.nan
+    learner.learn(good.with_columns(features=features))
+    records = learner.finish()
+    assert learner.report()["bad_events"] == 20
+    snap = FlowSnapshot.from_record(records[0])
+    assert snap.events_seen == 180
+    assert all(np.isfinite(a).all() for a in snap.arrays.values())
