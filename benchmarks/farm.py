@@ -12,8 +12,8 @@ cache (QCD with a 5% W' signal; made once with ``simulate_to_file``) in a loop. 
    (and the source reports whether it kept its pace);
 3. scaling: the capacity run is repeated with 1, 2 and 4 HLT nodes.
 
-    python benchmarks/farm.py                       # the default topology
-    python benchmarks/farm.py --topology synthetic  # the machinery alone
+    python -m benchmarks.farm                       # the default topology
+    python -m benchmarks.farm --topology synthetic  # the machinery alone
 
 Prints a table per run and ends with one JSON line.
 """
