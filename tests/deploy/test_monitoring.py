@@ -84,7 +84,9 @@ def test_prometheus_scrapes_a_running_farm(tmp_path: Path) -> None:
                 break
             time.sleep(0.5)
         assert value == report["stages"][-1]["events_in"] == 30_000
-        up = server.query_value('count(max_over_time(up{job="trigfarm"}[5m]))')
-        assert up == 4
+        # Every consumer was discovered from the run's targets.json and scraped (the source
+        # may finish before a busy machine's Prometheus first reaches it).
+        up = server.query_value('count(max_over_time(up{job="trigfarm",stage!="source"}[5m]))')
+        assert up == 3
     finally:
         server.stop()
