@@ -57,6 +57,10 @@ def _run_and_print(
             raise click.ClickException(str(exc)) from exc
     click.echo(format_report(outcome.report))
     click.echo(f"report: {outcome.report_path}\ndashboard: {outcome.dashboard_path}")
+    failed = {n: c for n, c in outcome.report["exitcodes"].items() if c != 0}
+    if failed:
+        click.echo(f"node(s) exited with errors: {failed}", err=True)
+        sys.exit(1)
     if not outcome.report["accounting"]["balanced"]:
         sys.exit(3)
 

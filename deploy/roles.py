@@ -32,7 +32,8 @@ class LaunchContext:
 
 @dataclass(frozen=True, slots=True)
 class SyntheticSourceConfig:
-    """A source of random schema-shaped batches (``stream.testing.SyntheticSource``)."""
+    """A source of random schema-shaped batches; ``rate_hz`` in events per second (0: as
+    fast as the outputs take them)."""
 
     events: int = 10_000
     batch_size: int = 256
@@ -65,7 +66,7 @@ def _synthetic_source(config: SyntheticSourceConfig, *, name: str) -> Producer:
         synthetic_batch(size, first_event=i * config.batch_size, seed=i)
         for i, size in enumerate(sizes)
     )
-    return ListSource(batches, rate_hz=config.rate_hz)
+    return ListSource(batches, rate_hz=config.rate_hz / config.batch_size)  # batches per second
 
 
 def _relay(config: RelayConfig, *, name: str) -> Processor:

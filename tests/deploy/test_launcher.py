@@ -122,3 +122,12 @@ def test_a_node_that_cannot_start_stops_the_farm(tmp_path: Path) -> None:
         run_farm(parse_topology(table), out_dir=tmp_path, start_timeout_s=30)
     farm = json.loads((tmp_path / "farm.json").read_text())
     assert farm["state"] == "stopped"
+
+
+def test_duration_stops_the_source(tmp_path: Path) -> None:
+    table = synthetic_table(events=10_000_000)
+    table["source"]["config"]["rate_hz"] = 5_000.0
+    report = run_farm(parse_topology(table), out_dir=tmp_path, duration_s=2.0).report
+    assert report["accounting"]["balanced"]
+    assert 2_000 <= report["events_generated"] <= 20_000  # about 2 s at 5 kHz, not 10 M
+    assert report["stages"][-1]["events_in"] == report["events_generated"]
