@@ -2,4 +2,6 @@
 
 from deploy.cli import main
 
-main()
+# The guard matters: the farm spawns node processes, which import the main module again.
+if __name__ == "__main__":
+    main()

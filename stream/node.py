@@ -27,12 +27,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import prometheus_client
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from stream import metrics
 from stream.batch import EventBatch, Message
@@ -132,6 +134,9 @@ class NodeConfig:
     ``inputs`` connect by default and ``outputs`` bind by default (prefix ``@`` to bind,
     ``>`` to connect). ``control`` is the controller's heartbeat endpoint (connect by
     default). ``metrics_port`` 0 picks a free port, ``None`` serves no metrics.
+    ``output_peers`` > 0 holds the node in ``starting`` until every output has completed
+    that many peer handshakes (at most ``peer_wait_s``), so that the first batches are
+    spread over all downstream nodes instead of going to whichever connected first.
     """
 
     name: str
@@ -148,6 +153,8 @@ class NodeConfig:
     drop_when_full: bool = False
     socket: SocketOptions = field(default_factory=SocketOptions)
     stats_path: str | None = None
+    output_peers: int = 0
+    peer_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -199,6 +206,10 @@ class NodeStats:
     batches_out: Counter[str] = field(default_factory=Counter)
     records_out: Counter[str] = field(default_factory=Counter)
     latency: LatencyReservoir = field(default_factory=LatencyReservoir)
+    busy_s: float = 0.0
+    blocked_s: float = 0.0
+    first_in_s: float | None = None
+    last_in_s: float | None = None
 
     @property
     def balanced(self) -> bool:
@@ -217,6 +228,10 @@ class NodeStats:
             "batches_out": dict(self.batches_out),
             "records_out": dict(self.records_out),
             "latency": self.latency.summary(),
+            "busy_s": self.busy_s,
+            "blocked_s": self.blocked_s,
+            "first_in_s": self.first_in_s,
+            "last_in_s": self.last_in_s,
             "balanced": self.balanced,
         }
 
@@ -236,6 +251,7 @@ class Node:
         *,
         clock: Clock = time.monotonic,
         context: zmq.Context | None = None,
+        extra_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.worker = worker
@@ -251,6 +267,8 @@ class Node:
         self._heartbeat_seq = 0
         self._t0 = clock()
         self._error_kinds: set[str] = set()
+        self._extra_report = extra_report
+        self._stalled_ports: set[str] = set()
 
     # -- control -------------------------------------------------------------------------
 
@@ -272,6 +290,7 @@ class Node:
         try:
             server = self._start_metrics()
             with self._open_sockets(ctx) as sockets:
+                self._await_peers(sockets)
                 self._set_state(NodeState.RUNNING, sockets)
                 self._started.set()
                 if isinstance(self.worker, Producer):
@@ -336,7 +355,10 @@ class Node:
                 sockets.inputs = open_socket(ctx, zmq.PULL, endpoints, cfg.socket)
             for port, text in cfg.outputs.items():
                 endpoint = Endpoint.parse(text, bind=True)
-                sockets.outputs[port] = open_socket(ctx, zmq.PUSH, [endpoint], cfg.socket)
+                prepare = partial(sockets.watch, port) if cfg.output_peers > 0 else None
+                sockets.outputs[port] = open_socket(
+                    ctx, zmq.PUSH, [endpoint], cfg.socket, prepare=prepare
+                )
             if cfg.control:
                 endpoint = Endpoint.parse(cfg.control, bind=False)
                 control_options = SocketOptions(sndhwm=100, rcvhwm=100, linger_ms=500)
@@ -345,6 +367,35 @@ class Node:
             sockets.close()
             raise
         return sockets
+
+    def _await_peers(self, sockets: _Sockets) -> None:
+        """Wait (heartbeating) until each output has ``output_peers`` handshakes."""
+        cfg = self.config
+        try:
+            deadline = self._clock() + cfg.peer_wait_s
+            next_heartbeat = self._clock()
+            for port, (_, monitor) in sockets.monitors.items():
+                seen = 0
+                while seen < cfg.output_peers and not self._stop.is_set():
+                    now = self._clock()
+                    if now >= deadline:
+                        log.warning(
+                            "%s: output %r has %d of %d peers after %.0f s; going on",
+                            cfg.name,
+                            port,
+                            seen,
+                            cfg.output_peers,
+                            cfg.peer_wait_s,
+                        )
+                        break
+                    if now >= next_heartbeat:
+                        self._heartbeat(sockets)
+                        next_heartbeat = now + cfg.heartbeat_interval_s
+                    if monitor.poll(100):
+                        event = recv_monitor_message(monitor)
+                        seen += event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        finally:
+            sockets.close_monitors()
 
     def _set_state(self, state: NodeState, sockets: _Sockets) -> None:
         self.state = state
@@ -475,11 +526,18 @@ class Node:
                 level=logging.ERROR,
             )
             dropped["accounting_error"] += n_in - outcome.accounted
+        # Latency is the work on the batch; time blocked on full outputs is back-pressure,
+        # kept apart in ``blocked_s``.
+        elapsed = self._clock() - t0
         for emit in outcome.emits:
             if not self._send(sockets, emit) and isinstance(emit.message, EventBatch):
                 accepted -= len(emit.message)
                 dropped["backpressure"] += len(emit.message)
+        stats.blocked_s += self._clock() - t0 - elapsed
         stats.events_in += n_in
+        if n_in:
+            stats.first_in_s = t0 if stats.first_in_s is None else stats.first_in_s
+            stats.last_in_s = t0
         stats.accepted += accepted
         stats.rejected += outcome.rejected
         stats.dropped.update(dropped)
@@ -488,7 +546,7 @@ class Node:
         metrics.REJECTED.labels(**labels).inc(outcome.rejected)
         for reason, count in dropped.items():
             metrics.DROPPED.labels(**labels, reason=reason).inc(count)
-        elapsed = self._clock() - t0
+        stats.busy_s += elapsed
         stats.latency.add(elapsed)
         metrics.BATCH_LATENCY.labels(**labels).observe(elapsed)
 
@@ -496,7 +554,9 @@ class Node:
         """Send one emit, blocking under back-pressure but still heartbeating.
 
         Returns ``False`` when the message was dropped: at once with ``drop_when_full``,
-        or after ``stall_after_s`` of back-pressure while draining.
+        or after ``stall_after_s`` of back-pressure while draining. Once a port has
+        stalled that long while draining, its later messages are dropped at once: its
+        readers are gone, and waiting again per message would hold the node for minutes.
         """
         sock = sockets.outputs.get(emit.port)
         if sock is None:
@@ -504,12 +564,17 @@ class Node:
             raise KeyError(msg)
         cfg = self.config
         blocked_since = self._clock()
-        timeout_ms = 0 if cfg.drop_when_full else int(cfg.heartbeat_interval_s * 1000)
+        stopping = final or self._stop.is_set()
+        dead = stopping and emit.port in self._stalled_ports
+        timeout_ms = 0 if cfg.drop_when_full or dead else int(cfg.heartbeat_interval_s * 1000)
         while not send_message(sock, emit.message, timeout_ms=timeout_ms):
             blocked_s = self._clock() - blocked_since
             stalled = blocked_s > cfg.stall_after_s
             metrics.NODE_HEALTHY.labels(**self._labels).set(not stalled)
-            if cfg.drop_when_full or (stalled and (final or self._stop.is_set())):
+            stopping = final or self._stop.is_set()
+            if cfg.drop_when_full or dead or (stalled and stopping):
+                if stalled or dead:
+                    self._stalled_ports.add(emit.port)
                 self._log_once(
                     f"full:{emit.port}", "%s: output %r full, dropping", cfg.name, emit.port
                 )
@@ -530,8 +595,21 @@ class Node:
     # -- reporting -----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters and worker figures as plain data (heartbeats and the stats file)."""
-        return {**self.stats.to_dict(), "worker": self.worker.report()}
+        """Counters and worker figures as plain data (heartbeats and the stats file).
+
+        ``cpu_s`` is this process's CPU time; ``first_in_s``/``last_in_s`` are node-clock
+        times of the first and last batch with events; ``extra`` comes from the
+        ``extra_report`` hook (e.g. refused CURVE peers).
+        """
+        body = {
+            **self.stats.to_dict(),
+            "queue_depth": len(self._queue),
+            "cpu_s": time.process_time(),
+            "worker": self.worker.report(),
+        }
+        if self._extra_report is not None:
+            body["extra"] = self._extra_report()
+        return body
 
     def _heartbeat(self, sockets: _Sockets) -> None:
         if sockets.control is None:
@@ -582,6 +660,17 @@ class _Sockets:
     inputs: zmq.Socket | None = None
     outputs: dict[str, zmq.Socket] = field(default_factory=dict)
     control: zmq.Socket | None = None
+    monitors: dict[str, tuple[zmq.Socket, zmq.Socket]] = field(default_factory=dict)
+
+    def watch(self, port: str, sock: zmq.Socket) -> None:
+        """Attach a handshake monitor to an output before it binds (see ``_await_peers``)."""
+        self.monitors[port] = (sock, sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+
+    def close_monitors(self) -> None:
+        for sock, monitor in self.monitors.values():
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        self.monitors.clear()
 
     def __enter__(self) -> _Sockets:
         return self
@@ -591,6 +680,7 @@ class _Sockets:
 
     def close(self) -> None:
         """Close outputs with their linger (so queued batches leave) and the rest at once."""
+        self.close_monitors()
         if self.inputs is not None:
             self.inputs.close(linger=0)
         for sock in self.outputs.values():

@@ -6,7 +6,7 @@ a bare URL takes the caller's default. URLs are ``tcp://``, ``ipc://`` or ``inpr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -46,8 +46,9 @@ class Endpoint:
 class CurveKeys:
     """CURVE key material (Z85 text) for an encrypted, authenticated socket.
 
-    A server socket needs its own secret key; a client needs its key pair and the
-    server's public key.
+    A socket that binds is a CURVE server with its own key pair; a socket that connects is
+    a client with its key pair and the server's public key (``server_public_key``). Which
+    client keys a server admits is the ZAP authenticator's business (``deploy.security``).
     """
 
     public_key: bytes
@@ -75,20 +76,27 @@ def open_socket(
     socket_type: int,
     endpoints: Sequence[Endpoint],
     options: SocketOptions = SocketOptions(),
+    *,
+    prepare: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
-    """A socket of ``socket_type`` with ``options`` set, bound or connected to every endpoint."""
+    """A socket of ``socket_type`` with ``options`` set, bound or connected to every endpoint.
+
+    ``prepare`` runs on the socket just before it binds or connects (e.g. to attach a
+    monitor that must not miss the first connection).
+    """
     sock = ctx.socket(socket_type)
     sock.setsockopt(zmq.SNDHWM, options.sndhwm)
     sock.setsockopt(zmq.RCVHWM, options.rcvhwm)
     sock.setsockopt(zmq.LINGER, options.linger_ms)
     if options.curve is not None:
-        sock.curve_publickey = options.curve.public_key
-        sock.curve_secretkey = options.curve.secret_key
-        if options.curve.server_public_key is None:
-            sock.curve_server = True
-        else:
-            sock.curve_serverkey = options.curve.server_public_key
+        try:
+            _set_curve(sock, options.curve, endpoints)
+        except ValueError:
+            sock.close(linger=0)
+            raise
     try:
+        if prepare is not None:
+            prepare(sock)
         for endpoint in endpoints:
             if endpoint.bind:
                 sock.bind(endpoint.url)
@@ -98,6 +106,23 @@ def open_socket(
         sock.close(linger=0)
         raise
     return sock
+
+
+def _set_curve(sock: zmq.Socket, keys: CurveKeys, endpoints: Sequence[Endpoint]) -> None:
+    """Make ``sock`` a CURVE server if it binds, a client if it connects (never both)."""
+    binds = {endpoint.bind for endpoint in endpoints}
+    if len(binds) > 1:
+        msg = f"a CURVE socket must only bind or only connect, got {[str(e) for e in endpoints]}"
+        raise ValueError(msg)
+    sock.curve_publickey = keys.public_key
+    sock.curve_secretkey = keys.secret_key
+    if binds == {True}:
+        sock.curve_server = True
+    elif keys.server_public_key is None:
+        msg = f"a CURVE client needs the server's public key to connect to {endpoints[0].url}"
+        raise ValueError(msg)
+    else:
+        sock.curve_serverkey = keys.server_public_key
 
 
 def send_message(sock: zmq.Socket, message: Message, *, timeout_ms: int = -1) -> bool:

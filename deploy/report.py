@@ -1,0 +1,275 @@
+"""The run report: per-stage rates, latencies, accept fractions, archive bytes and accounting.
+
+Built from the nodes' final stats files (not from heartbeats, which may miss the end), so
+the accounting is exact: at every node and every stage, in = accepted + rejected +
+dropped (by reason), and on every link the events one stage sent equal the events the
+next stage received. ``report.json`` holds the figures and ``dashboard.png`` plots them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.launcher import FarmPlan, FarmResult
+from deploy.roles import ROLES
+
+
+def _dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> dict[str, Any]:
+    if stats is None:
+        return {"name": name, "missing": True, "balanced": False}
+    dropped = dict(stats.get("dropped", {}))
+    n_in = int(stats["events_in"])
+    accounted = int(stats["accepted"]) + int(stats["rejected"]) + sum(dropped.values())
+    first, last = stats.get("first_in_s"), stats.get("last_in_s")
+    active = (last - first) if first is not None and last is not None else 0.0
+    latency = stats.get("latency", {})
+    return {
+        "name": name,
+        "events_in": n_in,
+        "accepted": int(stats["accepted"]),
+        "rejected": int(stats["rejected"]),
+        "dropped": dropped,
+        "events_out": dict(stats.get("events_out", {})),
+        "records_in": int(stats.get("records_in", 0)),
+        "records_out": dict(stats.get("records_out", {})),
+        "balanced": n_in == accounted,
+        "first_in_s": first,
+        "last_in_s": last,
+        "rate_hz": n_in / active if active > 0 else 0.0,
+        "latency_p50_s": latency.get("p50_s"),
+        "latency_p99_s": latency.get("p99_s"),
+        "batches": latency.get("count", 0),
+        "cpu_s": stats.get("cpu_s"),
+        "busy_fraction": stats.get("busy_s", 0.0) / wall_s if wall_s > 0 else 0.0,
+        "blocked_fraction": stats.get("blocked_s", 0.0) / wall_s if wall_s > 0 else 0.0,
+        "curve_refused": stats.get("extra", {}).get("curve_refused", 0),
+        "worker": stats.get("worker", {}),
+    }
+
+
+def _sum_paths(workers: list[Mapping[str, Any]]) -> dict[str, int]:
+    """Events per trigger path, from worker reports that give ``paths`` (HLT) or
+    ``fired`` (L1 seeds); an event may fire several paths."""
+    total: Counter[str] = Counter()
+    for worker in workers:
+        paths = worker.get("paths") or worker.get("fired") or {}
+        if isinstance(paths, Mapping):
+            for key, value in paths.items():
+                if isinstance(value, int | float):
+                    total[str(key)] += int(value)
+    return dict(total)
+
+
+def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
+    """The run report as plain data (see the module doc)."""
+    stages = []
+    for stage in plan.topology.stages:
+        nodes = [
+            _node_figures(p.node.name, result.stats.get(p.node.name), result.wall_s)
+            for p in plan.stage_nodes(stage.name)
+        ]
+        present = [n for n in nodes if not n.get("missing")]
+        dropped: Counter[str] = Counter()
+        events_out: Counter[str] = Counter()
+        for node in present:
+            dropped.update(node["dropped"])
+            events_out.update(node["events_out"])
+        n_in = sum(n["events_in"] for n in present)
+        accepted = sum(n["accepted"] for n in present)
+        rejected = sum(n["rejected"] for n in present)
+        firsts = [n["first_in_s"] for n in present if n["first_in_s"] is not None]
+        lasts = [n["last_in_s"] for n in present if n["last_in_s"] is not None]
+        span = (max(lasts) - min(firsts)) if firsts else 0.0
+        p50s = [n["latency_p50_s"] for n in present if n["latency_p50_s"] is not None]
+        p99s = [n["latency_p99_s"] for n in present if n["latency_p99_s"] is not None]
+        workers = [n["worker"] for n in present]
+        stages.append(
+            {
+                "stage": stage.name,
+                "role": stage.role,
+                "count": stage.count,
+                "events_in": n_in,
+                "accepted": accepted,
+                "rejected": rejected,
+                "dropped": dict(dropped),
+                "events_out": dict(events_out),
+                "records_out": sum(sum(n["records_out"].values()) for n in present),
+                "records_in": sum(n["records_in"] for n in present),
+                "accept_fraction": accepted / n_in if n_in else None,
+                "paths": _sum_paths(workers),
+                "rate_hz": n_in / span if span > 0 else 0.0,
+                "latency_p50_s": float(np.median(p50s)) if p50s else None,
+                "latency_p99_s": max(p99s) if p99s else None,
+                "balanced": bool(nodes) and all(n["balanced"] for n in nodes),
+                "curve_refused": sum(n["curve_refused"] for n in present),
+                "nodes": nodes,
+            }
+        )
+    links = []
+    for up, down in itertools.pairwise(stages):
+        port = ROLES[up["role"]].output_port or ""
+        sent = up["events_out"].get(port, 0)
+        links.append(
+            {
+                "from": up["stage"],
+                "to": down["stage"],
+                "sent": sent,
+                "received": down["events_in"],
+                "records_sent": up["records_out"],
+                "records_received": down["records_in"],
+                "balanced": sent == down["events_in"] and up["records_out"] == down["records_in"],
+            }
+        )
+    archive_bytes = {}
+    for stage in plan.topology.stages:
+        role = ROLES[stage.role]
+        for p in plan.stage_nodes(stage.name):
+            target = role.output_path(stage.config, p.launch)
+            if target:
+                archive_bytes[p.node.name] = _dir_bytes(Path(target))
+    balanced = all(s["balanced"] for s in stages) and all(link["balanced"] for link in links)
+    source = stages[0]
+    return {
+        "farm": plan.topology.farm.name,
+        "topology": plan.topology.path,
+        "out_dir": plan.out_dir,
+        "wall_s": result.wall_s,
+        "interrupted": result.interrupted,
+        "exitcodes": result.exitcodes,
+        "events_generated": source["accepted"],
+        "events_final": stages[-1]["accepted"],
+        "archive_bytes": archive_bytes,
+        "accounting": {
+            "balanced": balanced,
+            "rule": "every node and stage: in = accepted + rejected + sum(dropped); "
+            "every link: events and records sent = received",
+            "stages": {s["stage"]: s["balanced"] for s in stages},
+            "links": {f"{link['from']}->{link['to']}": link["balanced"] for link in links},
+        },
+        "stages": stages,
+        "links": links,
+    }
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``dashboard.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(report, indent=2, default=float))
+    png_path = out / "dashboard.png"
+    plot_dashboard(report, png_path)
+    return json_path, png_path
+
+
+def plot_dashboard(report: Mapping[str, Any], path: Path) -> None:
+    """Four panels: rate, batch latency, accept fractions, and the accounting per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = report["stages"]
+    names = [s["stage"] for s in stages]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0, 0]
+    ax.bar(x, [s["rate_hz"] for s in stages], color="tab:blue")
+    ax.set_title("input rate per stage")
+    ax.set_ylabel("events / s")
+    ax = axes[0, 1]
+    p50 = [1e3 * (s["latency_p50_s"] or 0) for s in stages]
+    p99 = [1e3 * (s["latency_p99_s"] or 0) for s in stages]
+    ax.bar(x - 0.2, p50, 0.4, label="p50")
+    ax.bar(x + 0.2, p99, 0.4, label="p99")
+    ax.set_title("batch latency per stage")
+    ax.set_ylabel("ms")
+    if any(v > 0 for v in p99):
+        ax.set_yscale("log")
+    ax.legend()
+    ax = axes[1, 0]
+    labels, fractions = [], []
+    for s in stages:
+        if s["accept_fraction"] is not None:
+            labels.append(s["stage"])
+            fractions.append(s["accept_fraction"])
+        for trigger_path, count in s["paths"].items():
+            labels.append(f"{s['stage']}:{trigger_path}")
+            fractions.append(count / s["events_in"] if s["events_in"] else 0)
+    ax.barh(np.arange(len(labels)), fractions, color="tab:green")
+    ax.set_yticks(np.arange(len(labels)), labels)
+    ax.set_xlim(0, 1.05)
+    ax.set_title("accept fraction per stage and trigger path")
+    ax = axes[1, 1]
+    accepted = np.array([s["accepted"] for s in stages], float)
+    rejected = np.array([s["rejected"] for s in stages], float)
+    dropped = np.array([sum(s["dropped"].values()) for s in stages], float)
+    ax.bar(x, accepted, label="accepted")
+    ax.bar(x, rejected, bottom=accepted, label="rejected")
+    ax.bar(x, dropped, bottom=accepted + rejected, label="dropped", color="tab:red")
+    ax.scatter(x, [s["events_in"] for s in stages], color="k", marker="_", s=400, label="in")
+    verdict = "balanced" if report["accounting"]["balanced"] else "NOT balanced"
+    total_bytes = sum(report["archive_bytes"].values())
+    ax.set_title(f"accounting: {verdict}; archive {total_bytes / 1e6:.2f} MB")
+    ax.legend(fontsize=8)
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 1]):
+        ax.set_xticks(x, names)
+    fig.suptitle(f"trigfarm run {report['farm']}: {report['wall_s']:.1f} s wall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A plain-text summary for the terminal."""
+    lines = [
+        f"farm {report['farm']}: {report['events_generated']} events in {report['wall_s']:.1f} s"
+        + (" (interrupted)" if report["interrupted"] else ""),
+        f"{'stage':<10}{'nodes':>6}{'in':>10}{'accepted':>10}{'rejected':>10}{'dropped':>9}"
+        f"{'accept':>8}{'rate/s':>10}{'p50 ms':>9}{'p99 ms':>9}  books",
+    ]
+    for s in report["stages"]:
+        frac = f"{s['accept_fraction']:.3f}" if s["accept_fraction"] is not None else "-"
+        p50 = f"{1e3 * s['latency_p50_s']:.2f}" if s["latency_p50_s"] is not None else "-"
+        p99 = f"{1e3 * s['latency_p99_s']:.2f}" if s["latency_p99_s"] is not None else "-"
+        lines.append(
+            f"{s['stage']:<10}{s['count']:>6}{s['events_in']:>10}{s['accepted']:>10}"
+            f"{s['rejected']:>10}{sum(s['dropped'].values()):>9}{frac:>8}{s['rate_hz']:>10.0f}"
+            f"{p50:>9}{p99:>9}  {'ok' if s['balanced'] else 'UNBALANCED'}"
+        )
+        if s["dropped"]:
+            lines.append(f"{'':<10}dropped by reason: {s['dropped']}")
+        if s["paths"]:
+            fired = ", ".join(f"{k} {v}" for k, v in s["paths"].items())
+            lines.append(f"{'':<10}trigger paths (events firing): {fired}")
+        if s["records_out"] or s["records_in"]:
+            lines.append(
+                f"{'':<10}records (flow snapshots): {s['records_out']} out, {s['records_in']} in"
+            )
+    for link in report["links"]:
+        if not link["balanced"]:
+            lines.append(
+                f"link {link['from']}->{link['to']}: sent {link['sent']} events and "
+                f"{link['records_sent']} records, received {link['received']} and "
+                f"{link['records_received']}: UNBALANCED"
+            )
+    archived = sum(report["archive_bytes"].values())
+    lines.append(f"archive: {archived:,} bytes")
+    verdict = "balanced" if report["accounting"]["balanced"] else "NOT balanced"
+    lines.append(f"accounting (in = accepted + rejected + dropped, sent = received): {verdict}")
+    return "\n".join(lines)

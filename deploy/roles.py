@@ -1,0 +1,205 @@
+"""Roles: how each kind of stage turns its config table into a running worker.
+
+A role names the node module, its config dataclass and its ``build`` function; modules
+are imported only when a node of that role is built (so a farm without an HLT never
+imports torch, and the parent launcher never imports TensorFlow). The synthetic roles
+wrap ``stream.testing`` fakes: they exercise the launcher and the wire, not physics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from deploy.topology import StageSpec, TopologyError, fill_config
+from stream.node import Processor, Producer
+from stream.testing import ListSource, RecordingSink, Relay, synthetic_batch
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchContext:
+    """What the launcher knows when it builds a node: its name, index and run settings."""
+
+    name: str
+    index: int
+    out_dir: str
+    events: int = 0
+    threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticSourceConfig:
+    """A source of random schema-shaped batches; ``rate_hz`` in events per second (0: as
+    fast as the outputs take them)."""
+
+    events: int = 10_000
+    batch_size: int = 256
+    rate_hz: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.events < 1 or self.batch_size < 1 or self.rate_hz < 0:
+            msg = f"events and batch_size must be >= 1 and rate_hz >= 0, got {self}"
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """A relay forwards every batch (``stream.testing.Relay``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """A sink accepts every event; ``ids_path`` saves the (run, event) pairs it saw."""
+
+    ids_path: str = ""
+
+
+def _synthetic_source(config: SyntheticSourceConfig, *, name: str) -> Producer:
+    del name
+    sizes = [config.batch_size] * (config.events // config.batch_size)
+    if config.events % config.batch_size:
+        sizes.append(config.events % config.batch_size)
+    batches = (
+        synthetic_batch(size, first_event=i * config.batch_size, seed=i)
+        for i, size in enumerate(sizes)
+    )
+    return ListSource(batches, rate_hz=config.rate_hz / config.batch_size)  # batches per second
+
+
+def _relay(config: RelayConfig, *, name: str) -> Processor:
+    del config, name
+    return Relay()
+
+
+def _sink(config: SinkConfig, *, name: str) -> Processor:
+    del name
+    return RecordingSink(config.ids_path or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """How to build one kind of node.
+
+    Attributes:
+        module: the module holding the config class and the builder.
+        config_class: name of the config dataclass in ``module``.
+        builder: name of ``build(config, *, name, ...)`` in ``module``.
+        consumes: whether it takes an input (everything but sources).
+        output_port: the port the next stage reads (``None``: a terminal stage).
+        learner: (module, config class, builder) of the online learner it can take.
+        events_key: config field set from ``trigfarm run --events``.
+        threads_key: config field set from the stage's ``threads`` unless given.
+        out_dir_key: config field set to the node's own folder under ``--out``.
+    """
+
+    module: str
+    config_class: str
+    builder: str = "build"
+    consumes: bool = True
+    output_port: str | None = "out"
+    learner: tuple[str, str, str] | None = None
+    events_key: str = ""
+    threads_key: str = ""
+    out_dir_key: str = ""
+
+    def available(self) -> bool:
+        """Whether the role's module is installed (other stages may still be in review)."""
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    def config_type(self) -> type:
+        return getattr(_import(self.module), self.config_class)
+
+    def check(self, stage: StageSpec, where: str, *, deep: bool = False) -> None:
+        """With ``deep``, import the module and validate the stage's config tables."""
+        if not deep:
+            return
+        if not self.available():
+            raise TopologyError(
+                key=where, problem=f"role needs module {self.module}, which is not installed"
+            )
+        launch = LaunchContext(name=stage.name, index=0, out_dir="<out>")
+        self.make_config(self.launch_table(stage.config, launch), f"{where}.config")
+        if self.learner is not None and stage.learner is not None:
+            module, cls, _ = self.learner
+            fill_config(getattr(_import(module), cls), stage.learner, f"{where}.learner")
+
+    def make_config(self, table: Mapping[str, Any], where: str) -> Any:
+        if not self.available():
+            raise TopologyError(
+                key=where, problem=f"role needs module {self.module}, which is not installed"
+            )
+        return fill_config(self.config_type(), table, where)
+
+    def launch_table(self, table: Mapping[str, Any], launch: LaunchContext) -> dict[str, Any]:
+        """The config table with the run's settings applied (events, output folder)."""
+        body = dict(table)
+        names = {f.name for f in fields(self.config_type())}
+        if self.threads_key in names and self.threads_key not in body:
+            body[self.threads_key] = launch.threads
+        if launch.events and self.events_key in names:
+            body[self.events_key] = launch.events
+        if self.out_dir_key in names and not body.get(self.out_dir_key):
+            body[self.out_dir_key] = self.output_path(table, launch)
+        return body
+
+    def output_path(self, table: Mapping[str, Any], launch: LaunchContext) -> str:
+        """Where the node writes its output (archive folder, sink file); '' if nowhere."""
+        if not self.out_dir_key:
+            return ""
+        if table.get(self.out_dir_key):
+            return str(table[self.out_dir_key])
+        suffix = ".npy" if self.out_dir_key.endswith("_path") else ""
+        return f"{launch.out_dir}/{launch.name}{suffix}"
+
+    def build(
+        self,
+        stage: StageSpec,
+        launch: LaunchContext,
+    ) -> Processor | Producer:
+        """Build the worker for node ``launch.name`` of ``stage``."""
+        where = f"topology.{stage.name}"
+        config = self.make_config(self.launch_table(stage.config, launch), f"{where}.config")
+        builder: Callable[..., Processor | Producer] = getattr(_import(self.module), self.builder)
+        if self.learner is None or stage.learner is None:
+            return builder(config, name=launch.name)
+        module, cls, build_learner = self.learner
+        learner_module = _import(module)
+        learner_config = fill_config(
+            getattr(learner_module, cls), stage.learner, f"{where}.learner"
+        )
+        learner = getattr(learner_module, build_learner)(learner_config, node_id=launch.name)
+        return builder(config, name=launch.name, learner=learner)
+
+
+def _import(module: str) -> Any:
+    return importlib.import_module(module)
+
+
+ROLES: dict[str, Role] = {
+    "source": Role("nodes.source", "SourceConfig", consumes=False, events_key="max_events"),
+    "l1": Role("nodes.l1", "L1Config"),
+    "hlt": Role(
+        "nodes.hlt",
+        "HLTConfig",
+        output_port="archive",
+        learner=("nodes.learner", "FlowLearnerConfig", "build_learner"),
+        threads_key="torch_threads",
+    ),
+    "archive": Role("nodes.archive", "ArchiveConfig", output_port=None, out_dir_key="out_dir"),
+    # Synthetic roles: for exercising the farm machinery only.
+    "synthetic-source": Role(
+        "deploy.roles",
+        "SyntheticSourceConfig",
+        "_synthetic_source",
+        consumes=False,
+        events_key="events",
+    ),
+    "relay": Role("deploy.roles", "RelayConfig", "_relay"),
+    "sink": Role("deploy.roles", "SinkConfig", "_sink", output_port=None, out_dir_key="ids_path"),
+}

@@ -1,0 +1,133 @@
+"""The launcher end to end on synthetic roles: one process per node over TCP, staged stop,
+exact accounting in the report, Ctrl-C, and a node that cannot start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from deploy.cli import main
+from deploy.launcher import FarmError
+from deploy.run import run_farm
+from deploy.topology import parse_topology
+from tests.deploy.conftest import synthetic_table
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_synthetic_farm_delivers_every_event_once(tmp_path: Path) -> None:
+    outcome = run_farm(parse_topology(synthetic_table(events=2050)), out_dir=tmp_path)
+    report = outcome.report
+    assert report["accounting"]["balanced"], report["accounting"]
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["source"]["accepted"] == 2050
+    assert stages["relay"]["events_in"] == 2050
+    assert [n["events_in"] > 0 for n in stages["relay"]["nodes"]] == [True, True]  # load-balanced
+    assert stages["sink"]["events_in"] == 2050
+    assert all(link["sent"] == link["received"] == 2050 for link in report["links"])
+    ids = np.load(tmp_path / "sink.npy")
+    assert sorted(ids[:, 1].tolist()) == list(range(2050))
+    assert report["archive_bytes"]["sink"] == (tmp_path / "sink.npy").stat().st_size
+    assert all(code == 0 for code in report["exitcodes"].values())
+    assert outcome.dashboard_path.stat().st_size > 10_000
+    on_disk = json.loads(outcome.report_path.read_text())
+    assert on_disk["stages"][2]["events_in"] == 2050
+    assert stages["relay"]["latency_p99_s"] >= stages["relay"]["latency_p50_s"] > 0
+    farm = json.loads((tmp_path / "farm.json").read_text())
+    assert farm["state"] == "stopped"
+    assert {n["name"] for n in farm["nodes"]} == {"source", "relay-0", "relay-1", "sink"}
+    with pytest.raises(FarmError, match="already holds a run"):
+        run_farm(parse_topology(synthetic_table()), out_dir=tmp_path)
+
+
+def test_cli_run_prints_a_balanced_report(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["run", "--topology", "synthetic", "--events", "700", "--out", str(tmp_path), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "accounting (in = accepted + rejected + dropped, sent = received): balanced"
+        in result.output
+    )
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "dashboard.png").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["events_generated"] == 700
+
+
+def test_cli_rejects_a_bad_topology(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('[farm]\nname = "x"\nchain = ["source"]\n[source]\nthreads = "x"\n')
+    result = CliRunner().invoke(main, ["run", "--topology", str(path)])
+    assert result.exit_code == 2
+    assert "topology.source.threads: expected int, got 'x'" in result.output
+
+
+def test_ctrl_c_stops_in_stages_and_still_balances(tmp_path: Path) -> None:
+    table = synthetic_table(events=10_000_000)
+    table["source"]["config"]["rate_hz"] = 20_000.0
+    path = tmp_path / "t.toml"
+    from tests.deploy.conftest import write_topology
+
+    write_topology(path, table)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deploy",
+            "run",
+            "--topology",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    farm_json = tmp_path / "run" / "farm.json"
+    while time.monotonic() < deadline:
+        if farm_json.is_file() and len(json.loads(farm_json.read_text())["nodes"]) == 4:
+            break
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["interrupted"]
+    assert report["accounting"]["balanced"], output
+    assert 0 < report["events_generated"] < 10_000_000
+    assert report["stages"][-1]["events_in"] == report["events_generated"]
+
+
+def test_a_node_that_cannot_start_stops_the_farm(tmp_path: Path) -> None:
+    table = synthetic_table()
+    table["sink"]["config"] = {"colour": "red"}  # not a SinkConfig field: the node fails to build
+    with pytest.raises(FarmError, match=r"\['sink'\] failed to start"):
+        run_farm(parse_topology(table), out_dir=tmp_path, start_timeout_s=30)
+    farm = json.loads((tmp_path / "farm.json").read_text())
+    assert farm["state"] == "stopped"
+
+
+def test_duration_stops_the_source(tmp_path: Path) -> None:
+    table = synthetic_table(events=10_000_000)
+    table["source"]["config"]["rate_hz"] = 5_000.0
+    report = run_farm(parse_topology(table), out_dir=tmp_path, duration_s=2.0).report
+    assert report["accounting"]["balanced"]
+    assert 2_000 <= report["events_generated"] <= 20_000  # about 2 s at 5 kHz, not 10 M
+    assert report["stages"][-1]["events_in"] == report["events_generated"]

@@ -1,0 +1,232 @@
+"""The HLT node: tagging with the default model, the menu, the learner hand-off, accounting,
+and a real source -> HLT -> archive-sink chain over ZeroMQ."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from nodes.hlt import ANOMALY_BIT, FIRST_TAG_BIT, PRESCALE_BIT, HLTConfig, build
+from simulator import generate, make_recipe
+from stream import EventBatch, Node, NodeConfig, Record
+from stream.testing import ListSource, RecordingSink, free_tcp_port
+
+torch.set_num_threads(1)
+
+
+class RecordingLearner:
+    """An in-test learner: keeps every batch it is given, snapshots every second call."""
+
+    def __init__(self) -> None:
+        self.batches: list[EventBatch] = []
+
+    def learn(self, batch: EventBatch) -> Sequence[Record]:
+        self.batches.append(batch)
+        if len(self.batches) % 2 == 0:
+            return [Record("flow_snapshot", {"calls": len(self.batches)})]
+        return []
+
+    def finish(self) -> Sequence[Record]:
+        return [Record("flow_snapshot", {"final": True})]
+
+    def report(self) -> dict[str, Any]:
+        return {"events_learned": sum(len(b) for b in self.batches)}
+
+    def events(self) -> np.ndarray:
+        return np.concatenate([b["event"] for b in self.batches])
+
+
+@pytest.fixture(scope="module")
+def events() -> dict[str, EventBatch]:
+    """Real simulator events: QCD and top at matched pT-hat, numbered apart."""
+    qcd = make_recipe("qcd", pthat_min_gev=400.0)
+    return {
+        "qcd": next(generate(qcd, 120, seed=101, batch_size=120, first_event=0)),
+        "ttbar": next(generate("ttbar", 120, seed=102, batch_size=120, first_event=1000)),
+    }
+
+
+def feature_only(batch: EventBatch, first_event: int) -> EventBatch:
+    """The batch as a feature-only replay would send it: no constituents."""
+    keep = {k: v for k, v in batch.columns.items() if k not in ("constituents", "n_constituents")}
+    keep["event"] = np.arange(first_event, first_event + len(batch), dtype="<u8")
+    return EventBatch(keep, batch.truth, batch.meta)
+
+
+def test_default_model_loads_and_tags_top_jets(events: dict[str, EventBatch]) -> None:
+    tagger = load_checkpoint()
+    assert tagger.classes == ("qcd", "w", "top")
+    assert (DEFAULT_CHECKPOINT / "model.pt").stat().st_size < 1_000_000
+    hlt = build(HLTConfig(), name="tagging")
+    out = {k: hlt.process(b.without_truth()) for k, b in events.items()}
+    assert all(o.accepted == 0 and o.rejected == 120 for o in out.values())  # empty menu
+    from sklearn.metrics import roc_auc_score
+
+    scores = []
+    for name in ("qcd", "ttbar"):
+        learner = RecordingLearner()
+        hlt = build(HLTConfig(), name=f"tagging-{name}", learner=learner)
+        hlt.process(events[name])
+        tags = learner.batches[0]["hlt_tags"]
+        assert tags.shape == (120, 2, 3)
+        np.testing.assert_allclose(np.nansum(tags, -1)[~np.isnan(tags[..., 0])], 1, atol=1e-5)
+        top = tags[:, 0, 2] / (tags[:, 0, 2] + tags[:, 0, 0])  # the heavier jet
+        scores.append(top)
+    auc = roc_auc_score(np.r_[np.zeros(120), np.ones(120)], np.r_[scores[0], scores[1]])
+    assert auc > 0.7
+
+
+def test_menu_paths_set_their_bits(events: dict[str, EventBatch]) -> None:
+    config = HLTConfig(
+        anomaly_score="entropy",
+        anomaly_threshold=0.9,
+        tag_thresholds={"top": 0.6},
+        prescale_n=7,
+    )
+    learner = RecordingLearner()
+    hlt = build(config, name="menu", learner=learner)
+    batch = EventBatch.concat([events["qcd"], events["ttbar"]])
+    outcome = hlt.process(batch)
+    seen = learner.batches[0]
+    tags, score, bits = seen["hlt_tags"], seen["hlt_score"], seen["hlt_bits"]
+    top_fired = (np.nan_to_num(tags[..., 2], nan=0) >= 0.6).any(1)
+    np.testing.assert_array_equal((bits >> (FIRST_TAG_BIT + 2)) & 1, top_fired)
+    np.testing.assert_array_equal((bits >> ANOMALY_BIT) & 1, score >= 0.9)
+    np.testing.assert_array_equal((bits >> PRESCALE_BIT) & 1, np.arange(240) % 7 == 0)
+    assert outcome.accepted == int((bits != 0).sum()) and outcome.rejected == 240 - outcome.accepted
+    archived = outcome.emits[0].message
+    assert isinstance(archived, EventBatch) and (archived["hlt_bits"] != 0).all()
+    assert archived.truth  # the archive keeps truth; only the learner loses it
+    report = hlt.report()
+    assert report["paths"]["tag_top"] == int(top_fired.sum()) > 0
+    assert report["paths"]["prescale"] == 35
+    assert report["learner"] == {"events_learned": 240}
+
+
+def test_untaggable_events_and_nan_rows(events: dict[str, EventBatch]) -> None:
+    learner = RecordingLearner()
+    hlt = build(HLTConfig(prescale_n=4), name="untaggable", learner=learner)
+    outcome = hlt.process(feature_only(events["qcd"], 0))
+    seen = learner.batches[-1]
+    assert np.isnan(seen["hlt_score"]).all() and np.isnan(seen["hlt_tags"]).all()
+    assert outcome.accepted == 30 and outcome.rejected == 90  # the prescale path only
+    assert hlt.report()["jets_untagged"]["no_constituents_column"] == 240
+
+    batch = events["ttbar"].select(slice(0, 10))
+    counts = batch["n_constituents"].copy()
+    counts[3, 1] = 0
+    features = batch["features"].copy()
+    features[5, 0] = np.nan
+    outcome = hlt.process(batch.with_columns(n_constituents=counts, features=features))
+    assert outcome.dropped == {"nonfinite": 1} and outcome.accepted + outcome.rejected == 9
+    seen = learner.batches[-1]
+    assert len(seen) == 9 and 1005 not in seen["event"].tolist()
+    row = seen["event"].tolist().index(1003)
+    assert np.isnan(seen["hlt_tags"][row, 1]).all() and not np.isnan(seen["hlt_tags"][row, 0]).any()
+    assert np.isfinite(seen["hlt_score"][row])
+    assert hlt.report()["jets_untagged"]["empty_jet"] == 1
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="anomaly_score"):
+        HLTConfig(anomaly_score="nonsense")
+    with pytest.raises(ValueError, match="prescale_n"):
+        HLTConfig(prescale_n=-1)
+    with pytest.raises(ValueError, match="unknown classes"):
+        build(HLTConfig(tag_thresholds={"higgs": 0.5}), name="bad")
+    with pytest.raises(FileNotFoundError):
+        build(HLTConfig(checkpoint="/nonexistent"), name="bad")
+
+
+def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
+    ctx = zmq.Context()
+    src_port, archive_port = free_tcp_port(), free_tcp_port()
+    nan_batch = events["qcd"].select(slice(0, 8))
+    bad = nan_batch["features"].copy()
+    bad[2, 1] = np.nan
+    batches = [
+        events["qcd"],
+        events["ttbar"],
+        feature_only(events["qcd"], 5000),
+        nan_batch.with_columns(features=bad, event=nan_batch["event"] + 9000),
+        events["ttbar"].select(slice(0, 50)).with_columns(event=np.arange(7000, 7050, dtype="<u8")),
+    ]
+    valid = np.concatenate([b["event"] for i, b in enumerate(batches) if i != 3])
+    learner = RecordingLearner()
+    config = HLTConfig(tag_thresholds={"top": 0.5, "w": 0.5}, prescale_n=10)
+    hlt_node = Node(
+        NodeConfig(
+            "hlt-zmq",
+            "hlt",
+            inputs=(f">tcp://127.0.0.1:{src_port}",),
+            outputs={"archive": f"@tcp://127.0.0.1:{archive_port}"},
+            metrics_port=0,
+            drain_idle_s=0.5,
+            heartbeat_interval_s=0.2,
+        ),
+        build(config, name="hlt-zmq", learner=learner),
+        context=ctx,
+    )
+    sink = RecordingSink()
+    sink_node = Node(
+        NodeConfig(
+            "archive-sink", "sink", inputs=(f">tcp://127.0.0.1:{archive_port}",), drain_idle_s=0.5
+        ),
+        sink,
+        context=ctx,
+    )
+    source_node = Node(
+        NodeConfig("hlt-source", "source", outputs={"out": f"@tcp://127.0.0.1:{src_port}"}),
+        ListSource(batches),
+        context=ctx,
+    )
+    threads = [threading.Thread(target=n.run, daemon=True) for n in (sink_node, hlt_node)]
+    for thread, node in zip(threads, (sink_node, hlt_node), strict=True):
+        thread.start()
+        assert node.wait_started(10)
+    source_node.run()
+    deadline = time.monotonic() + 60
+    while hlt_node.stats.events_in < sum(len(b) for b in batches) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{hlt_node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        scraped = reply.read().decode()
+    hlt_node.request_stop()
+    threads[1].join(30)
+    sink_node.request_stop()
+    threads[0].join(30)
+    ctx.term()
+
+    stats = hlt_node.stats
+    assert stats.balanced and stats.events_in == 418
+    assert dict(stats.dropped) == {"nonfinite": 8}  # the runtime refuses the NaN batch whole
+    # Every valid event reached the learner exactly once, without truth.
+    np.testing.assert_array_equal(np.sort(learner.events()), np.sort(valid))
+    assert all(not b.truth for b in learner.batches)
+    assert all("hlt_bits" in b for b in learner.batches)
+    # Accepted events reached the archive with their HLT columns; so did every snapshot.
+    archived = sink.event_ids()[:, 1]
+    assert len(archived) == stats.accepted > 0
+    assert stats.accepted + stats.rejected == len(valid)
+    assert np.isin(archived, valid).all()
+    feature_only_kept = np.isin(archived, np.arange(5000, 5120)).sum()
+    assert feature_only_kept == 12  # prescale 1 in 10 of 120 untaggable events
+    kinds = [(r.kind, dict(r.meta)) for r in sink.records]  # type: ignore[union-attr]
+    assert ("flow_snapshot", {"final": True}) in kinds and len(kinds) == 1 + 4 // 2
+    report = hlt_node.snapshot()["worker"]
+    line = next(
+        x
+        for x in scraped.splitlines()
+        if x.startswith('hlt_path_accepts_total{node="hlt-zmq",path="prescale"}')
+    )
+    assert float(line.split()[-1]) == report["paths"]["prescale"] == 41
+    assert 'hlt_inference_latency_seconds_count{node="hlt-zmq"}' in scraped
