@@ -227,6 +227,19 @@ class IntegerNetwork:
     n_inputs: int
     layers: tuple[Layer, ...]
 
+    @property
+    def n_outputs(self) -> int:
+        """Width of the output vector."""
+        widths = {self.input_name: self.n_inputs}
+        for layer in self.layers:
+            if isinstance(layer, Dense):
+                widths[layer.target] = layer.weights.shape[1]
+            elif isinstance(layer, Relu):
+                widths[layer.target] = widths[layer.source]
+            else:
+                widths[layer.target] = sum(widths[s] for s in layer.sources)
+        return widths[self.output_name]
+
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """(N, n_inputs) floats -> (N, n_outputs) float32, bit-identical to the C++."""
         x = np.asarray(inputs, np.float32).reshape(-1, self.n_inputs)
@@ -270,8 +283,11 @@ def load_network(project_dir: str | Path, project: str) -> IntegerNetwork:
     types = {name: text for text, name in _TYPEDEF.findall(types_text)}
     configs = dict(_STRUCT.findall((firmware / "parameters.h").read_text()))
     top = (firmware / f"{project}.cpp").read_text()
-    port = re.search(rf"void\s+{re.escape(project)}\s*\(\s*(\w+)\s+(\w+)\[(\d+)\]\s*,"
-                     rf"\s*(\w+)\s+(\w+)\[(\d+)\]\s*\)", top)
+    port = re.search(
+        rf"void\s+{re.escape(project)}\s*\(\s*(\w+)\s+(\w+)\[(\d+)\]\s*,"
+        rf"\s*(\w+)\s+(\w+)\[(\d+)\]\s*\)",
+        top,
+    )
     if port is None:
         msg = f"cannot find the top function {project}() in {project}.cpp"
         raise ValueError(msg)
@@ -296,7 +312,9 @@ def load_network(project_dir: str | Path, project: str) -> IntegerNetwork:
             kernel = _config_field(body, "kernel", config)
             product = _config_field(body, "product", config)
             if not kernel.endswith("DenseLatency") or not product.endswith("product::mult"):
-                msg = f"{config}: kernel {kernel}/product {product} not emulated (need latency, mult)"
+                msg = (
+                    f"{config}: kernel {kernel}/product {product} not emulated (need latency, mult)"
+                )
                 raise ValueError(msg)
             n = {k: int(_config_field(body, k, config)) for k in ("n_in", "n_out")}
             weight_t = typ(_config_field(body, "weight_t", config))
@@ -319,7 +337,9 @@ def load_network(project_dir: str | Path, project: str) -> IntegerNetwork:
             layers.append(Relu(args[0], args[1], typ(targs[0]), typ(targs[1])))
         elif function == "concatenate1d":
             layers.append(
-                Concatenate((args[0], args[1]), args[2], (typ(targs[0]), typ(targs[1])), typ(targs[2]))
+                Concatenate(
+                    (args[0], args[1]), args[2], (typ(targs[0]), typ(targs[1])), typ(targs[2])
+                )
             )
         else:
             msg = f"layer nnet::{function} of {project}() is not emulated by the integer kernel"
