@@ -97,6 +97,10 @@ def _overflow(raw: np.ndarray, t: FixedType) -> np.ndarray:
         lo, hi = -(1 << (t.width - 1)), (1 << (t.width - 1)) - 1
     else:
         lo, hi = 0, (1 << t.width) - 1
+    if t.saturation == "AP_SAT_SYM" and t.signed:
+        lo = -hi
+    if raw.size == 0 or (raw.min() >= lo and raw.max() <= hi):
+        return raw  # the common case: nothing overflows
     if t.saturation == "AP_WRAP":
         wrapped = raw & ((1 << t.width) - 1)
         if t.signed:
@@ -104,8 +108,6 @@ def _overflow(raw: np.ndarray, t: FixedType) -> np.ndarray:
         return wrapped
     if t.saturation == "AP_SAT_ZERO":
         return np.where((raw < lo) | (raw > hi), 0, raw)
-    if t.saturation == "AP_SAT_SYM" and t.signed:
-        lo = -hi
     return np.clip(raw, lo, hi)
 
 

@@ -146,10 +146,18 @@ def test_every_rounding_and_overflow_mode_matches_ap_fixed(
         pytest.skip("g++ is not on PATH")
     rng = np.random.default_rng(5)
     source = fixed_type(SOURCE)
+    edges = np.array([-8.0, 8.0, -4.0, 4.0, -2.0, 2.0])  # exactly the targets' limits
     raw = np.concatenate(
-        [rng.integers(-(2**19), 2**19, 3000), np.arange(-300, 300), [-(2**19), 2**19 - 1]]
+        [
+            rng.integers(-(2**19), 2**19, 3000),
+            np.arange(-300, 300),
+            [-(2**19), 2**19 - 1],
+            (edges / source.lsb).astype(np.int64),
+        ]
     )
-    floats = np.concatenate([raw * source.lsb, rng.normal(0, 20, 1000), [1e12, -1e12]])
+    floats = np.concatenate(
+        [raw * source.lsb, rng.normal(0, 20, 1000), [1e12, -1e12, -512.0, 512.0, -1024.0]]
+    )
     targets = [t.format(q=q, o=o) for q, o in MODES for t in TARGETS]
     body = "\n".join(
         f"  {{ typedef {t} T; for (int i = 0; i < n; ++i) {{ S s = grid[i]; T a = s;"
