@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from firmware.calibrate import calibrate
 from firmware.emulate import load_emulator
-from firmware.inputs import input_mask, read_l1_objects, scale_l1_objects
+from firmware.inputs import input_mask, read_l1_objects
 from firmware.model import DEFAULT_MODEL_DIR, L1Model, load_model
 from firmware.scores import masked_mse, r_z, sum_mu2
 
@@ -32,7 +32,7 @@ SCORES = ("r_z", "sum_mu2", "reco_loss")
 
 
 def score_events(model: L1Model, emulator, objects: np.ndarray) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    x = emulator.round_inputs(scale_l1_objects(objects))
+    x = emulator.round_inputs(model.inputs(objects))
     mu, log_var = emulator.encode(x)
     return {
         "r_z": r_z(mu, log_var),

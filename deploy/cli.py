@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from deploy.analyze_cli import analyze
 from deploy.firmware_cli import firmware
 from deploy.simulate_cli import simulate
 from stream import NodeConfig
@@ -77,3 +78,4 @@ def run(events: int, batch_size: int) -> None:
 
 main.add_command(simulate)
 main.add_command(firmware)
+main.add_command(analyze)

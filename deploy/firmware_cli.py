@@ -62,6 +62,18 @@ def firmware() -> None:
 @click.option("--weight-integer", type=click.IntRange(0, 31), default=3, help="... integer bits.")
 @click.option("--relu-bits", type=click.IntRange(2, 32), default=8, help="quantized_relu bits.")
 @click.option("--relu-integer", type=click.IntRange(0, 31), default=3, help="... integer bits.")
+@click.option(
+    "--scaling",
+    type=click.Choice(["standard", "fixed"]),
+    default="standard",
+    help="Inputs standardised on this background (recorded in the card) or fixed pT/32 GeV.",
+)
+@click.option(
+    "--min-std",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.01,
+    help="Floor of a standardised input's std (pT/32 GeV, eta, phi units).",
+)
 def train(
     data: tuple[Path, ...],
     out: Path,
@@ -75,12 +87,21 @@ def train(
     weight_integer: int,
     relu_bits: int,
     relu_integer: int,
+    scaling: str,
+    min_std: float,
 ) -> None:
     """Train the L1 VAE on background; write weights, loss-curve PNG and model card to --out."""
     from dataclasses import replace
 
     from firmware.config import QuantizationConfig, VAEConfig
-    from firmware.inputs import input_mask, read_l1_objects, round_to_fixed, scale_l1_objects
+    from firmware.inputs import (
+        FIXED_SCALING,
+        InputScaling,
+        input_mask,
+        read_l1_objects,
+        round_to_fixed,
+        scale_l1_objects,
+    )
 
     vae = VAEConfig(
         epochs=epochs, batch_size=batch_size, beta=beta, learning_rate=learning_rate, seed=seed
@@ -98,7 +119,8 @@ def train(
     }
     quant = replace(quant, **layers)
     objects, _ = read_l1_objects(data, max_events=max_events)
-    inputs = round_to_fixed(scale_l1_objects(objects), quant.input_fixed)
+    fitted = InputScaling.fit(objects, min_std=min_std) if scaling == "standard" else FIXED_SCALING
+    inputs = round_to_fixed(scale_l1_objects(objects, fitted), quant.input_fixed)
     mask = input_mask(objects)
     click.echo(f"training on {len(inputs)} events from {', '.join(map(str, data))}")
     click.echo("importing TensorFlow ...")
@@ -121,7 +143,14 @@ def train(
         "validation_fraction": vae.validation_fraction,
     }
     vae_module.save_model(
-        out, result, vae, quant, data=data_card, metrics=metrics, reproduce=_command_line()
+        out,
+        result,
+        vae,
+        quant,
+        scaling=fitted,
+        data=data_card,
+        metrics=metrics,
+        reproduce=_command_line(),
     )
     click.echo(
         f"wrote {out} (model_card.json, weights.npz, loss.png) in {result.elapsed_s:.1f} s "
@@ -147,7 +176,7 @@ def _scores(model_dir: Path, data: tuple[Path, ...], max_events: int, cache_dir:
     model = load_model(model_dir)
     emulator = load_emulator(model, cache_dir=cache_dir)
     objects, _ = read_l1_objects(data, max_events=max_events)
-    mu, log_var = emulator.encode(scale_l1_objects(objects))
+    mu, log_var = emulator.encode(scale_l1_objects(objects, model.input_scaling))
     return model, r_z(mu, log_var)
 
 
@@ -257,7 +286,9 @@ def deploy(
         click.echo(f"simulating {test_events} l1bkg events for the test vectors ...")
         batches = list(generate("l1bkg", test_events, seed=12345, batch_size=test_events))
         objects = np.concatenate([b["l1_objects"] for b in batches])
-    project = boards.write_board_project(model, board, out, scale_l1_objects(objects), emulator)
+    project = boards.write_board_project(
+        model, board, out, scale_l1_objects(objects, model.input_scaling), emulator
+    )
     click.echo(f"wrote {project.hls_dir} ({board}), tb_data, {project.driver}, {project.readme}")
     if csim:
         expected = boards.read_matrix(project.tb_outputs)

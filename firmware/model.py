@@ -2,8 +2,9 @@
 
 Layout of a model directory::
 
-    model_card.json   architecture, quantization, input scaling, data, training, metrics,
-                      calibration (threshold), reproduce command, package versions
+    model_card.json   architecture, quantization, input scaling (per-input mean and std),
+                      data, training, metrics, calibration (threshold), reproduce command,
+                      package versions
     weights.npz       float weights by "<layer>/kernel" and "<layer>/bias" (the encoder's
                       are the unquantized QKeras weights; the quantizers apply at use)
     loss.png          the training and validation loss curves
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from firmware.config import QuantizationConfig, VAEConfig
+from firmware.inputs import InputScaling
 
 CARD_NAME = "model_card.json"
 WEIGHTS_NAME = "weights.npz"
@@ -51,6 +53,15 @@ class L1Model:
     @property
     def quantization(self) -> QuantizationConfig:
         return QuantizationConfig(**self.card["quantization"])
+
+    @property
+    def input_scaling(self) -> InputScaling:
+        """The card's input scaling (fixed pT / 32 GeV for cards without fitted statistics)."""
+        return InputScaling.from_card(self.card.get("input_scaling"))
+
+    def inputs(self, l1_objects: np.ndarray) -> np.ndarray:
+        """(N, 19, 3) L1 objects -> (N, 57) scaled float32 inputs of this model."""
+        return self.input_scaling.apply(l1_objects)
 
     @property
     def threshold(self) -> float | None:

@@ -5,8 +5,9 @@ Encoder (quantization-aware, the part that goes to firmware): 57 -> 32 -> 16 wit
 mu and log sigma^2 (latent 3), concatenated into one output because board backends need a
 single output port. Decoder (float, host only): 3 -> 16 -> 32 -> 57.
 
-BatchNorm: none. The inputs have a fixed documented scale (``firmware.inputs``) and each
-QDense bias absorbs the shift BN would learn, so there is nothing to fold and QKeras
+BatchNorm: none. The inputs are standardised with fixed statistics fitted on the training
+background and recorded in the model card (``firmware.inputs``), and each QDense bias
+absorbs the shift BN would learn, so there is nothing to fold and QKeras
 trains exactly the integer weights the firmware uses (QAT).
 
 Loss: masked MSE over the inputs of real (non-padded) objects + beta x KL(q(z|x) || N(0,1)).
@@ -32,7 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 
 from firmware.config import ENCODER_LAYERS, LayerQuantization, QuantizationConfig, VAEConfig
-from firmware.inputs import N_INPUTS, PT_SCALE_GEV
+from firmware.inputs import FIXED_SCALING, N_INPUTS, InputScaling
 from firmware.model import CARD_FORMAT, DECODER_LAYERS, LOSS_PNG, WEIGHTS_NAME, L1Model, write_card
 
 with warnings.catch_warnings():
@@ -232,6 +233,7 @@ def save_model(
     vae: VAEConfig,
     quant: QuantizationConfig,
     *,
+    scaling: InputScaling = FIXED_SCALING,
     data: dict[str, Any],
     metrics: dict[str, Any],
     reproduce: str,
@@ -249,12 +251,8 @@ def save_model(
         "architecture": vae.to_dict(),
         "quantization": quant.to_dict(),
         "input_scaling": {
-            "order": "19 objects x (pT, eta, phi): MET, 4 e/gamma, 4 muons, 10 jets",
-            "pt": f"pT / {PT_SCALE_GEV:g} GeV",
-            "eta": "as is",
-            "phi": "as is",
-            "rounding": f"to the firmware input type {quant.input_type}",
-            "mask": "inputs of objects with pT = 0 (padding) are left out of the loss",
+            **scaling.to_card(),
+            "rounding": f"then to the firmware input type {quant.input_type}",
         },
         "data": data,
         "training": {

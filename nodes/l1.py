@@ -37,7 +37,7 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 
 from firmware.emulate import Emulator, load_emulator
-from firmware.inputs import scale_l1_objects
+from firmware.inputs import FIXED_SCALING, InputScaling
 from firmware.model import DEFAULT_MODEL_DIR, load_model
 from firmware.scores import r_z
 from stream.batch import EventBatch, Message
@@ -182,9 +182,16 @@ class L1Trigger(Processor):
     """Scores events with the emulated firmware and applies the L1 menu (see module doc)."""
 
     def __init__(
-        self, config: L1Config, *, name: str, emulator: Emulator, threshold: float
+        self,
+        config: L1Config,
+        *,
+        name: str,
+        emulator: Emulator,
+        threshold: float,
+        scaling: InputScaling = FIXED_SCALING,
     ) -> None:
         self.config = config
+        self.scaling = scaling
         self.name = name
         self.emulator = emulator
         self.threshold = threshold
@@ -210,7 +217,7 @@ class L1Trigger(Processor):
         scores = np.full(n, np.nan, np.float32)
         bits = np.zeros(n, np.uint16)
         if self.config.anomaly and "l1_objects" in batch and n:
-            mu, log_var = self.emulator.encode(scale_l1_objects(batch["l1_objects"]))
+            mu, log_var = self.emulator.encode(self.scaling.apply(batch["l1_objects"]))
             rz = r_z(mu, log_var)
             scores = rz.astype(np.float32)
             bits |= (rz > self.threshold).astype(np.uint16) << np.uint16(SEED_BITS["anomaly"])
@@ -264,4 +271,10 @@ def build(config: L1Config, *, name: str, emulator: Emulator | None = None) -> L
     log.info(
         "L1 %s: model %s, R_z threshold %s, seeds %s", name, model.path, threshold, config.seeds
     )
-    return L1Trigger(config, name=name, emulator=emulator, threshold=float(threshold or np.inf))
+    return L1Trigger(
+        config,
+        name=name,
+        emulator=emulator,
+        threshold=float(threshold or np.inf),
+        scaling=model.input_scaling,
+    )

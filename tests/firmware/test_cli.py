@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from deploy.cli import main
 from firmware.calibrate import calibrate
 from firmware.emulate import Emulator
-from firmware.inputs import read_l1_objects, scale_l1_objects
+from firmware.inputs import InputScaling, read_l1_objects
 from firmware.model import L1Model, load_model
 from firmware.scores import r_z
 from simulator.cache import CacheWriter
@@ -71,7 +71,10 @@ def test_train_writes_model_card_weights_and_loss_curve(cache_file: Path, tmp_pa
     assert len(card["training"]["history"]["loss"]) == 2
     assert card["quantization"]["enc_dense1"]["weight_bits"] == 6
     assert card["quantization"]["z_mean"]["weight_integer"] == 2
-    assert card["input_scaling"]["pt"] == "pT / 32 GeV"
+    # Standardisation fitted on exactly the training events, recorded in the card.
+    objects, _ = read_l1_objects(cache_file, max_events=1500)
+    assert model.input_scaling == InputScaling.fit(objects, min_std=0.01)
+    assert card["input_scaling"]["method"].startswith("standardised on background")
     assert "trigfarm firmware train" in card["reproduce"]
     assert (out / "loss.png").stat().st_size > 1000
     assert model.weights["enc_dense1/kernel"].shape == (57, 32)
@@ -101,7 +104,7 @@ def test_calibrate_records_threshold_with_uncertainty(
         str(emulator_cache),
     )
     objects, _ = read_l1_objects(cache_file)
-    mu, log_var = session_emulator.encode(scale_l1_objects(objects))
+    mu, log_var = session_emulator.encode(load_model(model_dir).inputs(objects))
     want = calibrate(r_z(mu, log_var), rate_hz=4e5, input_rate_hz=4e7)
     recorded = json.loads((model_dir / "model_card.json").read_text())["calibration"]
     assert recorded["threshold"] == pytest.approx(want.threshold)

@@ -11,7 +11,7 @@ import pytest
 from firmware import emulate
 from firmware.config import ENCODER_LAYERS
 from firmware.emulate import Emulator, build_project, cache_key, load_emulator
-from firmware.inputs import round_to_fixed, scale_l1_objects
+from firmware.inputs import round_to_fixed
 from firmware.model import L1Model
 from tests.firmware.conftest import l1_like_objects
 
@@ -25,8 +25,9 @@ def hls_model(default_model: L1Model, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def inputs() -> np.ndarray:
-    return scale_l1_objects(l1_like_objects(N_EVENTS, seed=11))
+def inputs(default_model: L1Model) -> np.ndarray:
+    """The default model's own (standardised) inputs, saturating values included."""
+    return default_model.inputs(l1_like_objects(N_EVENTS, seed=11))
 
 
 @pytest.mark.parametrize("kernel", ["hls", "integer"])

@@ -7,7 +7,14 @@ import pytest
 
 from firmware.calibrate import calibrate
 from firmware.config import FixedType, LayerQuantization, QuantizationConfig, VAEConfig
-from firmware.inputs import PT_SCALE_GEV, input_mask, round_to_fixed, scale_l1_objects
+from firmware.inputs import (
+    FIXED_SCALING,
+    PT_SCALE_GEV,
+    InputScaling,
+    input_mask,
+    round_to_fixed,
+    scale_l1_objects,
+)
 from firmware.scores import kl_divergence, masked_mse, r_z, sum_mu2
 from tests.firmware.conftest import l1_like_objects
 
@@ -134,3 +141,21 @@ def test_calibration_too_small_a_sample_is_extrapolated_and_flagged() -> None:
         calibrate(scores, rate_hz=5e7)
     with pytest.raises(ValueError, match="only 10"):
         calibrate(scores[:10], rate_hz=1e3)
+
+
+def test_fitted_standardisation_floors_constant_inputs_and_round_trips_the_card() -> None:
+    objects = l1_like_objects(2000, seed=3)
+    objects[:, 8] = 0.0  # 4th muon slot: always padding, std 0 on this sample
+    scaling = InputScaling.fit(objects, min_std=0.1)
+    x = scale_l1_objects(objects, scaling)
+    np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-4)
+    spread = scale_l1_objects(objects).std(axis=0) >= 0.1
+    np.testing.assert_allclose(x.std(axis=0)[spread], 1.0, rtol=1e-3)
+    # The empty slot keeps its floor: a 32 GeV muon there is 10 standard units out.
+    assert scaling.std[8 * 3] == pytest.approx(0.1 * PT_SCALE_GEV)
+    assert InputScaling.from_card(scaling.to_card()) == scaling
+    assert InputScaling.from_card({"pt": "pT / 32 GeV"}) == FIXED_SCALING
+    with pytest.raises(ValueError, match="positive"):
+        InputScaling((0.0,) * 57, (0.0,) * 57)
+    with pytest.raises(ValueError, match="min_std"):
+        InputScaling.fit(objects, min_std=0.0)

@@ -11,7 +11,6 @@ import pytest
 import zmq
 
 from firmware.emulate import Emulator, load_emulator
-from firmware.inputs import scale_l1_objects
 from firmware.model import load_model
 from firmware.scores import r_z
 from nodes.l1 import SEED_BITS, SEEDS, L1Config, build, seed_decisions
@@ -42,7 +41,7 @@ def l1_batch(n: int, seed: int, *, first_event: int = 0) -> EventBatch:
 
 
 def median_threshold(emulator: Emulator, batch: EventBatch) -> float:
-    mu, log_var = emulator.encode(scale_l1_objects(batch["l1_objects"]))
+    mu, log_var = emulator.encode(load_model().inputs(batch["l1_objects"]))
     return float(np.median(r_z(mu, log_var)))
 
 
@@ -64,7 +63,7 @@ def test_accepts_on_rz_or_seeds_with_bits_and_scores(emulator: Emulator) -> None
     config = L1Config(threshold=threshold, seeds=("single_jet", "met"))
     trigger = build(config, name="l1-test", emulator=emulator)
     outcome = trigger.process(batch)
-    mu, log_var = emulator.encode(scale_l1_objects(batch["l1_objects"]))
+    mu, log_var = emulator.encode(load_model().inputs(batch["l1_objects"]))
     rz = r_z(mu, log_var)
     seeds = seed_decisions(config, batch)
     want = (rz > threshold) | seeds["single_jet"] | seeds["met"]
@@ -196,7 +195,7 @@ def test_l1_node_over_zeromq_with_prometheus(emulator: Emulator) -> None:
     stats = l1_node.stats
     assert stats.events_in == 1000 and stats.balanced
     everything = EventBatch.concat(batches)
-    mu, log_var = emulator.encode(scale_l1_objects(everything["l1_objects"]))
+    mu, log_var = emulator.encode(load_model().inputs(everything["l1_objects"]))
     want = (r_z(mu, log_var) > threshold) | seed_decisions(config, everything)["met"]
     assert stats.accepted == int(want.sum()) and stats.rejected == int((~want).sum())
     np.testing.assert_array_equal(np.sort(sink.event_ids()[:, 1]), everything["event"][want])

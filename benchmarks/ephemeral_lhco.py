@@ -1,0 +1,361 @@
+"""The headline benchmark: ephemeral learning on LHCO R&D data, against keeping the events.
+
+For each signal-to-background ratio S/B in the signal region (3.3-3.7 TeV), the LHCO
+features (``../shared/data/lhco-rnd-100k``) are replayed through the real source
+(``nodes.source.lhco_replay``), dealt batch by batch to ``--nodes`` flow learners
+(``nodes.learner``, the OnlineFlow of each HLT node: all-data and sideband flows, single
+pass) and into the archive (``nodes.archive``: flow snapshots and, for the baseline, every
+event). All in one process. Then, from the archive alone:
+
+    (a) CWoLa from flows         (b) CATHODE from flows (and the hybrid with stored SR events)
+    (c) ANODE from flows         (d) CWoLa on the stored events (the conventional path)
+    (e) idealised: stored SR events against independent true background
+
+each scored by max SIC (working points with >= 25 test background events) and SIC at
+ε_S = 0.2 on labelled test events that no step trained on. Bytes stored per event seen
+are reported for flows and for events, and events/s trained per node.
+
+Data split (files of lhco-rnd-100k): stream background bkg01-06, idealised background
+bkg07-08, test background bkg09-10; injected signal sig01-03, test signal sig04-10.
+``--simulated N`` runs the same chain on simulator events instead (N QCD dijets in the
+stream, N/2 each for the idealised and test background, W'->XY signal), generated once
+into ``--cache``.
+
+    python benchmarks/ephemeral_lhco.py [--quick] [--sb 0 0.005 0.01 0.02 0.05] [--nodes 2]
+    python benchmarks/ephemeral_lhco.py --simulated 6000 --sb 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from analysis.classifier import ClassifierConfig
+from analysis.data import Events, load_events
+from analysis.methods import FlowModels, SearchConfig
+from analysis.report import MethodResult, evaluate, score_method, write_report
+from nodes.archive import Archive, ArchiveConfig
+from nodes.archive import build as build_archive
+from nodes.learner import FlowLearnerConfig, build_learner
+from nodes.source import SourceConfig
+from nodes.source import build as build_source
+from simulator.production import simulate_to_file
+from stream.batch import EventBatch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lhco-rnd-100k"
+SR = (3300.0, 3700.0)
+METHOD_LABELS = {
+    "cwola": "(a) CWoLa from flows",
+    "cathode": "(b) CATHODE from flows",
+    "cathode_hybrid": "(b') CATHODE hybrid (SR events stored)",
+    "anode": "(c) ANODE from flows",
+    "cwola_stored": "(d) CWoLa on stored events",
+    "idealised": "(e) idealised (true bkg vs data)",
+}
+
+
+def files(kind: str, numbers: range) -> list[str]:
+    return [str(DATA / f"scalars_{kind}{i:02d}.h5") for i in numbers]
+
+
+def sr_fraction(events: Events) -> float:
+    return float(events.in_window(SR).mean())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where each part of the benchmark's events comes from (source component specs)."""
+
+    name: str
+    stream_background: str
+    injected_signal: str
+    idealised_background: str
+    test: tuple[str, ...]
+
+
+def lhco_dataset(quick: bool) -> Dataset:
+    def spec(kind: str, numbers: range) -> str:
+        return f"lhco-features:{','.join(files(kind, numbers))}"
+
+    return Dataset(
+        "LHCO R&D 100k",
+        spec("bkg", range(1, 3) if quick else range(1, 7)),
+        spec("sig", range(1, 4)),
+        spec("bkg", range(7, 9)),
+        (spec("bkg", range(9, 11)), spec("sig", range(4, 11))),
+    )
+
+
+def simulated_dataset(n_background: int, folder: Path, seed: int) -> Dataset:
+    """QCD dijets and W'->XY (m = 3.5 TeV, 500 GeV, 100 GeV) from the simulator, cached."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {
+        "qcd_stream": ("qcd", n_background),
+        "qcd_ideal": ("qcd", n_background // 2),
+        "qcd_test": ("qcd", n_background // 2),
+        "wprime_inject": ("wprime", max(200, n_background // 10)),
+        "wprime_test": ("wprime", max(200, n_background // 10)),
+    }
+    for i, (name, (process, n)) in enumerate(sizes.items()):
+        path = folder / f"{name}_{n}_{seed}.h5"
+        if not path.exists():
+            print(f"generating {n} {process} events into {path}")
+            simulate_to_file(process, n, path, seed=seed * 100 + i, workers=2, progress=False)
+    spec = {name: f"cache:{folder / f'{name}_{n}_{seed}.h5'}" for name, (_, n) in sizes.items()}
+    return Dataset(
+        f"simulated QCD + W'->XY ({n_background} stream background events)",
+        spec["qcd_stream"],
+        spec["wprime_inject"],
+        spec["qcd_ideal"],
+        (spec["qcd_test"], spec["wprime_test"]),
+    )
+
+
+def stream_once(
+    sb: float,
+    dataset: Dataset,
+    *,
+    n_nodes: int,
+    learner_config: FlowLearnerConfig,
+    archive_dir: Path,
+    seed: int,
+    p_bkg_sr: float,
+    p_sig_sr: float,
+    n_background: int,
+) -> dict[str, Any]:
+    """Replay the stream through learners and archive; returns counts and timings."""
+    ratio = sb * p_bkg_sr / p_sig_sr  # S/(B) over the whole stream for the wanted SR S/B
+    fraction = ratio / (1 + ratio)
+    n_events = int(n_background / (1 - fraction))  # every background event once
+    source = build_source(
+        SourceConfig(
+            background=(dataset.stream_background,),
+            signal=(dataset.injected_signal,),
+            signal_fraction=fraction,
+            loop=False,
+            max_events=n_events,
+            batch_size=1000,
+            events_per_lumi=10_000,
+            seed=seed,
+        ),
+        name="source",
+    )
+    learners = [build_learner(learner_config, node_id=f"hlt-{i}") for i in range(n_nodes)]
+    archive = build_archive(ArchiveConfig(out_dir=str(archive_dir)), name="archive")
+    n_batches = n_signal_sr = n_background_sr = 0
+    t0 = time.perf_counter()
+    while (outcome := source.produce()) is not None:
+        for emit in outcome.emits:
+            batch = emit.message
+            assert isinstance(batch, EventBatch)
+            in_sr = (batch["features"][:, 0] >= SR[0]) & (batch["features"][:, 0] < SR[1])
+            signal = batch.truth["is_signal"].astype(bool)
+            n_signal_sr += int((in_sr & signal).sum())
+            n_background_sr += int((in_sr & ~signal).sum())
+            learner = learners[n_batches % n_nodes]
+            for record in learner.learn(batch.without_truth()):
+                archive.process(record)
+            archive.process(batch.without_truth())  # the conventional path keeps everything
+            n_batches += 1
+    for learner in learners:
+        for record in learner.finish():
+            archive.process(record)
+    archive.finish()
+    wall_s = time.perf_counter() - t0
+    reports = [learner.report() for learner in learners]
+    return {
+        "signal_fraction": fraction,
+        "events": source.emitted,
+        "signal_events": source.signal_emitted,
+        "sr_signal": n_signal_sr,
+        "sr_background": n_background_sr,
+        "sr_s_over_b": n_signal_sr / max(n_background_sr, 1),
+        "stream_wall_s": wall_s,
+        "events_per_s_trained_per_node": [r["events_per_s_trained"] for r in reports],
+        "not_learned_total": sum(r["not_learned_total"] for r in reports),
+        "final_loss": [r["flows"].get("all", {}).get("loss") for r in reports],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 files, tiny training")
+    parser.add_argument(
+        "--sb",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.005, 0.01, 0.02, 0.05],
+        help="S/B in the SR; 0 is the no-signal control",
+    )
+    parser.add_argument("--nodes", type=int, default=2, help="HLT nodes (flows per role)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default="out/ephemeral_lhco", help="plots and JSON")
+    parser.add_argument("--keep-archive", action="store_true", help="keep archives under --out")
+    parser.add_argument(
+        "--simulated",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use N simulated QCD events (and W'->XY signal) instead of LHCO",
+    )
+    parser.add_argument("--cache", default="out/sim_cache", help="where simulated events are kept")
+    args = parser.parse_args(argv)
+    if not args.simulated and not DATA.exists():
+        print(f"no data at {DATA} (see ../shared/data/README.md)")
+        return 1
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    learner_config = FlowLearnerConfig(
+        n_transforms=2 if args.quick else 4,
+        hidden_features=16 if args.quick else 32,
+        n_bins=8,
+        buffer_size=1024,
+        batch_size=64,
+        learning_rate=2e-3,
+        warmup_steps=20,
+        decay_start_steps=300,
+        calibration_events=2000,
+        snapshot_every_events=20_000,
+        signal_region_gev=SR,
+    )
+    search = SearchConfig(
+        signal_region_gev=SR,
+        n_samples=5000 if args.quick else 40_000,
+        classifier=ClassifierConfig(
+            n_models=1 if args.quick else 3, epochs=3 if args.quick else 20, seed=args.seed
+        ),
+        seed=args.seed,
+    )
+    dataset = (
+        simulated_dataset(args.simulated, Path(args.cache), args.seed)
+        if args.simulated
+        else lhco_dataset(args.quick)
+    )
+    test = load_events(list(dataset.test))
+    true_background = load_events([dataset.idealised_background])
+    stream_bkg = load_events([dataset.stream_background])
+    injected = load_events([dataset.injected_signal])
+    p_bkg_sr, p_sig_sr = sr_fraction(stream_bkg), sr_fraction(injected)
+    test_sr = test.select(test.in_window(SR))
+    assert test_sr.is_signal is not None
+    print(
+        f"test SR: {int(test_sr.is_signal.sum())} signal, {int((~test_sr.is_signal).sum())} "
+        f"background; stream background in SR {p_bkg_sr:.3f}, injected signal {p_sig_sr:.3f}"
+    )
+    rows = []
+    t_start = time.perf_counter()
+    for sb in args.sb:
+        tmp = Path(tempfile.mkdtemp(prefix="ephemeral-"))
+        archive_dir = tmp / "archive"
+        t0 = time.perf_counter()
+        stream = stream_once(
+            sb,
+            dataset,
+            n_nodes=args.nodes,
+            learner_config=learner_config,
+            archive_dir=archive_dir,
+            seed=args.seed,
+            p_bkg_sr=p_bkg_sr,
+            p_sig_sr=p_sig_sr,
+            n_background=len(stream_bkg),
+        )
+        archive = Archive(archive_dir)
+        problems = archive.verify()
+        models = FlowModels.from_snapshots(archive.snapshots(latest_per_node=True))
+        stored = Events(archive.event_features().astype(np.float64))
+        results: list[MethodResult] = []
+        timings = {}
+        for name in METHOD_LABELS:
+            t_method = time.perf_counter()
+            score = score_method(
+                name, models, search, stored=stored, true_background=true_background
+            )
+            bump_on = stored if name in ("cwola", "cathode", "anode") else None
+            results.append(evaluate(name, score, test, search, bump_events=bump_on))
+            timings[name] = time.perf_counter() - t_method
+        storage = archive.storage()
+        summary = write_report(
+            results,
+            out / f"sb_{sb:g}",
+            search,
+            {
+                "s_over_b_target": sb,
+                "stream": stream,
+                "storage": storage,
+                "timings_s": timings,
+                "archive_problems": problems,
+            },
+            title=f"{dataset.name}, S/B in SR = {stream['sr_s_over_b']:.4f}",
+        )
+        row = {
+            "sb_target": sb,
+            **{k: stream[k] for k in ("sr_s_over_b", "sr_signal", "sr_background", "events")},
+            "events_per_s_trained_per_node": float(
+                np.mean(stream["events_per_s_trained_per_node"])
+            ),
+            "not_learned_total": stream["not_learned_total"],
+            "flow_bytes_per_event_latest": storage["flow_bytes_per_event_seen_latest"],
+            "flow_bytes_per_event_all_snapshots": storage[
+                "flow_bytes_per_event_seen_all_snapshots"
+            ],
+            "event_bytes_per_event": storage["event_bytes_per_event_stored"],
+            "methods": {
+                name: {
+                    "max_sic": figures["max_sic"],
+                    "sic_at_0.2": figures["sic_at_eff_s_0.2"],
+                    "bkg_at_0.2": figures["background_events_at_eff_s_0.2"],
+                    "auc": figures["auc"],
+                }
+                for name, figures in summary["methods"].items()
+            },
+            "wall_s": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        print(
+            f"\nS/B target {sb:g}: SR S/B {row['sr_s_over_b']:.4f} "
+            f"({row['sr_signal']} signal / {row['sr_background']} background in SR, "
+            f"{row['events']} events); {row['events_per_s_trained_per_node']:.0f} events/s "
+            f"trained per node, not learned {row['not_learned_total']}; {row['wall_s']:.0f} s"
+        )
+        for name, label in METHOD_LABELS.items():
+            m = row["methods"][name]
+            print(
+                f"  {label:42s} max SIC {m['max_sic']:5.2f}  SIC@0.2 {m['sic_at_0.2']:5.2f} "
+                f"({m['bkg_at_0.2']} bkg)  AUC {m['auc']:.3f}"
+            )
+        print(
+            f"  bytes per event: flows {row['flow_bytes_per_event_latest']:.2f} (latest), "
+            f"{row['flow_bytes_per_event_all_snapshots']:.2f} (all snapshots); events "
+            f"{row['event_bytes_per_event']:.1f}"
+        )
+        if args.keep_archive:
+            shutil.copytree(archive_dir, out / f"sb_{sb:g}" / "archive", dirs_exist_ok=True)
+        shutil.rmtree(tmp)
+    final = {
+        "benchmark": "ephemeral_lhco",
+        "dataset": dataset.name,
+        "quick": args.quick,
+        "nodes": args.nodes,
+        "seed": args.seed,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
+        "total_s": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(final, indent=2, default=float))
+    print(json.dumps(final, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Conditional normalizing flows p(x | mjj) for the ephemeral-learning chain.
+
+A ``ConditionalFlow`` is a masked autoregressive flow (MAF) of rational-quadratic spline
+transforms (nflows) with reverse permutations in between, conditioned on the dijet mass.
+x is four LHCO features taken from the ``features`` column (``FLOW_FEATURES``: mJ1, ΔmJ,
+τ21 J1, τ21 J2); the context is mjj, scaled affinely.
+
+``Preprocessing`` is fixed before training and stored with the parameters: each feature
+is mapped to (0, 1) with bounds from a calibration sample or the configuration, sent
+through a logit and standardised. Its log-Jacobian is added in ``log_prob``, so densities
+are in physical units (per GeV for masses) and flows with different preprocessing can be
+mixed. Outside the bounds the density is zero (log density -inf).
+
+``FlowMixture`` combines flows trained on different shares of the stream, each weighted
+by the events it saw: p(x|m) = Σ w_i p_i(x|m), evaluated exactly with log-sum-exp.
+
+References:
+    Durkan et al., "Neural Spline Flows" (arXiv:1906.04032); Papamakarios et al.,
+    "Masked Autoregressive Flow" (arXiv:1705.07057); Butter et al., "Ephemeral Learning"
+    (arXiv:2202.09375).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from nflows.distributions import StandardNormal
+from nflows.flows import Flow
+from nflows.transforms import CompositeTransform, ReversePermutation
+from nflows.transforms.autoregressive import (
+    MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+)
+
+from stream.schema import FEATURE_NAMES
+
+FLOW_FEATURES = ("mj1", "delta_mj", "tau21_j1", "tau21_j2")
+FEATURE_INDICES = tuple(FEATURE_NAMES.index(name) for name in FLOW_FEATURES)
+MJJ_INDEX = FEATURE_NAMES.index("mjj")
+_EPS = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class FlowConfig:
+    """Architecture of one conditional flow."""
+
+    n_features: int = len(FLOW_FEATURES)
+    n_transforms: int = 4
+    hidden_features: int = 32
+    n_blocks: int = 2
+    n_bins: int = 8
+    tail_bound: float = 4.0
+
+    def __post_init__(self) -> None:
+        for key in ("n_features", "n_transforms", "hidden_features", "n_blocks", "n_bins"):
+            if getattr(self, key) < 1:
+                msg = f"{key} must be >= 1, got {getattr(self, key)}"
+                raise ValueError(msg)
+        if self.tail_bound <= 0:
+            msg = f"tail_bound must be > 0, got {self.tail_bound}"
+            raise ValueError(msg)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> FlowConfig:
+        return FlowConfig(**json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocessing:
+    """x -> standardised logit of (x - lower) / (upper - lower); mjj -> (mjj - shift) / scale.
+
+    Arrays are float64 with one entry per feature; fixed before the run and stored with
+    the flow's parameters.
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    mjj_shift_gev: float = 3500.0
+    mjj_scale_gev: float = 1000.0
+
+    def __post_init__(self) -> None:
+        for key in ("lower", "upper", "mean", "std"):
+            value = np.asarray(getattr(self, key), dtype=np.float64).copy()
+            value.setflags(write=False)
+            object.__setattr__(self, key, value)
+        shapes = {self.lower.shape, self.upper.shape, self.mean.shape, self.std.shape}
+        if len(shapes) != 1 or self.lower.ndim != 1:
+            msg = f"preprocessing arrays must be 1-d of one length, got shapes {shapes}"
+            raise ValueError(msg)
+        if not (np.all(self.upper > self.lower) and np.all(self.std > 0)):
+            msg = f"need upper > lower and std > 0, got {self.lower}, {self.upper}, {self.std}"
+            raise ValueError(msg)
+        if self.mjj_scale_gev <= 0:
+            msg = f"mjj_scale_gev must be > 0, got {self.mjj_scale_gev}"
+            raise ValueError(msg)
+
+    @staticmethod
+    def from_bounds(
+        lower: Sequence[float],
+        upper: Sequence[float],
+        *,
+        mjj_shift_gev: float = 3500.0,
+        mjj_scale_gev: float = 1000.0,
+    ) -> Preprocessing:
+        """Bounds from configuration; the logit is standardised by its value for a uniform x
+        (mean 0, std π/√3)."""
+        n = len(lower)
+        return Preprocessing(
+            np.asarray(lower),
+            np.asarray(upper),
+            np.zeros(n),
+            np.full(n, math.pi / math.sqrt(3)),
+            mjj_shift_gev,
+            mjj_scale_gev,
+        )
+
+    @staticmethod
+    def calibrate(
+        x: np.ndarray,
+        *,
+        margin: float = 0.05,
+        mjj_shift_gev: float = 3500.0,
+        mjj_scale_gev: float = 1000.0,
+    ) -> Preprocessing:
+        """Bounds from a calibration sample x (N, F), widened by ``margin`` of the range on
+        each side; the logit is standardised with the sample's mean and std."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2 or not np.isfinite(x).all():
+            msg = f"calibration needs a finite (N >= 2, F) sample, got shape {x.shape}"
+            raise ValueError(msg)
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        width = np.maximum(hi - lo, 1e-3)
+        lower, upper = lo - margin * width, hi + margin * width
+        u = np.clip((x - lower) / (upper - lower), _EPS, 1 - _EPS)
+        z = np.log(u) - np.log1p(-u)
+        return Preprocessing(
+            lower,
+            upper,
+            z.mean(axis=0),
+            np.maximum(z.std(axis=0), 1e-3),
+            mjj_shift_gev,
+            mjj_scale_gev,
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything as named float64 arrays (for a snapshot)."""
+        return {
+            "lower": self.lower,
+            "upper": self.upper,
+            "mean": self.mean,
+            "std": self.std,
+            "mjj": np.array([self.mjj_shift_gev, self.mjj_scale_gev]),
+        }
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray]) -> Preprocessing:
+        mjj = arrays["mjj"]
+        return Preprocessing(
+            arrays["lower"],
+            arrays["upper"],
+            arrays["mean"],
+            arrays["std"],
+            float(mjj[0]),
+            float(mjj[1]),
+        )
+
+    def inside(self, x: np.ndarray) -> np.ndarray:
+        """Rows of x strictly inside the bounds (where the density can be non-zero)."""
+        return np.all((x > self.lower) & (x < self.upper), axis=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z and log|dz/dx| per row; x is clamped into the bounds (see ``inside``)."""
+        lower = _tensor(self.lower, x.dtype)
+        width = _tensor(self.upper - self.lower, x.dtype)
+        mean = _tensor(self.mean, x.dtype)
+        std = _tensor(self.std, x.dtype)
+        u = ((x - lower) / width).clamp(_EPS, 1 - _EPS)
+        z = (torch.log(u) - torch.log1p(-u) - mean) / std
+        log_jac = -(torch.log(width) + torch.log(u) + torch.log1p(-u) + torch.log(std))
+        return z, log_jac.sum(dim=1)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Physical x for standardised logit z."""
+        lower = _tensor(self.lower, z.dtype)
+        width = _tensor(self.upper - self.lower, z.dtype)
+        mean = _tensor(self.mean, z.dtype)
+        std = _tensor(self.std, z.dtype)
+        return lower + width * torch.sigmoid(z * std + mean)
+
+    def context(self, mjj_gev: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The flow's (N, 1) context for dijet masses in GeV."""
+        mjj = torch.from_numpy(np.array(mjj_gev, dtype=np.float32)).reshape(-1, 1)
+        return (mjj - self.mjj_shift_gev) / self.mjj_scale_gev
+
+
+def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True)).to(dtype)
+
+
+def build_maf(config: FlowConfig) -> Flow:
+    """The nflows MAF of rational-quadratic splines; deterministic structure (no random
+    masks or permutations), so parameters alone rebuild it."""
+    transforms = []
+    for _ in range(config.n_transforms):
+        transforms.append(
+            MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                features=config.n_features,
+                hidden_features=config.hidden_features,
+                context_features=1,
+                num_bins=config.n_bins,
+                tails="linear",
+                tail_bound=config.tail_bound,
+                num_blocks=config.n_blocks,
+            )
+        )
+        transforms.append(ReversePermutation(config.n_features))
+    return Flow(CompositeTransform(transforms), StandardNormal([config.n_features]))
+
+
+class ConditionalFlow(torch.nn.Module):
+    """p(x | mjj) in physical units: a MAF on preprocessed features.
+
+    Example:
+        >>> import numpy as np
+        >>> pre = Preprocessing.from_bounds([0, 0], [1, 1])
+        >>> flow = ConditionalFlow(FlowConfig(n_features=2, n_transforms=1), pre)
+        >>> flow.log_prob(np.full((3, 2), 0.5), np.full(3, 3500.0)).shape
+        (3,)
+    """
+
+    def __init__(self, config: FlowConfig, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        if preprocessing.lower.size != config.n_features:
+            msg = (
+                f"preprocessing has {preprocessing.lower.size} features, "
+                f"the flow {config.n_features}"
+            )
+            raise ValueError(msg)
+        self.config = config
+        self.preprocessing = preprocessing
+        self.maf = build_maf(config)
+
+    def loss(self, x: np.ndarray, mjj_gev: np.ndarray) -> torch.Tensor:
+        """Mean negative log-likelihood in preprocessed space (the training objective)."""
+        z, _ = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
+        return -self.maf.log_prob(z, context=self.preprocessing.context(mjj_gev)).mean()
+
+    @torch.no_grad()
+    def log_prob(self, x: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
+        """log p(x | mjj) per row in physical units; -inf outside the preprocessing bounds."""
+        x = np.asarray(x, dtype=np.float64)
+        z, log_jac = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
+        context = self.preprocessing.context(mjj_gev)
+        out = (self.maf.log_prob(z, context=context) + log_jac).double().numpy()
+        out[~self.preprocessing.inside(x)] = -np.inf
+        return out
+
+    @torch.no_grad()
+    def sample(self, mjj_gev: np.ndarray, *, seed: int | None = None) -> np.ndarray:
+        """One sample of x per given mjj value, in physical units, as float64 (N, F)."""
+        mjj = np.asarray(mjj_gev, dtype=np.float64).reshape(-1)
+        generator_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            parts = []
+            for start in range(0, mjj.size, 50_000):
+                context = self.preprocessing.context(mjj[start : start + 50_000])
+                z = self.maf.sample(1, context=context).reshape(len(context), -1)
+                parts.append(self.preprocessing.inverse(z.double()).numpy())
+        finally:
+            if seed is not None:
+                torch.random.set_rng_state(generator_state)
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.n_features))
+
+    def parameter_arrays(self) -> dict[str, np.ndarray]:
+        """The trainable parameters as float32 numpy arrays (copies), by name."""
+        return {
+            name: p.detach().cpu().numpy().astype("<f4", copy=True)
+            for name, p in self.maf.named_parameters()
+        }
+
+    def load_parameter_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Set every trainable parameter from ``arrays`` (names and shapes must match)."""
+        own = dict(self.maf.named_parameters())
+        if set(arrays) != set(own):
+            missing, extra = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
+            msg = f"parameter names differ: missing {missing[:3]}, unexpected {extra[:3]}"
+            raise ValueError(msg)
+        with torch.no_grad():
+            for name, param in own.items():
+                value = np.asarray(arrays[name])
+                if value.shape != tuple(param.shape):
+                    msg = f"parameter {name} has shape {value.shape}, expected {param.shape}"
+                    raise ValueError(msg)
+                param.copy_(torch.from_numpy(value.astype(np.float32)))
+
+
+class FlowMixture:
+    """Σ_i w_i p_i(x|m) with w_i ∝ events seen by flow i; exact density and sampling.
+
+    Why a mixture and not parameter averaging: each node's flow is a valid density for its
+    share of the stream, and a weighted mixture of densities is again a density, exactly,
+    whatever the flows learned. Averaging the parameters of independently trained flows
+    does not average their densities (the map from parameters to density is non-linear and
+    the flows need not be aligned), so it is only safe for flows that start from the same
+    weights and stay close (federated-averaging style). With shares of one stream drawn
+    at random, the mixture is also the maximum-likelihood combination when each flow is
+    good; its cost is evaluation time linear in the number of nodes.
+    """
+
+    def __init__(self, flows: Sequence[ConditionalFlow], weights: Sequence[float]) -> None:
+        if not flows or len(flows) != len(weights):
+            msg = f"need one weight per flow and at least one flow, got {len(flows)}/{len(weights)}"
+            raise ValueError(msg)
+        w = np.asarray(weights, dtype=np.float64)
+        if np.any(w < 0) or w.sum() <= 0:
+            msg = f"weights must be >= 0 with a positive sum, got {list(weights)}"
+            raise ValueError(msg)
+        self.flows = list(flows)
+        self.weights = w / w.sum()
+
+    def log_prob(self, x: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
+        """log Σ w_i p_i(x|m), per row, by log-sum-exp."""
+        with np.errstate(divide="ignore"):
+            terms = np.stack(
+                [
+                    np.log(w) + f.log_prob(x, mjj_gev)
+                    for f, w in zip(self.flows, self.weights, strict=True)
+                ]
+            )
+        top = terms.max(axis=0)
+        safe = np.where(np.isfinite(top), top, 0.0)
+        with np.errstate(divide="ignore"):
+            return safe + np.log(np.exp(terms - safe).sum(axis=0))
+
+    def sample(self, mjj_gev: np.ndarray, *, seed: int = 0) -> np.ndarray:
+        """One sample per mjj: the component is drawn with probability w_i, then x from it."""
+        mjj = np.asarray(mjj_gev, dtype=np.float64).reshape(-1)
+        rng = np.random.default_rng(seed)
+        which = rng.choice(len(self.flows), size=mjj.size, p=self.weights)
+        out = np.zeros((mjj.size, self.flows[0].config.n_features))
+        for i, flow in enumerate(self.flows):
+            rows = np.flatnonzero(which == i)
+            if rows.size:
+                out[rows] = flow.sample(mjj[rows], seed=seed * 1000 + i)
+        return out

@@ -1,0 +1,392 @@
+"""Single-pass training of conditional flows on a stream: the OnlineFlow.
+
+``StreamTrainer`` trains one ``ConditionalFlow`` from events offered once each. Events wait
+in a fixed-size buffer (preallocated, so memory does not grow with the stream); each
+optimizer step draws a random minibatch from the buffer, trains on it and removes those
+rows, so every event is trained on exactly once and then dropped. If events arrive faster
+than the trainer can train (the buffer is full and the time budget for this call is
+spent), the excess is subsampled uniformly at random and counted as ``not_learned``:
+never lost silently. The learning rate warms up linearly, then decays as 1/√step (no
+fixed end, as a stream has none); the Adam state is kept for the trainer's whole life, so
+snapshots never reset it.
+
+``OnlineFlow`` runs two trainers side by side on one stream: the all-data flow and the
+sideband flow, which is never offered an event whose mjj lies in the signal region.
+Preprocessing is fixed before training: from configured bounds, or from the first
+``calibration_events`` of the stream (kept in a bounded list, then trained on as usual).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.flows import (
+    FEATURE_INDICES,
+    MJJ_INDEX,
+    ConditionalFlow,
+    FlowConfig,
+    Preprocessing,
+)
+
+# mjj histogram kept with each flow (for sampling at the mjj of the events seen);
+# outside 1-9 TeV events count in the end bins.
+MJJ_EDGES_GEV = np.linspace(1000.0, 9000.0, 161)
+ROLES = ("all", "sideband")
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineConfig:
+    """How the OnlineFlow learns (plain values, so a TOML table can fill it).
+
+    Attributes:
+        n_transforms, hidden_features, n_blocks, n_bins, tail_bound: the MAF (FlowConfig).
+        buffer_size: events held at most while waiting for training (per flow).
+        batch_size: events per optimizer step.
+        learning_rate: peak Adam learning rate.
+        warmup_steps: linear warm-up steps; then lr ∝ 1/√(step / decay_start_steps).
+        decay_start_steps: steps at the peak before the 1/√step decay starts.
+        grad_clip: maximum gradient norm.
+        budget_s_per_event: training time allowed per arriving event; 0 trains on every
+            event, however long it takes (the caller blocks).
+        calibration_events: events that fix the preprocessing when no bounds are given.
+        bounds_lower, bounds_upper: fixed preprocessing bounds (both or neither).
+        signal_region_gev: the mjj window the sideband flow never sees.
+        mjj_shift_gev, mjj_scale_gev: context = (mjj - shift) / scale.
+        seed: seeds the flows' initial weights and the minibatch draws.
+    """
+
+    n_transforms: int = 4
+    hidden_features: int = 32
+    n_blocks: int = 2
+    n_bins: int = 8
+    tail_bound: float = 4.0
+    buffer_size: int = 2048
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    decay_start_steps: int = 200
+    grad_clip: float = 5.0
+    budget_s_per_event: float = 0.0
+    calibration_events: int = 2048
+    bounds_lower: tuple[float, ...] = ()
+    bounds_upper: tuple[float, ...] = ()
+    signal_region_gev: tuple[float, float] = (3300.0, 3700.0)
+    mjj_shift_gev: float = 3500.0
+    mjj_scale_gev: float = 1000.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("bounds_lower", "bounds_upper", "signal_region_gev"):
+            object.__setattr__(self, key, tuple(float(v) for v in getattr(self, key)))
+        self.flow_config()
+        for key in ("buffer_size", "batch_size", "calibration_events"):
+            if getattr(self, key) < 1:
+                msg = f"{key} must be >= 1, got {getattr(self, key)}"
+                raise ValueError(msg)
+        if self.batch_size > self.buffer_size:
+            msg = f"batch_size {self.batch_size} exceeds buffer_size {self.buffer_size}"
+            raise ValueError(msg)
+        if self.learning_rate <= 0 or self.grad_clip <= 0 or self.budget_s_per_event < 0:
+            msg = "learning_rate and grad_clip must be > 0 and budget_s_per_event >= 0"
+            raise ValueError(msg)
+        if len(self.bounds_lower) != len(self.bounds_upper) or len(self.bounds_lower) not in (
+            0,
+            len(FEATURE_INDICES),
+        ):
+            msg = f"bounds_lower/upper need {len(FEATURE_INDICES)} values each, or none"
+            raise ValueError(msg)
+        low, high = self.signal_region_gev if len(self.signal_region_gev) == 2 else (1, 0)
+        if not low < high:
+            msg = f"signal_region_gev must be (low, high), low < high: {self.signal_region_gev}"
+            raise ValueError(msg)
+
+    def flow_config(self) -> FlowConfig:
+        return FlowConfig(
+            n_features=len(FEATURE_INDICES),
+            n_transforms=self.n_transforms,
+            hidden_features=self.hidden_features,
+            n_blocks=self.n_blocks,
+            n_bins=self.n_bins,
+            tail_bound=self.tail_bound,
+        )
+
+    def learning_rate_at(self, step: int) -> float:
+        """Linear warm-up, a plateau, then 1/√step decay."""
+        warm = min(1.0, (step + 1) / max(self.warmup_steps, 1))
+        decay = min(1.0, math.sqrt(self.decay_start_steps / max(step, 1)))
+        return self.learning_rate * warm * decay
+
+
+@dataclass(slots=True)
+class TrainerStats:
+    """What one trainer did with the events offered to it."""
+
+    offered: int = 0
+    learned: int = 0
+    not_learned: int = 0
+    steps: int = 0
+    loss_ema: float = float("nan")
+    train_s: float = 0.0
+    mjj_min_gev: float = float("inf")
+    mjj_max_gev: float = float("-inf")
+    mjj_hist: np.ndarray = field(default_factory=lambda: np.zeros(MJJ_EDGES_GEV.size - 1))
+
+
+class StreamTrainer:
+    """Single-pass trainer of one conditional flow; see the module doc.
+
+    ``on_step`` (optional) receives the stream indices of the events in each minibatch,
+    for instrumentation; indices count offered events from 0.
+    """
+
+    def __init__(
+        self,
+        config: OnlineConfig,
+        preprocessing: Preprocessing,
+        *,
+        seed: int,
+        clock: Callable[[], float] = time.perf_counter,
+        on_step: Callable[[np.ndarray], None] | None = None,
+    ) -> None:
+        self.config = config
+        torch.manual_seed(seed)
+        self.flow = ConditionalFlow(config.flow_config(), preprocessing)
+        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.learning_rate)
+        self.stats = TrainerStats()
+        self._clock = clock
+        self._on_step = on_step
+        self._rng = np.random.default_rng(seed)
+        n, f = config.buffer_size, len(FEATURE_INDICES)
+        self._x = np.zeros((n, f), np.float32)
+        self._mjj = np.zeros(n, np.float32)
+        self._index = np.zeros(n, np.int64)
+        self._fill = 0
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting in the buffer."""
+        return self._fill
+
+    @property
+    def buffer_nbytes(self) -> int:
+        return self._x.nbytes + self._mjj.nbytes + self._index.nbytes
+
+    def offer(self, x: np.ndarray, mjj_gev: np.ndarray, *, deadline_s: float = math.inf) -> int:
+        """Offer events once; train while the budget lasts. Returns how many were not learned
+        (subsampled away because the buffer was full when the budget ran out)."""
+        n = len(x)
+        first = self.stats.offered
+        self.stats.offered += n
+        pos = 0
+        while pos < n:
+            take = min(self.config.buffer_size - self._fill, n - pos)
+            rows = slice(self._fill, self._fill + take)
+            self._x[rows] = x[pos : pos + take]
+            self._mjj[rows] = mjj_gev[pos : pos + take]
+            self._index[rows] = np.arange(first + pos, first + pos + take)
+            self._fill += take
+            pos += take
+            while self._fill >= self.config.batch_size and self._clock() < deadline_s:
+                self._step(self.config.batch_size)
+            if pos < n and self._fill == self.config.buffer_size:
+                break
+        missed = n - pos
+        if missed:
+            # Full buffer, no time left: a uniform subsample of this call's events is learned.
+            self._subsample_into_buffer(x, mjj_gev, first, pos)
+        self.stats.not_learned += missed
+        return missed
+
+    def flush(self) -> None:
+        """Train on everything still buffered (the last minibatch may be smaller)."""
+        while self._fill > 0:
+            self._step(min(self.config.batch_size, self._fill))
+
+    def _subsample_into_buffer(
+        self, x: np.ndarray, mjj_gev: np.ndarray, first: int, pos: int
+    ) -> None:
+        """Swap buffered events of this call for a uniform choice among all of them, so that
+        what is learned is an unbiased subsample rather than the head of the batch."""
+        n = len(x)
+        mine = np.flatnonzero(self._index[: self._fill] >= first)
+        pool = np.concatenate([self._index[mine] - first, np.arange(pos, n)])
+        chosen = self._rng.choice(pool, size=mine.size, replace=False)
+        self._x[mine] = x[chosen]
+        self._mjj[mine] = mjj_gev[chosen]
+        self._index[mine] = first + chosen
+
+    def _step(self, size: int) -> None:
+        t0 = time.perf_counter()
+        pick = self._rng.choice(self._fill, size=size, replace=False)
+        x, mjj = self._x[pick].copy(), self._mjj[pick].copy()
+        if self._on_step is not None:
+            self._on_step(self._index[pick].copy())
+        keep = np.ones(self._fill, bool)
+        keep[pick] = False
+        kept = np.flatnonzero(keep)
+        self._x[: kept.size] = self._x[kept]
+        self._mjj[: kept.size] = self._mjj[kept]
+        self._index[: kept.size] = self._index[kept]
+        self._fill = kept.size
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate_at(self.stats.steps)
+        self.flow.train()
+        loss = self.flow.loss(x, mjj)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        value = float(loss.detach())
+        stats = self.stats
+        stats.loss_ema = (
+            value if math.isnan(stats.loss_ema) else 0.98 * stats.loss_ema + 0.02 * value
+        )
+        stats.steps += 1
+        stats.learned += size
+        stats.mjj_min_gev = min(stats.mjj_min_gev, float(mjj.min()))
+        stats.mjj_max_gev = max(stats.mjj_max_gev, float(mjj.max()))
+        # Under- and overflow go to the first and last bins, so the histogram counts all.
+        inside = np.clip(mjj, MJJ_EDGES_GEV[0], np.nextafter(MJJ_EDGES_GEV[-1], 0))
+        stats.mjj_hist += np.histogram(inside, MJJ_EDGES_GEV)[0]
+        stats.train_s += time.perf_counter() - t0
+
+
+class OnlineFlow:
+    """The all-data and sideband flows trained side by side from one stream.
+
+    ``learn(features)`` takes the schema's ``features`` column (N, 8). Until the
+    preprocessing is fixed, events are held for calibration (at most
+    ``calibration_events``); then every event goes to the all-data trainer and every
+    sideband event to the sideband trainer.
+
+    Example:
+        >>> import numpy as np
+        >>> cfg = OnlineConfig(n_transforms=1, buffer_size=64, batch_size=32, calibration_events=64)
+        >>> online = OnlineFlow(cfg)
+        >>> x = np.random.default_rng(0).uniform(0.1, 1.0, (200, 8)).astype("f4")
+        >>> x[:, 0] = np.linspace(3000, 4000, 200)
+        >>> online.learn(x)
+        0
+        >>> online.finish(); online.trainers["all"].stats.learned
+        200
+    """
+
+    def __init__(
+        self,
+        config: OnlineConfig,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        on_step: Callable[[str, np.ndarray], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.trainers: dict[str, StreamTrainer] = {}
+        self._clock = clock
+        self._on_step = on_step
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
+        if config.bounds_lower:
+            pre = Preprocessing.from_bounds(
+                config.bounds_lower,
+                config.bounds_upper,
+                mjj_shift_gev=config.mjj_shift_gev,
+                mjj_scale_gev=config.mjj_scale_gev,
+            )
+            self._start({role: pre for role in ROLES})
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.trainers)
+
+    def in_signal_region(self, mjj_gev: np.ndarray) -> np.ndarray:
+        low, high = self.config.signal_region_gev
+        return (mjj_gev >= low) & (mjj_gev < high)
+
+    def learn(self, features: np.ndarray) -> int:
+        """Offer events (N, 8 features); returns how many the all-data flow did not learn."""
+        features = np.asarray(features, dtype=np.float32)
+        if not self.calibrated:
+            self._pending.append(features.copy())
+            self._pending_n += len(features)
+            if self._pending_n < self.config.calibration_events:
+                return 0
+            features = np.concatenate(self._pending)
+            self._pending, self._pending_n = [], 0
+            self._start(self._calibrate(features))
+        deadline = math.inf
+        if self.config.budget_s_per_event > 0:
+            deadline = self._clock() + self.config.budget_s_per_event * len(features)
+        x, mjj = features[:, FEATURE_INDICES], features[:, MJJ_INDEX]
+        missed = self.trainers["all"].offer(x, mjj, deadline_s=deadline)
+        side = ~self.in_signal_region(mjj)
+        self.trainers["sideband"].offer(x[side], mjj[side], deadline_s=deadline)
+        return missed
+
+    def finish(self) -> None:
+        """Calibrate on what is held if needed, then train on every buffered event."""
+        if not self.calibrated and self._pending_n >= 2:
+            features = np.concatenate(self._pending)
+            self._pending, self._pending_n = [], 0
+            self._start(self._calibrate(features))
+            x, mjj = features[:, FEATURE_INDICES], features[:, MJJ_INDEX]
+            self.trainers["all"].offer(x, mjj)
+            side = ~self.in_signal_region(mjj)
+            self.trainers["sideband"].offer(x[side], mjj[side])
+        for trainer in self.trainers.values():
+            trainer.flush()
+
+    @property
+    def pending(self) -> int:
+        """Events held for calibration (not yet offered to a trainer)."""
+        return self._pending_n
+
+    def report(self) -> dict[str, Any]:
+        return {
+            role: {
+                "offered": t.stats.offered,
+                "learned": t.stats.learned,
+                "not_learned_total": t.stats.not_learned,
+                "buffered": t.buffered,
+                "steps": t.stats.steps,
+                "loss": t.stats.loss_ema,
+                "train_s": t.stats.train_s,
+            }
+            for role, t in self.trainers.items()
+        }
+
+    def _calibrate(self, features: np.ndarray) -> dict[str, Preprocessing]:
+        cfg = self.config
+        x, mjj = features[:, FEATURE_INDICES], features[:, MJJ_INDEX]
+        side = ~self.in_signal_region(mjj)
+        out = {}
+        for role, rows in (("all", slice(None)), ("sideband", side)):
+            sample = x[rows] if len(x[rows]) >= 2 else x
+            out[role] = Preprocessing.calibrate(
+                sample, mjj_shift_gev=cfg.mjj_shift_gev, mjj_scale_gev=cfg.mjj_scale_gev
+            )
+        return out
+
+    def _start(self, preprocessing: dict[str, Preprocessing]) -> None:
+        # Both flows start from the same weights: their modelling errors then correlate,
+        # and cancel in the ratio p_all / p_sideband that ANODE and CATHODE rely on.
+        for role in ROLES:
+            on_step = None
+            if self._on_step is not None:
+                on_step = _tagged(self._on_step, role)
+            self.trainers[role] = StreamTrainer(
+                self.config,
+                preprocessing[role],
+                seed=self.config.seed,
+                clock=self._clock,
+                on_step=on_step,
+            )
+
+
+def _tagged(callback: Callable[[str, np.ndarray], None], role: str) -> Callable[[np.ndarray], None]:
+    return lambda indices: callback(role, indices)

@@ -1,0 +1,262 @@
+"""Flow snapshots: everything needed to use a flow later, bit for bit, with a content hash.
+
+A ``FlowSnapshot`` holds the flow's parameters and preprocessing, the events it saw, the
+mjj range and histogram of those events, the training loss, who made it (node id, role,
+run and lumi range) and the code version. ``content_hash`` (SHA-256) covers all of it.
+
+It travels as a stream ``Record`` of kind ``"flow_snapshot"`` and is stored as a file:
+magic, a msgpack header, the raw array bytes, and a SHA-256 trailer over everything
+before it. Reading checks the magic, the lengths, the trailer and the content hash, and
+raises ``SnapshotError`` (a ``FrameError``) for anything wrong: a corrupted or partial
+snapshot is never loaded silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from models.flows import ConditionalFlow, FlowConfig, Preprocessing
+from stream.batch import Record
+from stream.errors import FrameError
+
+SNAPSHOT_KIND = "flow_snapshot"
+_MAGIC = b"TFSNAP1\n"
+_PARAM = "param/"
+_PRE = "pre/"
+
+
+def code_version() -> str:
+    """The installed trigfarm version (recorded in every snapshot)."""
+    try:
+        return f"trigfarm-{metadata.version('trigfarm')}"
+    except metadata.PackageNotFoundError:
+        return "trigfarm-unknown"
+
+
+class SnapshotError(FrameError):
+    """A snapshot that is corrupted, partial or inconsistent."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSnapshot:
+    """One flow's state at one moment, with provenance.
+
+    ``role`` is ``"all"`` (trained on every event) or ``"sideband"`` (never saw a
+    signal-region event). ``arrays`` holds ``param/<name>`` (float32), ``pre/<name>``
+    (float64) and ``mjj_hist``/``mjj_edges`` (the mjj spectrum of the events seen).
+    """
+
+    node_id: str
+    role: str
+    run: int
+    lumi_first: int
+    lumi_last: int
+    events_seen: int
+    mjj_min_gev: float
+    mjj_max_gev: float
+    loss: float
+    sequence: int
+    flow_config: str
+    signal_region_gev: tuple[float, float]
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    code_version: str = field(default_factory=code_version)
+    content_hash: str = ""
+
+    def __post_init__(self) -> None:
+        frozen = {}
+        for name, array in self.arrays.items():
+            copy = np.array(array, copy=True)
+            copy.setflags(write=False)
+            frozen[name] = copy
+        object.__setattr__(self, "arrays", MappingProxyType(frozen))
+        object.__setattr__(self, "signal_region_gev", tuple(map(float, self.signal_region_gev)))
+        expected = self.compute_hash()
+        if not self.content_hash:
+            object.__setattr__(self, "content_hash", expected)
+        elif self.content_hash != expected:
+            msg = f"content hash {self.content_hash[:12]} != computed {expected[:12]}"
+            raise SnapshotError("checksum", msg)
+
+    # -- construction --------------------------------------------------------------------
+
+    @staticmethod
+    def of(
+        flow: ConditionalFlow, *, mjj_hist: np.ndarray, mjj_edges: np.ndarray, **meta: Any
+    ) -> FlowSnapshot:
+        """A snapshot of ``flow`` now; ``meta`` fills the provenance fields."""
+        arrays = {f"{_PARAM}{k}": v for k, v in flow.parameter_arrays().items()}
+        arrays |= {f"{_PRE}{k}": v.astype("<f8") for k, v in flow.preprocessing.arrays().items()}
+        arrays["mjj_hist"] = np.asarray(mjj_hist, dtype="<f8")
+        arrays["mjj_edges"] = np.asarray(mjj_edges, dtype="<f8")
+        return FlowSnapshot(flow_config=flow.config.to_json(), arrays=arrays, **meta)
+
+    def meta(self) -> dict[str, Any]:
+        """Scalar provenance, as stored in the record header and the archive index."""
+        return {
+            "node_id": self.node_id,
+            "role": self.role,
+            "run": self.run,
+            "lumi_first": self.lumi_first,
+            "lumi_last": self.lumi_last,
+            "events_seen": self.events_seen,
+            "mjj_min_gev": self.mjj_min_gev,
+            "mjj_max_gev": self.mjj_max_gev,
+            "loss": self.loss,
+            "sequence": self.sequence,
+            "flow_config": self.flow_config,
+            "signal_region_gev": list(self.signal_region_gev),
+            "code_version": self.code_version,
+            "content_hash": self.content_hash,
+        }
+
+    def compute_hash(self) -> str:
+        """SHA-256 over the canonical metadata (hash excluded) and every array."""
+        digest = hashlib.sha256()
+        meta = {k: v for k, v in self.meta().items() if k != "content_hash"}
+        digest.update(json.dumps(meta, sort_keys=True).encode())
+        for name in sorted(self.arrays):
+            array = np.ascontiguousarray(self.arrays[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
+
+    def flow(self) -> ConditionalFlow:
+        """The flow rebuilt from the snapshot (parameters bit for bit)."""
+        pre = Preprocessing.from_arrays(
+            {k[len(_PRE) :]: v for k, v in self.arrays.items() if k.startswith(_PRE)}
+        )
+        flow = ConditionalFlow(FlowConfig.from_json(self.flow_config), pre)
+        flow.load_parameter_arrays(
+            {k[len(_PARAM) :]: v for k, v in self.arrays.items() if k.startswith(_PARAM)}
+        )
+        flow.eval()
+        return flow
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    # -- stream records ------------------------------------------------------------------
+
+    def to_record(self) -> Record:
+        return Record(SNAPSHOT_KIND, self.meta(), dict(self.arrays))
+
+    @staticmethod
+    def from_record(record: Record) -> FlowSnapshot:
+        """The snapshot in a record; ``SnapshotError`` if it is not one or fails its hash."""
+        if record.kind != SNAPSHOT_KIND:
+            raise SnapshotError("kind", f"record kind {record.kind!r} is not {SNAPSHOT_KIND!r}")
+        return _from_parts(dict(record.meta), dict(record.arrays))
+
+    # -- files ---------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The file format: magic, header length, msgpack header, raw arrays, SHA-256."""
+        specs, blobs = [], []
+        for name in sorted(self.arrays):
+            array = np.ascontiguousarray(self.arrays[name])
+            specs.append([name, array.dtype.str, list(array.shape)])
+            blobs.append(array.tobytes())
+        header = msgpack.packb({"meta": self.meta(), "arrays": specs})
+        body = _MAGIC + struct.pack("<Q", len(header)) + header + b"".join(blobs)
+        return body + hashlib.sha256(body).digest()
+
+    @staticmethod
+    def from_bytes(data: bytes, *, source: str = "<bytes>") -> FlowSnapshot:
+        """Parse ``to_bytes`` output, checking magic, lengths, checksum and content hash."""
+        if len(data) < len(_MAGIC) + 8 + 32 or not data.startswith(_MAGIC):
+            raise SnapshotError("truncated", f"{source}: not a snapshot file or truncated")
+        body, trailer = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != trailer:
+            raise SnapshotError("checksum", f"{source}: checksum mismatch (corrupted or partial)")
+        (n_header,) = struct.unpack_from("<Q", body, len(_MAGIC))
+        start = len(_MAGIC) + 8
+        try:
+            header = msgpack.unpackb(body[start : start + n_header], raw=False)
+            arrays = {}
+            offset = start + n_header
+            for name, dtype, shape in header["arrays"]:
+                dt = np.dtype(dtype)
+                size = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+                if offset + size > len(body):
+                    raise SnapshotError("truncated", f"{source}: array {name} runs past the end")
+                arrays[name] = np.frombuffer(
+                    body, dt, count=size // dt.itemsize, offset=offset
+                ).reshape(shape)
+                offset += size
+            meta = header["meta"]
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise SnapshotError("decode_error", f"{source}: bad header ({exc})") from exc
+        if offset != len(body):
+            raise SnapshotError("decode_error", f"{source}: {len(body) - offset} trailing bytes")
+        return _from_parts(meta, arrays)
+
+    def write(self, path: str | Path) -> int:
+        """Write durably (temporary file, fsync, rename, fsync of the folder); returns bytes."""
+        data = self.to_bytes()
+        write_durably(Path(path), data)
+        return len(data)
+
+    @staticmethod
+    def read(path: str | Path) -> FlowSnapshot:
+        """Read and verify a snapshot file."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SnapshotError("unreadable", f"{path}: {exc}") from exc
+        return FlowSnapshot.from_bytes(data, source=str(path))
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the whole
+    new one: a temporary file in the same folder, fsync, rename, fsync of the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _from_parts(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> FlowSnapshot:
+    try:
+        return FlowSnapshot(
+            node_id=str(meta["node_id"]),
+            role=str(meta["role"]),
+            run=int(meta["run"]),
+            lumi_first=int(meta["lumi_first"]),
+            lumi_last=int(meta["lumi_last"]),
+            events_seen=int(meta["events_seen"]),
+            mjj_min_gev=float(meta["mjj_min_gev"]),
+            mjj_max_gev=float(meta["mjj_max_gev"]),
+            loss=float(meta["loss"]),
+            sequence=int(meta["sequence"]),
+            flow_config=str(meta["flow_config"]),
+            signal_region_gev=tuple(meta["signal_region_gev"]),
+            arrays=dict(arrays),
+            code_version=str(meta["code_version"]),
+            content_hash=str(meta["content_hash"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, SnapshotError):
+            raise
+        raise SnapshotError("decode_error", f"snapshot metadata incomplete ({exc})") from exc

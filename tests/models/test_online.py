@@ -1,0 +1,116 @@
+"""Single-pass training: each event trained on at most once, bounded memory, honest
+accounting of events the trainer had no time for, and a sideband flow that never sees SR."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from models.online import OnlineConfig, OnlineFlow
+from stream.testing import FakeClock
+
+torch.set_num_threads(1)
+
+SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1}
+
+
+def features(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = rng.uniform(0.1, 0.9, (n, 8)).astype("f4")
+    out[:, 0] = rng.uniform(2500, 4500, n)  # mjj
+    out[:, 1] = rng.uniform(50, 500, n)  # mj1
+    return out
+
+
+def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> None:
+    seen: dict[str, Counter] = {"all": Counter(), "sideband": Counter()}
+    config = OnlineConfig(**SMALL, buffer_size=96, batch_size=32, calibration_events=100)
+    online = OnlineFlow(config, on_step=lambda role, idx: seen[role].update(idx.tolist()))
+    x = features(1000, 0)
+    for start in range(0, 1000, 70):
+        assert online.learn(x[start : start + 70]) == 0
+    online.finish()
+    assert sorted(seen["all"]) == list(range(1000))
+    assert max(seen["all"].values()) == 1
+    sideband = ~online.in_signal_region(x[:, 0])
+    assert len(seen["sideband"]) == sideband.sum() and max(seen["sideband"].values()) == 1
+    stats = online.trainers["sideband"].stats
+    assert stats.offered == sideband.sum()
+    low, high = config.signal_region_gev
+    in_sr_hist = stats.mjj_hist[
+        (np.linspace(1000, 9000, 161)[:-1] >= low) & (np.linspace(1000, 9000, 161)[1:] <= high)
+    ]
+    assert in_sr_hist.sum() == 0
+
+
+def test_memory_does_not_grow_with_the_number_of_events() -> None:
+    config = OnlineConfig(**SMALL, buffer_size=256, batch_size=64, calibration_events=256)
+    online = OnlineFlow(config)
+    online.learn(features(1000, 1))
+    buffers = {r: t.buffer_nbytes for r, t in online.trainers.items()}
+    tracemalloc.start()
+    online.learn(features(1000, 2))
+    before, _ = tracemalloc.get_traced_memory()
+    for seed in range(3, 11):
+        online.learn(features(1000, seed))
+    after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert {r: t.buffer_nbytes for r, t in online.trainers.items()} == buffers
+    assert all(t.buffered <= 256 for t in online.trainers.values())
+    assert after - before < 200_000, f"grew by {after - before} bytes over 8k events"
+
+
+def test_events_arriving_too_fast_are_counted_not_learned_and_subsampled() -> None:
+    clock = FakeClock()
+    seen: Counter = Counter()
+
+    def on_step(role: str, idx: np.ndarray) -> None:
+        if role == "all":
+            seen.update(idx.tolist())
+        clock.advance(1.0)  # every step takes 1 s
+
+    config = OnlineConfig(
+        **SMALL, buffer_size=64, batch_size=32, calibration_events=64, budget_s_per_event=0.01
+    )
+    online = OnlineFlow(config, clock=clock, on_step=on_step)
+    x = features(5000, 3)
+    missed = sum(online.learn(x[i : i + 500]) for i in range(0, 5000, 500))
+    online.finish()
+    stats = online.trainers["all"].stats
+    assert missed > 0 and stats.not_learned == missed
+    assert stats.learned + stats.not_learned == stats.offered == 5000
+    assert max(seen.values()) == 1 and len(seen) == stats.learned
+    # The subsample covers each batch, not only its head.
+    learned = np.array(sorted(seen))
+    assert (learned % 500 > 400).sum() > 0.1 * (learned % 500 < 100).sum()
+
+
+def test_learning_rate_schedule_warms_up_then_decays() -> None:
+    config = OnlineConfig(learning_rate=1e-3, warmup_steps=10, decay_start_steps=100)
+    rates = [config.learning_rate_at(s) for s in (0, 9, 50, 100, 400)]
+    assert rates[0] == pytest.approx(1e-4) and rates[1] == rates[2] == pytest.approx(1e-3)
+    assert rates[4] == pytest.approx(5e-4)
+
+
+def test_optimizer_state_is_kept_across_calls() -> None:
+    config = OnlineConfig(**SMALL, buffer_size=256, batch_size=64, calibration_events=256)
+    online = OnlineFlow(config)
+    online.learn(features(3000, 4))
+    trainer = online.trainers["all"]
+    optimizer = trainer.optimizer
+    first_steps = trainer.stats.steps
+    online.learn(features(3000, 5))
+    assert trainer.optimizer is optimizer
+    state = optimizer.state[next(iter(trainer.flow.parameters()))]
+    assert int(state["step"]) == trainer.stats.steps > first_steps
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        OnlineConfig(buffer_size=16, batch_size=32)
+    with pytest.raises(ValueError, match="signal_region"):
+        OnlineConfig(signal_region_gev=(3700.0, 3300.0))

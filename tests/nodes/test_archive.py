@@ -1,0 +1,160 @@
+"""The archive: durable snapshot files, indexed queries, HDF5 events, corruption detected,
+and the node over real ZeroMQ with the Node runtime."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.flows import ConditionalFlow, FlowConfig, Preprocessing
+from models.snapshot import FlowSnapshot
+from nodes.archive import Archive, ArchiveConfig, ArchiveError, build
+from stream.batch import EventBatch, Record
+from stream.node import Emit, Node, NodeConfig, Outcome, Producer
+from stream.testing import free_tcp_port, stats_of, synthetic_batch
+
+torch.set_num_threads(1)
+
+
+def snapshot_record(node: str, role: str, sequence: int, lumi: tuple[int, int]) -> Record:
+    torch.manual_seed(sequence)
+    flow = ConditionalFlow(
+        FlowConfig(n_transforms=1, hidden_features=8, n_bins=4),
+        Preprocessing.from_bounds([0] * 4, [1] * 4),
+    )
+    return FlowSnapshot.of(
+        flow,
+        mjj_hist=np.ones(3),
+        mjj_edges=np.arange(4.0),
+        node_id=node,
+        role=role,
+        run=3,
+        lumi_first=lumi[0],
+        lumi_last=lumi[1],
+        events_seen=1000 * sequence,
+        mjj_min_gev=2000.0,
+        mjj_max_gev=5000.0,
+        loss=0.5,
+        sequence=sequence,
+        signal_region_gev=(3300, 3700),
+    ).to_record()
+
+
+def fill(out_dir: Path) -> None:
+    node = build(ArchiveConfig(out_dir=str(out_dir), events_per_file=150), name="archive")
+    for seq, lumi in ((1, (1, 1)), (2, (1, 2))):
+        for hlt in ("hlt-0", "hlt-1"):
+            for role in ("all", "sideband"):
+                assert node.process(snapshot_record(hlt, role, seq, lumi)).accounted == 0
+    for i in range(4):
+        outcome = node.process(synthetic_batch(100, first_event=100 * i, run=3, lumi=1 + i // 2))
+        assert outcome.accepted == 100
+    node.finish()
+
+
+def test_snapshots_and_events_are_stored_indexed_and_read_back(tmp_path: Path) -> None:
+    fill(tmp_path)
+    archive = Archive(tmp_path)
+    assert archive.verify() == []
+    latest = archive.snapshots(role="all")
+    assert sorted((s.node_id, s.sequence) for s in latest) == [("hlt-0", 2), ("hlt-1", 2)]
+    assert len(archive.snapshots(latest_per_node=False)) == 8
+    assert len(archive.entries(kind="flow_snapshot", node="hlt-1", lumi=2)) == 2
+    assert len(archive.entries(kind="flow_snapshot", lumi=1)) == 8
+    assert archive.entries(kind="flow_snapshot", run=4) == []
+    events = archive.entries(kind="events")
+    assert [e.events for e in events] == [200, 200]  # rolled after >= 150 events
+    assert events[1].lumi_first == 2
+    assert len(archive.event_features()) == 400
+    storage = archive.storage()
+    assert storage["events_seen_by_flows"] == 4000
+    assert storage["flow_bytes_per_event_seen_latest"] > 0
+    assert storage["event_bytes_per_event_stored"] > 0
+    roundtrip = archive.snapshots(role="all", node="hlt-0")[0]
+    original = FlowSnapshot.from_record(snapshot_record("hlt-0", "all", 2, (1, 2)))
+    assert roundtrip.content_hash == original.content_hash
+
+
+def test_corrupted_and_partial_files_are_detected_not_loaded(tmp_path: Path) -> None:
+    fill(tmp_path)
+    archive = Archive(tmp_path)
+    entry = archive.entries(kind="flow_snapshot", node="hlt-0", role="all")[-1]
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="checksum"):
+        archive.snapshots(role="all", node="hlt-0")
+    events = archive.entries(kind="events")[0]
+    events.path.write_bytes(events.path.read_bytes()[:-100])
+    (tmp_path / "snapshots" / ".partial.snap.tmp").write_bytes(b"half")
+    problems = archive.verify()
+    assert len(problems) == 3, problems
+    with pytest.raises(ArchiveError):
+        list(archive.events())
+
+
+def test_a_bad_snapshot_record_is_counted_and_skipped(tmp_path: Path) -> None:
+    node = build(ArchiveConfig(out_dir=str(tmp_path)), name="archive-bad")
+    record = snapshot_record("hlt-0", "all", 1, (1, 1))
+    broken = Record(record.kind, {**record.meta, "loss": 9.0}, record.arrays)
+    node.process(broken)
+    node.process(Record("other", {}))
+    node.finish()
+    assert node.report()["bad_records"] == 1
+    assert Archive(tmp_path).entries() == []
+
+
+class Mixed(Producer):
+    """Event batches and snapshot records, interleaved."""
+
+    def __init__(self) -> None:
+        self.items: list[EventBatch | Record] = []
+        for i in range(5):
+            self.items.append(synthetic_batch(50, first_event=50 * i, run=3, lumi=1 + i))
+            self.items.append(snapshot_record("hlt-0", "all", i + 1, (1, 1 + i)))
+
+    def produce(self) -> Outcome | None:
+        if not self.items:
+            return None
+        item = self.items.pop(0)
+        n = len(item) if isinstance(item, EventBatch) else 0
+        return Outcome(emits=(Emit("out", item),), accepted=n)
+
+
+def test_archive_node_over_zeromq(tmp_path: Path) -> None:
+    port = free_tcp_port()
+    archive_stats = tmp_path / "archive.json"
+    archive = Node(
+        NodeConfig(
+            "archive",
+            "archive",
+            inputs=(f"@tcp://127.0.0.1:{port}",),
+            drain_idle_s=0.5,
+            heartbeat_interval_s=0.1,
+            stats_path=str(archive_stats),
+        ),
+        build(ArchiveConfig(out_dir=str(tmp_path / "arch")), name="archive"),
+    )
+    source = Node(
+        NodeConfig("src", "source", outputs={"out": f">tcp://127.0.0.1:{port}"}),
+        Mixed(),
+    )
+    thread = threading.Thread(target=archive.run)
+    thread.start()
+    assert archive.wait_started(10)
+    source.run()
+    archive.request_stop()
+    thread.join(30)
+    assert not thread.is_alive()
+    stats = stats_of(archive_stats)
+    assert stats["balanced"] and stats["events_in"] == stats["accepted"] == 250
+    assert stats["records_in"] == 5
+    assert stats["worker"]["snapshots_stored"] == 5
+    stored = Archive(tmp_path / "arch")
+    assert stored.verify() == []
+    assert [s.sequence for s in stored.snapshots()] == [5]
+    assert len(stored.event_features()) == 250

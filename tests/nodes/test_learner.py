@@ -1,0 +1,83 @@
+"""The flow learner behind the HLT: snapshots by count and at lumi ends, metrics, accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from prometheus_client import REGISTRY
+
+from models.snapshot import FlowSnapshot
+from nodes.learner import FlowLearnerConfig, build_learner
+from stream.batch import EventBatch
+
+torch.set_num_threads(1)
+
+SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1}
+
+
+def batch(n: int, lumi: int, seed: int) -> EventBatch:
+    rng = np.random.default_rng(seed)
+    features = rng.uniform(0.1, 0.9, (n, 8)).astype("f4")
+    features[:, 0] = rng.uniform(2500, 4500, n)
+    return EventBatch(
+        {
+            "run": np.full(n, 5, "<u4"),
+            "lumi": np.full(n, lumi, "<u4"),
+            "event": np.arange(n, dtype="<u8"),
+            "features": features,
+        }
+    )
+
+
+def test_snapshots_every_n_events_and_at_lumi_end() -> None:
+    config = FlowLearnerConfig(
+        **SMALL, buffer_size=128, batch_size=64, calibration_events=128, snapshot_every_events=1000
+    )
+    learner = build_learner(config, node_id="hlt-t1")
+    records = []
+    for i in range(3):
+        records += learner.learn(batch(100, 1, i))
+    assert records == []
+    records += learner.learn(batch(100, 2, 3))
+    assert len(records) == 2  # lumi 1 ended: one snapshot per flow
+    for i in range(4, 12):
+        records += learner.learn(batch(100, 2, i))
+    assert len(records) == 2
+    records += learner.learn(batch(100, 2, 12))
+    assert len(records) == 4  # 1000 events since the last snapshot
+    records += learner.finish()
+    snaps = [FlowSnapshot.from_record(r) for r in records]
+    assert {s.role for s in snaps} == {"all", "sideband"}
+    final = [s for s in snaps if s.sequence == 3]
+    all_flow = next(s for s in final if s.role == "all")
+    assert all_flow.events_seen == 1300 and (all_flow.lumi_first, all_flow.lumi_last) == (1, 2)
+    assert all_flow.run == 5 and 2500 <= all_flow.mjj_min_gev < all_flow.mjj_max_gev <= 4500
+    side = next(s for s in final if s.role == "sideband")
+    assert side.events_seen < 1300 and side.arrays["mjj_hist"].sum() == side.events_seen
+    report = learner.report()
+    assert report["events_seen"] == 1300 and report["events_learned"] == 1300
+    assert report["not_learned_total"] == 0
+    value = REGISTRY.get_sample_value(
+        "flow_events_learned_total", {"node": "hlt-t1", "flow": "all"}
+    )
+    assert value == 1300
+    assert REGISTRY.get_sample_value("flow_loss", {"node": "hlt-t1", "flow": "all"}) is not None
+
+
+def test_config_from_a_plain_table() -> None:
+    config = FlowLearnerConfig(**{"buffer_size": 256, "signal_region_gev": [3000, 3500]})
+    assert config.signal_region_gev == (3000.0, 3500.0)
+
+
+def test_non_finite_events_are_counted_and_never_trained_on() -> None:
+    config = FlowLearnerConfig(**SMALL, buffer_size=64, batch_size=32, calibration_events=64)
+    learner = build_learner(config, node_id="hlt-t2")
+    good = batch(200, 1, 0)
+    features = good["features"].copy()
+    features[::10, 2] = np.nan
+    learner.learn(good.with_columns(features=features))
+    records = learner.finish()
+    assert learner.report()["bad_events"] == 20
+    snap = FlowSnapshot.from_record(records[0])
+    assert snap.events_seen == 180
+    assert all(np.isfinite(a).all() for a in snap.arrays.values())
