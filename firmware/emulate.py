@@ -1,9 +1,15 @@
-"""The bit-accurate firmware emulator: hls4ml's C++ of the encoder behind a batched ctypes bridge.
+"""The bit-accurate firmware emulator: hls4ml's C++ of the encoder, and an exact integer kernel.
 
 hls4ml's ``predict()`` calls its C++ once per event from Python. Here a small C++ entry
 point (``batch_bridge.cpp``) loops over a contiguous batch; it is compiled with g++
 against the project hls4ml wrote and called through ctypes, and gives the same bits as
-``predict()`` (the same conversion and top function per event).
+``predict()`` (the same conversion and top function per event). That is the ``"hls"``
+kernel, the reference.
+
+Most of its time is software ``ap_fixed`` arithmetic, so the default ``"integer"`` kernel
+(``firmware.fixed_point``) replays the same network on int64 values vectorised over the
+batch, with every type and weight read from the same hls4ml project; it is tested bit for
+bit against the ``"hls"`` kernel and hls4ml's ``predict()``.
 
 The compiled library is cached under ``cache_dir/<key>/`` where the key hashes the
 weights, the quantization and architecture, the hls4ml version and the bridge source.
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from firmware.config import FixedType
+from firmware.fixed_point import IntegerNetwork, load_network
 from firmware.inputs import N_INPUTS, round_to_fixed
 from firmware.model import L1Model
 
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 BRIDGE_SOURCE = Path(__file__).resolve().parent / "batch_bridge.cpp"
 LIBRARY_NAME = "libtrigfarm_l1.so"
 HLS_DIR = "hls"
+#: ``"integer"``: exact int64 numpy kernel (fast, default); ``"hls"``: hls4ml's C++ via the bridge.
+KERNELS = ("integer", "hls")
 
 
 def default_cache_dir() -> Path:
@@ -47,17 +56,30 @@ def default_cache_dir() -> Path:
 class Emulator:
     """The compiled encoder firmware: (N, 57) inputs -> (N, 2 x latent) = (mu, log sigma^2).
 
-    Inputs are rounded on the host to the firmware input type first (the C++ conversion
-    would do the same), so callers and references see exactly what the firmware sees.
+    Inputs are rounded to the firmware input type first (the C++ conversion would do the
+    same), so callers and references see exactly what the firmware sees. ``kernel`` picks
+    the exact integer kernel (reads the hls4ml project in ``library``'s ``hls/`` sibling)
+    or the C++ bridge; ``threads`` OpenMP threads share a batch of the bridge. Inputs must
+    be finite (the integer kernel raises ``ValueError`` otherwise).
     """
 
     def __init__(
-        self, library: str | Path, *, input_type: FixedType, latent: int, threads: int = 1
+        self,
+        library: str | Path,
+        *,
+        input_type: FixedType,
+        latent: int,
+        threads: int = 1,
+        kernel: str = "integer",
     ) -> None:
         if threads < 1:
             msg = f"threads must be >= 1, got {threads}"
             raise ValueError(msg)
+        if kernel not in KERNELS:
+            msg = f"unknown emulator kernel {kernel!r}; choose one of {KERNELS}"
+            raise ValueError(msg)
         self.threads = threads
+        self.kernel = kernel
         self.library = Path(library)
         self.input_type = input_type
         self.latent = latent
@@ -74,6 +96,15 @@ class Emulator:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         fn.restype = ctypes.c_long
         self._predict = fn
+        self._network: IntegerNetwork | None = None
+        if kernel == "integer":
+            from firmware.convert import PROJECT
+
+            network = load_network(self.library.parent / HLS_DIR, PROJECT)
+            if (network.n_inputs, network.n_outputs) != (self.n_inputs, self.n_outputs):
+                msg = f"the hls4ml project beside {self.library} does not match the library"
+                raise ValueError(msg)
+            self._network = network
 
     def round_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Round (N, 57) inputs to the firmware input type (float32, C-contiguous)."""
@@ -81,7 +112,10 @@ class Emulator:
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """(N, 57) inputs -> (N, 2 x latent) float32 firmware outputs."""
-        x = self.round_inputs(np.asarray(inputs, np.float32).reshape(-1, self.n_inputs))
+        x = np.asarray(inputs, np.float32).reshape(-1, self.n_inputs)
+        if self._network is not None:
+            return self._network.predict(x)
+        x = self.round_inputs(x)
         out = np.empty((len(x), self.n_outputs), np.float32)
         if len(x):
             self._predict(x.ctypes.data, out.ctypes.data, len(x), self.threads)
@@ -189,10 +223,14 @@ def build_project(model: L1Model, project_dir: str | Path, *, compile_library: b
 
 
 def load_emulator(
-    model: L1Model, *, cache_dir: str | Path | None = None, threads: int = 1
+    model: L1Model,
+    *,
+    cache_dir: str | Path | None = None,
+    threads: int = 1,
+    kernel: str = "integer",
 ) -> Emulator:
-    """The emulator of ``model``, compiled once and cached by ``cache_key``; ``threads``
-    OpenMP threads share each batch."""
+    """The emulator of ``model``, compiled once and cached by ``cache_key``; ``kernel`` and
+    ``threads`` as in ``Emulator``."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / cache_key(model)
     library = entry / LIBRARY_NAME
@@ -214,5 +252,9 @@ def load_emulator(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return Emulator(
-        library, input_type=model.quantization.input_fixed, latent=model.vae.latent, threads=threads
+        library,
+        input_type=model.quantization.input_fixed,
+        latent=model.vae.latent,
+        threads=threads,
+        kernel=kernel,
     )

@@ -1,4 +1,4 @@
-"""The batched bridge against hls4ml's own predict() and QKeras: bit for bit; the cache."""
+"""Both emulator kernels against hls4ml's own predict() and QKeras: bit for bit; the cache."""
 
 from __future__ import annotations
 
@@ -30,26 +30,40 @@ def inputs(default_model: L1Model) -> np.ndarray:
     return default_model.inputs(l1_like_objects(N_EVENTS, seed=11))
 
 
-def test_batched_bridge_is_bit_identical_to_hls4ml_predict(
+@pytest.mark.parametrize("kernel", ["hls", "integer"])
+def test_both_kernels_are_bit_identical_to_hls4ml_predict(
     session_emulator: Emulator,
     hls_model,
     inputs: np.ndarray,  # type: ignore[no-untyped-def]
+    kernel: str,
 ) -> None:
-    rounded = session_emulator.round_inputs(inputs)
-    ours = session_emulator.predict(rounded)
+    emulator = Emulator(
+        session_emulator.library, input_type=session_emulator.input_type, latent=3, kernel=kernel
+    )
+    rounded = emulator.round_inputs(inputs)
+    ours = emulator.predict(rounded)
     theirs = np.asarray(hls_model.predict(rounded), np.float32).reshape(ours.shape)
     assert ours.shape == (N_EVENTS, 6)
     np.testing.assert_array_equal(ours, theirs)
     assert np.unique(ours).size > 100  # a real model, not constants
+    # Unrounded inputs: the kernel's own input conversion equals the firmware's.
+    np.testing.assert_array_equal(emulator.predict(inputs), ours)
     # Batch boundaries do not matter.
-    parts = np.concatenate([session_emulator.predict(rounded[i : i + 7]) for i in range(0, 700, 7)])
+    parts = np.concatenate([emulator.predict(rounded[i : i + 7]) for i in range(0, 700, 7)])
     np.testing.assert_array_equal(parts, ours[:700])
     # Threads split the batch, not the bits.
     threaded = Emulator(
-        session_emulator.library, input_type=session_emulator.input_type, latent=3, threads=2
+        emulator.library, input_type=emulator.input_type, latent=3, threads=2, kernel=kernel
     )
     np.testing.assert_array_equal(threaded.predict(rounded), ours)
-    assert session_emulator.predict(rounded[:0]).shape == (0, 6)
+    assert emulator.predict(rounded[:0]).shape == (0, 6)
+
+
+def test_unknown_kernel_is_refused(session_emulator: Emulator) -> None:
+    with pytest.raises(ValueError, match="unknown emulator kernel"):
+        Emulator(
+            session_emulator.library, input_type=session_emulator.input_type, latent=3, kernel="x"
+        )
 
 
 def test_host_rounding_equals_the_firmware_input_conversion(
@@ -105,6 +119,7 @@ def test_cache_hit_needs_no_rebuild_and_key_follows_the_model(
     entry = tmp_path / key
     entry.mkdir()
     shutil.copy(session_emulator.library, entry / emulate.LIBRARY_NAME)
+    shutil.copytree(session_emulator.library.parent / emulate.HLS_DIR, entry / emulate.HLS_DIR)
 
     def no_build(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache was missed")
@@ -112,6 +127,7 @@ def test_cache_hit_needs_no_rebuild_and_key_follows_the_model(
     monkeypatch.setattr(emulate, "build_project", no_build)
     hit = load_emulator(default_model, cache_dir=tmp_path)
     assert hit.library == entry / emulate.LIBRARY_NAME
+    assert hit.kernel == "integer"
     # Other weights -> another key (and here: a rebuild, which the patch refuses).
     weights = dict(default_model.weights)
     weights["z_mean/bias"] = weights["z_mean/bias"] + 1.0
