@@ -354,6 +354,3 @@ def deploy_k8s(topology_path: str | None, out: Path, image: str, namespace: str)
         raise click.UsageError(str(exc)) from exc
     for path in write_manifests(objects, out):
         click.echo(path)
-
-
-FARM_COMMANDS = (run, replay, node, keys, monitor, deploy)
