@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
+from firmware.calibrate import calibrate
 from firmware.emulate import Emulator, load_emulator
 from firmware.model import load_model
 from firmware.scores import r_z
@@ -82,6 +83,21 @@ def test_accepts_on_rz_or_seeds_with_bits_and_scores(emulator: Emulator) -> None
     )
     assert not (bits >> SEED_BITS["ht"] & 1).any()  # disabled seed never fires
     assert trigger.report()["fired"]["anomaly"] == int((rz > threshold).sum())
+
+
+def test_anomaly_path_accepts_at_the_calibrated_rate(emulator: Emulator) -> None:
+    """Calibrate on one background sample; an independent one fires at that rate."""
+    model = load_model()
+    mu, log_var = emulator.encode(model.inputs(l1_like_objects(20_000, seed=11)))
+    calibration = calibrate(r_z(mu, log_var), rate_hz=400e3, input_rate_hz=40e6)  # FPR 1%
+    assert calibration.reliable and calibration.method == "empirical-quantile"
+    trigger = build(
+        L1Config(threshold=calibration.threshold, seeds=()), name="l1-rate", emulator=emulator
+    )
+    n = 20_000
+    outcome = trigger.process(l1_batch(n, seed=12))
+    fpr = calibration.target_fpr
+    assert abs(outcome.accepted / n - fpr) < 4 * np.sqrt(fpr * (1 - fpr) / n)
 
 
 def test_seed_definitions() -> None:

@@ -26,6 +26,7 @@ def start_pipeline(tmp_path: Path, source_params: dict) -> dict[str, mp.Process]
                 "source",
                 "source",
                 outputs={"out": f"@tcp://127.0.0.1:{src_port}"},
+                output_peers=2,  # both workers connected before the first batch
                 stats_path=str(tmp_path / "source.json"),
                 **common,
             ),
@@ -60,10 +61,8 @@ def start_pipeline(tmp_path: Path, source_params: dict) -> dict[str, mp.Process]
         name: SPAWN.Process(target=run_fake_node, args=(spec,), name=name)
         for name, spec in specs.items()
     }
-    # Downstream first, so that the source's first batches find the workers connected.
     for name in ("sink", "worker0", "worker1", "source"):
         procs[name].start()
-        time.sleep(0.3 if name != "source" else 0)
     return procs
 
 
