@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -18,11 +16,6 @@ from simulator.recipes import PROCESSES, make_recipe, parse_parameter
 
 def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    del signum, frame
-    raise KeyboardInterrupt
 
 
 @click.command(context_settings={"show_default": True})
@@ -110,21 +103,17 @@ def simulate(
     if out.exists() and not force:
         msg = f"{out} exists; use --force to replace it"
         raise click.UsageError(msg)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        result = simulate_to_file(
-            recipe,
-            events,
-            out,
-            seed=seed,
-            workers=workers,
-            block_size=block_size,
-            overwrite=force,
-            progress=not quiet,
-            command=shlex.join(["trigfarm", *sys.argv[1:]]),
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    result = simulate_to_file(
+        recipe,
+        events,
+        out,
+        seed=seed,
+        workers=workers,
+        block_size=block_size,
+        overwrite=force,
+        progress=not quiet,
+        command=shlex.join(["trigfarm", *sys.argv[1:]]),
+    )
     if result.info is None:
         click.echo(f"interrupted before the first block; {out} was not written", err=True)
         sys.exit(130)

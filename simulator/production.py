@@ -5,8 +5,10 @@ Events are made in blocks of ``block_size``; block ``i`` is re-seeded from ``(se
 the same whatever the number of workers. Workers are separate processes (Pythia holds the
 GIL), started with ``spawn``, each with its own Pythia; the parent writes blocks in order.
 
-An interrupt (Ctrl-C or SIGTERM in the command line) stops the workers and leaves a valid
-file marked partial with every block finished so far.
+An interrupt (SIGINT or SIGTERM) lets the block in progress finish, stops the workers and
+leaves a valid file marked partial with every block finished so far; a second one stops at
+once. The signal only sets a flag that the loop checks between blocks, so it can never be
+swallowed by library code it happens to interrupt.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import logging
 import multiprocessing as mp
 import platform
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -167,6 +171,30 @@ def _init_worker_inline(
     _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets)
 
 
+@contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT/SIGTERM (main thread only); the second one raises."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum: int, frame: object) -> None:
+        del signum, frame
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, request)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def simulate_to_file(
     process: Recipe | str,
     n_events: int,
@@ -193,7 +221,7 @@ def simulate_to_file(
 
     Returns:
         The file's description, the time taken, generator statistics and whether it was
-        interrupted (then the file is partial; the ``KeyboardInterrupt`` is not re-raised).
+        interrupted (then the file is partial; the interrupt is not re-raised).
     """
     if n_events < 1 or block_size < 1 or workers < 1:
         msg = (
@@ -231,11 +259,14 @@ def simulate_to_file(
     writer = CacheWriter(out, attrs, overwrite=overwrite)
     bar = tqdm(total=n_events, unit="ev", desc=recipe.name, disable=not progress, smoothing=0.1)
     try:
-        for columns, truth, delta in _results(tasks, workers, init_args):
-            writer.append(EventBatch(columns, truth))
-            for key, value in delta.items():
-                setattr(totals, key, getattr(totals, key) + value)
-            bar.update(len(truth["process_id"]))
+        with _stop_requests() as stop:
+            for columns, truth, delta in _results(tasks, workers, init_args):
+                writer.append(EventBatch(columns, truth))
+                for key, value in delta.items():
+                    setattr(totals, key, getattr(totals, key) + value)
+                bar.update(len(truth["process_id"]))
+                if stop.is_set():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted after %d of %d events", writer.n_events, n_events)
