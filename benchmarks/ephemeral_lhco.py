@@ -21,8 +21,8 @@ bkg07-08, test background bkg09-10; injected signal sig01-03, test signal sig04-
 stream, N/2 each for the idealised and test background, W'->XY signal), generated once
 into ``--cache``.
 
-    python benchmarks/ephemeral_lhco.py [--quick] [--sb 0 0.005 0.01 0.02 0.05] [--nodes 2]
-    python benchmarks/ephemeral_lhco.py --simulated 6000 --sb 0.2
+    python -m benchmarks.ephemeral_lhco [--quick] [--sb 0 0.005 0.01 0.02 0.05] [--nodes 2]
+    python -m benchmarks.ephemeral_lhco --simulated 6000 --sb 0.2
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ On the same rounded L1 background events, in one run:
 - bit-exactness: integer == bridge == hls4ml predict() == QKeras on mu and log sigma^2,
   and the accept decision (R_z > threshold) agreement.
 
-    python benchmarks/l1_emulator.py --data BKG.h5 [--events 10000] [--model DIR]
+    python -m benchmarks.l1_emulator --data BKG.h5 [--events 10000] [--model DIR]
 """
 
 from __future__ import annotations

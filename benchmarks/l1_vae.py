@@ -9,7 +9,7 @@ one ROC PNG per signal.
 The model is trained beforehand by ``trigfarm firmware train`` on simulated ``l1bkg``
 (the default model's card holds the exact commands).
 
-    python benchmarks/l1_vae.py --background BKG.h5 --signal a4l=A4L.h5 htautau=H.h5 ...
+    python -m benchmarks.l1_vae --background BKG.h5 --signal a4l=A4L.h5 htautau=H.h5 ...
         [--model DIR] [--rate-hz 1000] [--out DIR]
 """
 

@@ -10,7 +10,7 @@
    jet with pT > 1.2 TeV): medians of mJ1, tau21(J1) and mjj, and the two-sample
    Kolmogorov-Smirnov distance of each; an overlay plot is written to ``--out-dir``.
 
-    python benchmarks/simulator.py [--events 100] [--validation-events 3000] [--out-dir DIR]
+    python -m benchmarks.simulator [--events 100] [--validation-events 3000] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and this module would hide
-# the ``simulator`` package; put the project root there instead.
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import matplotlib
 

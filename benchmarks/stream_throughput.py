@@ -5,7 +5,7 @@ child). The codec path encodes each batch and fully decodes and validates it (fi
 included) on arrival; the raw path sends the same buffers and only receives them. Trials
 alternate between the two so that both see the same machine noise.
 
-    python benchmarks/stream_throughput.py [--batches 300] [--trials 5]
+    python -m benchmarks.stream_throughput [--batches 300] [--trials 5]
 """
 
 from __future__ import annotations
