@@ -186,10 +186,7 @@ class EventGenerator:
         return EventBatch(
             {
                 "l1_objects": l1[keep],
-                "fatjets": content.fatjets,
-                "constituents": content.constituents,
-                "n_constituents": content.n_constituents,
-                "features": content.features,
+                **content.columns(),
             },
             truth={
                 "process_id": np.full(n_kept, recipe.process_id, "<i2"),

@@ -70,6 +70,15 @@ class FatJetContent:
     features: np.ndarray  # (N, 8)
     leading_pt: np.ndarray  # (N,) pT of the leading (highest-pT) fat jet
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """The ``EventBatch`` columns: fat jets, constituents, their counts and features."""
+        return {
+            "fatjets": self.fatjets,
+            "constituents": self.constituents,
+            "n_constituents": self.n_constituents,
+            "features": self.features,
+        }
+
     def take_events(self, keep: np.ndarray) -> FatJetContent:
         """The events where ``keep`` (a boolean mask or index array) selects."""
         return FatJetContent(

@@ -75,10 +75,7 @@ def read_lhco_raw(
                     "run": np.full(n, run, "<u4"),
                     "lumi": np.zeros(n, "<u4"),
                     "event": np.arange(event, event + n, dtype="<u8"),
-                    "fatjets": content.fatjets,
-                    "constituents": content.constituents,
-                    "n_constituents": content.n_constituents,
-                    "features": content.features,
+                    **content.columns(),
                 },
                 truth={
                     "process_id": process_id.astype("<i2"),

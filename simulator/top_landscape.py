@@ -83,10 +83,7 @@ def read_top_landscape(
                     "run": np.full(n, run, "<u4"),
                     "lumi": np.zeros(n, "<u4"),
                     "event": np.arange(event, event + n, dtype="<u8"),
-                    "fatjets": content.fatjets,
-                    "constituents": content.constituents,
-                    "n_constituents": content.n_constituents,
-                    "features": content.features,
+                    **content.columns(),
                 },
                 truth={
                     "process_id": np.where(is_signal, TOP_PROCESS_ID, QCD_PROCESS_ID).astype("<i2"),
