@@ -180,14 +180,17 @@ def _scores(model_dir: Path, data: tuple[Path, ...], max_events: int, cache_dir:
     return model, r_z(mu, log_var)
 
 
-@firmware.command()
-@click.option(
+_model_option = click.option(
     "--model",
     "model_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=DEFAULT_MODEL_DIR,
     help="Model directory.",
 )
+
+
+@firmware.command()
+@_model_option
 @click.option(
     "--data",
     multiple=True,
@@ -237,13 +240,7 @@ def calibrate(
 @firmware.command()
 @click.option("--board", type=click.Choice(["pynq-z2", "zcu102", "alveo-u50"]), required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=DEFAULT_MODEL_DIR,
-    help="Model directory.",
-)
+@_model_option
 @click.option(
     "--data",
     multiple=True,
