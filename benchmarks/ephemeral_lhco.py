@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         help="S/B in the SR; 0 is the no-signal control",
     )
     parser.add_argument("--nodes", type=int, default=2, help="HLT nodes (flows per role)")
+    parser.add_argument("--members", type=int, default=5, help="MAFs per flow (an ensemble)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="out/ephemeral_lhco", help="plots and JSON")
     parser.add_argument("--keep-archive", action="store_true", help="keep archives under --out")
@@ -218,13 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     learner_config = FlowLearnerConfig(
         n_transforms=2 if args.quick else 4,
-        hidden_features=16 if args.quick else 32,
-        n_bins=8,
-        buffer_size=1024,
-        batch_size=64,
-        learning_rate=2e-3,
-        warmup_steps=20,
-        decay_start_steps=300,
+        batch_size=64 if args.quick else 16,
+        n_members=args.members,
+        seed=args.seed,
         calibration_events=2000,
         snapshot_every_events=20_000,
         signal_region_gev=SR,

@@ -11,6 +11,10 @@ through a logit and standardised. Its log-Jacobian is added in ``log_prob``, so 
 are in physical units (per GeV for masses) and flows with different preprocessing can be
 mixed. Outside the bounds the density is zero (log density -inf).
 
+A flow may be an ensemble of ``n_members`` MAFs trained on the same events from different
+initial weights: its density is their average (exact, by log-sum-exp), which cancels
+much of the seed-to-seed noise that a single pass over a stream leaves in one MAF.
+
 ``FlowMixture`` combines flows trained on different shares of the stream, each weighted
 by the events it saw: p(x|m) = Σ w_i p_i(x|m), evaluated exactly with log-sum-exp.
 
@@ -26,6 +30,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -54,9 +59,17 @@ class FlowConfig:
     n_blocks: int = 2
     n_bins: int = 8
     tail_bound: float = 4.0
+    n_members: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("n_features", "n_transforms", "hidden_features", "n_blocks", "n_bins"):
+        for key in (
+            "n_features",
+            "n_transforms",
+            "hidden_features",
+            "n_blocks",
+            "n_bins",
+            "n_members",
+        ):
             if getattr(self, key) < 1:
                 msg = f"{key} must be >= 1, got {getattr(self, key)}"
                 raise ValueError(msg)
@@ -227,7 +240,8 @@ def build_maf(config: FlowConfig) -> Flow:
 
 
 class ConditionalFlow(torch.nn.Module):
-    """p(x | mjj) in physical units: a MAF on preprocessed features.
+    """p(x | mjj) in physical units: a MAF (or the average of ``n_members`` MAFs) on
+    preprocessed features.
 
     Example:
         >>> import numpy as np
@@ -247,12 +261,24 @@ class ConditionalFlow(torch.nn.Module):
             raise ValueError(msg)
         self.config = config
         self.preprocessing = preprocessing
-        self.maf = build_maf(config)
+        self.members = torch.nn.ModuleList(build_maf(config) for _ in range(config.n_members))
+
+    @property
+    def mafs(self) -> list[Flow]:
+        """The members, typed."""
+        return [cast(Flow, maf) for maf in self.members]
 
     def loss(self, x: np.ndarray, mjj_gev: np.ndarray) -> torch.Tensor:
-        """Mean negative log-likelihood in preprocessed space (the training objective)."""
+        """Mean negative log-likelihood in preprocessed space, summed over the members: each
+        member's gradient is that of its own likelihood (the training objective)."""
         z, _ = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
-        return -self.maf.log_prob(z, context=self.preprocessing.context(mjj_gev)).mean()
+        context = self.preprocessing.context(mjj_gev)
+        return -torch.stack([maf.log_prob(z, context=context).mean() for maf in self.mafs]).sum()
+
+    def _log_prob_z(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """log of the members' average density in preprocessed space."""
+        terms = torch.stack([maf.log_prob(z, context=context) for maf in self.mafs])
+        return torch.logsumexp(terms, dim=0) - math.log(len(self.members))
 
     @torch.no_grad()
     def log_prob(self, x: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
@@ -260,38 +286,43 @@ class ConditionalFlow(torch.nn.Module):
         x = np.asarray(x, dtype=np.float64)
         z, log_jac = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
         context = self.preprocessing.context(mjj_gev)
-        out = (self.maf.log_prob(z, context=context) + log_jac).double().numpy()
+        out = (self._log_prob_z(z, context) + log_jac).double().numpy()
         out[~self.preprocessing.inside(x)] = -np.inf
         return out
 
     @torch.no_grad()
     def sample(self, mjj_gev: np.ndarray, *, seed: int | None = None) -> np.ndarray:
-        """One sample of x per given mjj value, in physical units, as float64 (N, F)."""
+        """One sample of x per given mjj value, in physical units, as float64 (N, F); for an
+        ensemble each row comes from a member drawn uniformly."""
         mjj = np.asarray(mjj_gev, dtype=np.float64).reshape(-1)
+        out = np.zeros((mjj.size, self.config.n_features))
         generator_state = torch.random.get_rng_state()
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            parts = []
-            for start in range(0, mjj.size, 50_000):
-                context = self.preprocessing.context(mjj[start : start + 50_000])
-                z = self.maf.sample(1, context=context).reshape(len(context), -1)
-                parts.append(self.preprocessing.inverse(z.double()).numpy())
+            which = torch.randint(len(self.members), (mjj.size,)).numpy()
+            for member, maf in enumerate(self.mafs):
+                rows = np.flatnonzero(which == member)
+                for start in range(0, rows.size, 50_000):
+                    chunk = rows[start : start + 50_000]
+                    context = self.preprocessing.context(mjj[chunk])
+                    z = maf.sample(1, context=context).reshape(len(context), -1)
+                    out[chunk] = self.preprocessing.inverse(z.double()).numpy()
         finally:
             if seed is not None:
                 torch.random.set_rng_state(generator_state)
-        return np.concatenate(parts) if parts else np.zeros((0, self.config.n_features))
+        return out
 
     def parameter_arrays(self) -> dict[str, np.ndarray]:
         """The trainable parameters as float32 numpy arrays (copies), by name."""
         return {
             name: p.detach().cpu().numpy().astype("<f4", copy=True)
-            for name, p in self.maf.named_parameters()
+            for name, p in self.members.named_parameters()
         }
 
     def load_parameter_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Set every trainable parameter from ``arrays`` (names and shapes must match)."""
-        own = dict(self.maf.named_parameters())
+        own = dict(self.members.named_parameters())
         if set(arrays) != set(own):
             missing, extra = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
             msg = f"parameter names differ: missing {missing[:3]}, unexpected {extra[:3]}"

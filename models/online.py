@@ -10,6 +10,11 @@ never lost silently. The learning rate warms up linearly, then decays as 1/√st
 fixed end, as a stream has none); the Adam state is kept for the trainer's whole life, so
 snapshots never reset it.
 
+What a trainer publishes (``estimate``) is the Polyak average of its weights, a moving
+average whose horizon grows with the step count up to ``1 / (1 - average_decay)`` steps:
+with one pass and no epochs to anneal over, the last iterate is noisy (on the LHCO stream
+averaging lifted the ANODE AUC from 0.60 to 0.83; benchmarks/RESULTS.md).
+
 ``OnlineFlow`` runs two trainers side by side on one stream: the all-data flow and the
 sideband flow, which is never offered an event whose mjj lies in the signal region.
 Preprocessing is fixed before training: from configured bounds, or from the first
@@ -26,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from models.flows import (
     FEATURE_INDICES,
@@ -47,12 +53,15 @@ class OnlineConfig:
 
     Attributes:
         n_transforms, hidden_features, n_blocks, n_bins, tail_bound: the MAF (FlowConfig).
+        n_members: MAFs per flow, trained on the same minibatches from different initial
+            weights; the flow's density is their average.
         buffer_size: events held at most while waiting for training (per flow).
         batch_size: events per optimizer step.
         learning_rate: peak Adam learning rate.
         warmup_steps: linear warm-up steps; then lr ∝ 1/√(step / decay_start_steps).
         decay_start_steps: steps at the peak before the 1/√step decay starts.
-        grad_clip: maximum gradient norm.
+        grad_clip: maximum gradient norm (per member).
+        average_decay: the largest decay of the Polyak average that is published.
         budget_s_per_event: training time allowed per arriving event; 0 trains on every
             event, however long it takes (the caller blocks).
         calibration_events: events that fix the preprocessing when no bounds are given.
@@ -63,16 +72,18 @@ class OnlineConfig:
     """
 
     n_transforms: int = 4
-    hidden_features: int = 32
+    hidden_features: int = 16
     n_blocks: int = 2
     n_bins: int = 8
     tail_bound: float = 4.0
-    buffer_size: int = 2048
-    batch_size: int = 128
+    n_members: int = 5
+    buffer_size: int = 1024
+    batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 20
-    decay_start_steps: int = 200
+    decay_start_steps: int = 1200
     grad_clip: float = 5.0
+    average_decay: float = 0.995
     budget_s_per_event: float = 0.0
     calibration_events: int = 2048
     bounds_lower: tuple[float, ...] = ()
@@ -96,6 +107,9 @@ class OnlineConfig:
         if self.learning_rate <= 0 or self.grad_clip <= 0 or self.budget_s_per_event < 0:
             msg = "learning_rate and grad_clip must be > 0 and budget_s_per_event >= 0"
             raise ValueError(msg)
+        if not 0 <= self.average_decay < 1:
+            msg = f"average_decay must be in [0, 1), got {self.average_decay}"
+            raise ValueError(msg)
         if len(self.bounds_lower) != len(self.bounds_upper) or len(self.bounds_lower) not in (
             0,
             len(FEATURE_INDICES),
@@ -115,6 +129,7 @@ class OnlineConfig:
             n_blocks=self.n_blocks,
             n_bins=self.n_bins,
             tail_bound=self.tail_bound,
+            n_members=self.n_members,
         )
 
     def learning_rate_at(self, step: int) -> float:
@@ -159,6 +174,7 @@ class StreamTrainer:
         torch.manual_seed(seed)
         self.flow = ConditionalFlow(config.flow_config(), preprocessing)
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.learning_rate)
+        self._average = AveragedModel(self.flow, avg_fn=self._polyak)
         self.stats = TrainerStats()
         self._clock = clock
         self._on_step = on_step
@@ -168,6 +184,19 @@ class StreamTrainer:
         self._mjj = np.zeros(n, np.float32)
         self._index = np.zeros(n, np.int64)
         self._fill = 0
+
+    @property
+    def estimate(self) -> ConditionalFlow:
+        """The Polyak-averaged flow: what snapshots publish and analyses use."""
+        module = self._average.module
+        assert isinstance(module, ConditionalFlow)
+        return module
+
+    def _polyak(
+        self, averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor | int
+    ) -> torch.Tensor:
+        decay = min(self.config.average_decay, (int(n_averaged) + 1) / (int(n_averaged) + 10))
+        return averaged + (1 - decay) * (current - averaged)
 
     @property
     def buffered(self) -> int:
@@ -241,9 +270,11 @@ class StreamTrainer:
         loss = self.flow.loss(x, mjj)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.grad_clip)
+        for member in self.flow.mafs:
+            torch.nn.utils.clip_grad_norm_(member.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        value = float(loss.detach())
+        self._average.update_parameters(self.flow)
+        value = float(loss.detach()) / self.config.n_members
         stats = self.stats
         stats.loss_ema = (
             value if math.isnan(stats.loss_ema) else 0.98 * stats.loss_ema + 0.02 * value

@@ -170,7 +170,7 @@ class FlowLearner:
         for role, trainer in self.online.trainers.items():
             stats = trainer.stats
             snap = FlowSnapshot.of(
-                trainer.flow,
+                trainer.estimate,
                 mjj_hist=stats.mjj_hist,
                 mjj_edges=MJJ_EDGES_GEV,
                 node_id=self.node_id,

@@ -3,6 +3,8 @@ sampling that matches the density, and parameters that round-trip."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,13 @@ from models.flows import ConditionalFlow, FlowConfig, FlowMixture, Preprocessing
 torch.set_num_threads(1)
 
 
-def small_flow(seed: int, lower=(10.0, -2.0), upper=(50.0, 3.0)) -> ConditionalFlow:
+def small_flow(
+    seed: int, lower=(10.0, -2.0), upper=(50.0, 3.0), n_members: int = 1
+) -> ConditionalFlow:
     torch.manual_seed(seed)
-    config = FlowConfig(n_features=2, n_transforms=2, hidden_features=16, n_bins=6)
+    config = FlowConfig(
+        n_features=2, n_transforms=2, hidden_features=16, n_bins=6, n_members=n_members
+    )
     flow = ConditionalFlow(config, Preprocessing.from_bounds(lower, upper))
     with torch.no_grad():  # move away from the near-identity initialisation
         for p in flow.parameters():
@@ -38,6 +44,20 @@ def test_flow_density_is_normalised_in_physical_units(mjj: float) -> None:
     assert grid_integral(flow.log_prob, (10.0, -2.0), (50.0, 3.0), mjj) == pytest.approx(
         1, abs=0.02
     )
+
+
+def test_an_ensemble_density_is_the_average_of_its_members() -> None:
+    ensemble = small_flow(7, n_members=3)
+    x, m = np.array([[20.0, 0.1], [40.0, -1.5]]), np.full(2, 3400.0)
+    z, log_jac = ensemble.preprocessing.forward(torch.tensor(x, dtype=torch.float32))
+    context = ensemble.preprocessing.context(m)
+    with torch.no_grad():
+        members = np.stack(
+            [(maf.log_prob(z, context=context) + log_jac).numpy() for maf in ensemble.mafs]
+        )
+    assert np.ptp(members, axis=0).min() > 1e-3  # the members differ
+    expected = np.log(np.exp(members.astype(np.float64)).mean(axis=0))
+    np.testing.assert_allclose(ensemble.log_prob(x, m), expected, rtol=1e-5)
 
 
 def test_density_is_zero_outside_the_bounds() -> None:
@@ -77,6 +97,30 @@ def test_mixture_sampling_matches_its_density() -> None:
     assert chi2 < 30, (counts, expected.round())  # 8 bins: chi2 ~ 8 +- 4 when right
 
 
+def test_an_ensemble_samples_each_member_in_equal_shares() -> None:
+    ensemble = small_flow(8, n_members=2)
+    n = 20_000
+    drawn = ensemble.sample(np.full(n, 3300.0), seed=2)
+    pooled = []
+    for member in range(2):
+        alone = ConditionalFlow(replace(ensemble.config, n_members=1), ensemble.preprocessing)
+        prefix = f"{member}."
+        alone.load_parameter_arrays(
+            {
+                "0." + name.removeprefix(prefix): value
+                for name, value in ensemble.parameter_arrays().items()
+                if name.startswith(prefix)
+            }
+        )
+        pooled.append(alone.sample(np.full(n // 2, 3300.0), seed=10 + member))
+    edges = np.quantile(np.concatenate(pooled)[:, 0], np.linspace(0, 1, 9))
+    edges[0], edges[-1] = -np.inf, np.inf
+    a = np.histogram(drawn[:, 0], edges)[0]
+    b = np.histogram(np.concatenate(pooled)[:, 0], edges)[0]
+    chi2 = ((a - b) ** 2 / (a + b)).sum()
+    assert chi2 < 30, (a, b)  # two samples, 8 bins: chi2 ~ 8 +- 4 when they agree
+
+
 def test_samples_lie_inside_the_bounds_and_are_reproducible() -> None:
     flow = small_flow(4)
     first = flow.sample(np.full(500, 3500.0), seed=3)
@@ -101,7 +145,7 @@ def test_calibrated_preprocessing_jacobian_matches_finite_differences() -> None:
 
 
 def test_parameters_round_trip_exactly() -> None:
-    flow, other = small_flow(5), small_flow(6)
+    flow, other = small_flow(5, n_members=2), small_flow(6, n_members=2)
     other.load_parameter_arrays(flow.parameter_arrays())
     x, m = np.array([[20.0, 0.1]]), np.array([3500.0])
     assert other.log_prob(x, m) == flow.log_prob(x, m)

@@ -15,7 +15,7 @@ from stream.testing import FakeClock
 
 torch.set_num_threads(1)
 
-SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1}
+SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 1}
 
 
 def features(n: int, seed: int) -> np.ndarray:
@@ -109,8 +109,37 @@ def test_optimizer_state_is_kept_across_calls() -> None:
     assert int(state["step"]) == trainer.stats.steps > first_steps
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_snapshots_publish_the_polyak_average_of_the_iterates(decay: float) -> None:
+    config = OnlineConfig(
+        **{**SMALL, "n_members": 2}, buffer_size=64, batch_size=32, average_decay=decay
+    )
+    online = OnlineFlow(config)
+    online.learn(features(3000, 6))  # calibrates, then trains
+    trainer = online.trainers["all"]
+    iterates: list[list[torch.Tensor]] = []
+    trainer.optimizer.register_step_post_hook(
+        lambda *_: iterates.append([p.detach().clone() for p in trainer.flow.parameters()])
+    )
+    before = [p.detach().clone() for p in trainer.estimate.parameters()]
+    n_before = trainer.stats.steps
+    online.learn(features(640, 7))
+    assert len(iterates) == trainer.stats.steps - n_before == 20
+    expected = before
+    for n, current in enumerate(iterates, start=n_before):
+        d = min(decay, (n + 1) / (n + 10))
+        expected = [a + (1 - d) * (c - a) for a, c in zip(expected, current, strict=True)]
+    for want, got in zip(expected, trainer.estimate.parameters(), strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    raw = list(trainer.flow.parameters())
+    same = all(torch.equal(a, b) for a, b in zip(raw, trainer.estimate.parameters(), strict=True))
+    assert same == (decay == 0.0)
+
+
 def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         OnlineConfig(buffer_size=16, batch_size=32)
     with pytest.raises(ValueError, match="signal_region"):
         OnlineConfig(signal_region_gev=(3700.0, 3300.0))
+    with pytest.raises(ValueError, match="average_decay"):
+        OnlineConfig(average_decay=1.0)
