@@ -13,7 +13,7 @@ snapshots never reset it.
 What a trainer publishes (``estimate``) is the Polyak average of its weights, a moving
 average whose horizon grows with the step count up to ``1 / (1 - average_decay)`` steps:
 with one pass and no epochs to anneal over, the last iterate is noisy (on the LHCO stream
-averaging lifted the ANODE AUC from 0.60 to 0.83; benchmarks/RESULTS.md).
+averaging lowers the flows' test NLL by 0.04-0.07; benchmarks/RESULTS.md).
 
 ``OnlineFlow`` runs two trainers side by side on one stream: the all-data flow and the
 sideband flow, which is never offered an event whose mjj lies in the signal region.
