@@ -25,7 +25,7 @@ import torch
 
 from analysis.data import Events, load_events
 from analysis.metrics import roc
-from benchmarks.ephemeral_lhco import DATA, SR, files
+from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
 from models.flows import FEATURE_INDICES, MJJ_INDEX, FlowMixture
 from models.online import OnlineConfig, OnlineFlow
 
@@ -47,13 +47,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def lhco_stream(s_over_b: float, seed: int) -> tuple[np.ndarray, Events]:
     """Stream features (N, 8), shuffled, and the labelled test events in the SR."""
-
-    def spec(kind: str, numbers: range) -> str:
-        return f"lhco-features:{','.join(files(kind, numbers))}"
-
-    background = load_events([spec("bkg", range(1, 7))])
-    signal = load_events([spec("sig", range(1, 4))])
-    test = load_events([spec("bkg", range(9, 11)), spec("sig", range(4, 11))])
+    dataset = lhco_dataset(quick=False)
+    background = load_events([dataset.stream_background])
+    signal = load_events([dataset.injected_signal])
+    test = load_events(list(dataset.test))
     n_signal = int(s_over_b * background.in_window(SR).sum() / signal.in_window(SR).mean())
     rng = np.random.default_rng(seed)
     chosen = signal.features[rng.permutation(len(signal))[:n_signal]]
