@@ -13,7 +13,10 @@ mixed. Outside the bounds the density is zero (log density -inf).
 
 A flow may be an ensemble of ``n_members`` MAFs trained on the same events from different
 initial weights: its density is their average (exact, by log-sum-exp), which cancels
-much of the seed-to-seed noise that a single pass over a stream leaves in one MAF.
+much of the seed-to-seed noise that a single pass over a stream leaves in one MAF. The
+members are evaluated together by ``models.maf.MAFEnsemble``, which computes nflows' MAF
+function in one batched pass; parameters are stored under nflows' names, and
+``build_maf`` builds the nflows reference from them.
 
 ``FlowMixture`` combines flows trained on different shares of the stream, each weighted
 by the events it saw: p(x|m) = Σ w_i p_i(x|m), evaluated exactly with log-sum-exp.
@@ -30,7 +33,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import cast
 
 import numpy as np
 import torch
@@ -41,12 +43,14 @@ from nflows.transforms.autoregressive import (
     MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
 )
 
+from models.maf import MAFEnsemble
 from stream.schema import FEATURE_NAMES
 
 FLOW_FEATURES = ("mj1", "delta_mj", "tau21_j1", "tau21_j2")
 FEATURE_INDICES = tuple(FEATURE_NAMES.index(name) for name in FLOW_FEATURES)
 MJJ_INDEX = FEATURE_NAMES.index("mjj")
 _EPS = 1e-6
+_CHUNK = 50_000  # rows evaluated at once (bounds memory for large samples)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +224,9 @@ def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 def build_maf(config: FlowConfig) -> Flow:
-    """The nflows MAF of rational-quadratic splines; deterministic structure (no random
-    masks or permutations), so parameters alone rebuild it."""
+    """One member as an nflows MAF of rational-quadratic splines (the reference that
+    ``MAFEnsemble`` reproduces); deterministic structure (no random masks or
+    permutations), so parameters alone rebuild it."""
     transforms = []
     for _ in range(config.n_transforms):
         transforms.append(
@@ -261,24 +266,36 @@ class ConditionalFlow(torch.nn.Module):
             raise ValueError(msg)
         self.config = config
         self.preprocessing = preprocessing
-        self.members = torch.nn.ModuleList(build_maf(config) for _ in range(config.n_members))
+        self.maf = MAFEnsemble(
+            n_members=config.n_members,
+            n_features=config.n_features,
+            n_transforms=config.n_transforms,
+            hidden=config.hidden_features,
+            n_blocks=config.n_blocks,
+            n_bins=config.n_bins,
+            tail_bound=config.tail_bound,
+        )
 
-    @property
-    def mafs(self) -> list[Flow]:
-        """The members, typed."""
-        return [cast(Flow, maf) for maf in self.members]
+    def nflows_members(self) -> list[Flow]:
+        """The members as nflows MAFs with the same parameters (the reference)."""
+        mafs = torch.nn.ModuleList(build_maf(self.config) for _ in range(self.config.n_members))
+        own = dict(mafs.named_parameters())
+        with torch.no_grad():
+            for name, value in self.parameter_arrays().items():
+                own[name].copy_(torch.from_numpy(value))
+        return [maf for maf in mafs if isinstance(maf, Flow)]
 
     def loss(self, x: np.ndarray, mjj_gev: np.ndarray) -> torch.Tensor:
         """Mean negative log-likelihood in preprocessed space, summed over the members: each
         member's gradient is that of its own likelihood (the training objective)."""
         z, _ = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
         context = self.preprocessing.context(mjj_gev)
-        return -torch.stack([maf.log_prob(z, context=context).mean() for maf in self.mafs]).sum()
+        return -self.maf.log_prob(z, context).mean(dim=1).sum()
 
     def _log_prob_z(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """log of the members' average density in preprocessed space."""
-        terms = torch.stack([maf.log_prob(z, context=context) for maf in self.mafs])
-        return torch.logsumexp(terms, dim=0) - math.log(len(self.members))
+        terms = self.maf.log_prob(z, context)
+        return torch.logsumexp(terms, dim=0) - math.log(self.config.n_members)
 
     @torch.no_grad()
     def log_prob(self, x: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
@@ -286,7 +303,10 @@ class ConditionalFlow(torch.nn.Module):
         x = np.asarray(x, dtype=np.float64)
         z, log_jac = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
         context = self.preprocessing.context(mjj_gev)
-        out = (self._log_prob_z(z, context) + log_jac).double().numpy()
+        out = np.empty(len(x))
+        for start in range(0, len(x), _CHUNK):
+            rows = slice(start, start + _CHUNK)
+            out[rows] = (self._log_prob_z(z[rows], context[rows]) + log_jac[rows]).double().numpy()
         out[~self.preprocessing.inside(x)] = -np.inf
         return out
 
@@ -300,13 +320,14 @@ class ConditionalFlow(torch.nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            which = torch.randint(len(self.members), (mjj.size,)).numpy()
-            for member, maf in enumerate(self.mafs):
+            which = torch.randint(self.config.n_members, (mjj.size,)).numpy()
+            for member in range(self.config.n_members):
                 rows = np.flatnonzero(which == member)
-                for start in range(0, rows.size, 50_000):
-                    chunk = rows[start : start + 50_000]
+                for start in range(0, rows.size, _CHUNK):
+                    chunk = rows[start : start + _CHUNK]
                     context = self.preprocessing.context(mjj[chunk])
-                    z = maf.sample(1, context=context).reshape(len(context), -1)
+                    noise = torch.randn(len(chunk), self.config.n_features)
+                    z = self.maf.sample_member(member, noise, context)
                     out[chunk] = self.preprocessing.inverse(z.double()).numpy()
         finally:
             if seed is not None:
@@ -314,26 +335,12 @@ class ConditionalFlow(torch.nn.Module):
         return out
 
     def parameter_arrays(self) -> dict[str, np.ndarray]:
-        """The trainable parameters as float32 numpy arrays (copies), by name."""
-        return {
-            name: p.detach().cpu().numpy().astype("<f4", copy=True)
-            for name, p in self.members.named_parameters()
-        }
+        """The trainable parameters as float32 numpy arrays (copies), by nflows name."""
+        return self.maf.nflows_arrays()
 
     def load_parameter_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Set every trainable parameter from ``arrays`` (names and shapes must match)."""
-        own = dict(self.members.named_parameters())
-        if set(arrays) != set(own):
-            missing, extra = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
-            msg = f"parameter names differ: missing {missing[:3]}, unexpected {extra[:3]}"
-            raise ValueError(msg)
-        with torch.no_grad():
-            for name, param in own.items():
-                value = np.asarray(arrays[name])
-                if value.shape != tuple(param.shape):
-                    msg = f"parameter {name} has shape {value.shape}, expected {param.shape}"
-                    raise ValueError(msg)
-                param.copy_(torch.from_numpy(value.astype(np.float32)))
+        self.maf.load_nflows_arrays(arrays)
 
 
 class FlowMixture:

@@ -3,9 +3,12 @@
 ``StreamTrainer`` trains one ``ConditionalFlow`` from events offered once each. Events wait
 in a fixed-size buffer (preallocated, so memory does not grow with the stream); each
 optimizer step draws a random minibatch from the buffer, trains on it and removes those
-rows, so every event is trained on exactly once and then dropped. If events arrive faster
-than the trainer can train (the buffer is full and the time budget for this call is
-spent), the excess is subsampled uniformly at random and counted as ``not_learned``:
+rows, so every event is trained on exactly once and then dropped. With ``replay = k`` an
+event stays in the buffer for k draws (k optimizer steps, in different minibatches)
+before it is dropped: still bounded memory, and no event outlives the buffer.
+
+If events arrive faster than the trainer can train (the buffer is full and the time
+budget for this call is spent), the excess is subsampled uniformly at random and counted as ``not_learned``:
 never lost silently. The learning rate warms up linearly, then decays as 1/√step (no
 fixed end, as a stream has none); the Adam state is kept for the trainer's whole life, so
 snapshots never reset it.
@@ -57,6 +60,7 @@ class OnlineConfig:
             weights; the flow's density is their average.
         buffer_size: events held at most while waiting for training (per flow).
         batch_size: events per optimizer step.
+        replay: optimizer steps each event serves before it is dropped (1: single pass).
         learning_rate: peak Adam learning rate.
         warmup_steps: linear warm-up steps; then lr ∝ 1/√(step / decay_start_steps).
         decay_start_steps: steps at the peak before the 1/√step decay starts.
@@ -79,6 +83,7 @@ class OnlineConfig:
     n_members: int = 5
     buffer_size: int = 1024
     batch_size: int = 16
+    replay: int = 1
     learning_rate: float = 2e-3
     warmup_steps: int = 20
     decay_start_steps: int = 1200
@@ -97,7 +102,7 @@ class OnlineConfig:
         for key in ("bounds_lower", "bounds_upper", "signal_region_gev"):
             object.__setattr__(self, key, tuple(float(v) for v in getattr(self, key)))
         self.flow_config()
-        for key in ("buffer_size", "batch_size", "calibration_events"):
+        for key in ("buffer_size", "batch_size", "calibration_events", "replay"):
             if getattr(self, key) < 1:
                 msg = f"{key} must be >= 1, got {getattr(self, key)}"
                 raise ValueError(msg)
@@ -173,7 +178,9 @@ class StreamTrainer:
         self.config = config
         torch.manual_seed(seed)
         self.flow = ConditionalFlow(config.flow_config(), preprocessing)
-        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.learning_rate)
+        self.optimizer = torch.optim.Adam(
+            self.flow.parameters(), lr=config.learning_rate, foreach=True
+        )
         self._average = AveragedModel(self.flow, avg_fn=self._polyak)
         self.stats = TrainerStats()
         self._clock = clock
@@ -183,6 +190,7 @@ class StreamTrainer:
         self._x = np.zeros((n, f), np.float32)
         self._mjj = np.zeros(n, np.float32)
         self._index = np.zeros(n, np.int64)
+        self._uses_left = np.zeros(n, np.int64)
         self._fill = 0
 
     @property
@@ -205,7 +213,7 @@ class StreamTrainer:
 
     @property
     def buffer_nbytes(self) -> int:
-        return self._x.nbytes + self._mjj.nbytes + self._index.nbytes
+        return self._x.nbytes + self._mjj.nbytes + self._index.nbytes + self._uses_left.nbytes
 
     def offer(self, x: np.ndarray, mjj_gev: np.ndarray, *, deadline_s: float = math.inf) -> int:
         """Offer events once; train while the budget lasts. Returns how many were not learned
@@ -220,6 +228,7 @@ class StreamTrainer:
             self._x[rows] = x[pos : pos + take]
             self._mjj[rows] = mjj_gev[pos : pos + take]
             self._index[rows] = np.arange(first + pos, first + pos + take)
+            self._uses_left[rows] = self.config.replay
             self._fill += take
             pos += take
             while self._fill >= self.config.batch_size and self._clock() < deadline_s:
@@ -244,7 +253,11 @@ class StreamTrainer:
         """Swap buffered events of this call for a uniform choice among all of them, so that
         what is learned is an unbiased subsample rather than the head of the batch."""
         n = len(x)
-        mine = np.flatnonzero(self._index[: self._fill] >= first)
+        # Only events not yet trained on are swapped (all of this call's, at full replay).
+        mine = np.flatnonzero(
+            (self._index[: self._fill] >= first)
+            & (self._uses_left[: self._fill] == self.config.replay)
+        )
         pool = np.concatenate([self._index[mine] - first, np.arange(pos, n)])
         chosen = self._rng.choice(pool, size=mine.size, replace=False)
         self._x[mine] = x[chosen]
@@ -257,12 +270,14 @@ class StreamTrainer:
         x, mjj = self._x[pick].copy(), self._mjj[pick].copy()
         if self._on_step is not None:
             self._on_step(self._index[pick].copy())
+        self._uses_left[pick] -= 1
+        done = pick[self._uses_left[pick] == 0]
+        first_use = self._uses_left[pick] == self.config.replay - 1
         keep = np.ones(self._fill, bool)
-        keep[pick] = False
+        keep[done] = False
         kept = np.flatnonzero(keep)
-        self._x[: kept.size] = self._x[kept]
-        self._mjj[: kept.size] = self._mjj[kept]
-        self._index[: kept.size] = self._index[kept]
+        for column in (self._x, self._mjj, self._index, self._uses_left):
+            column[: kept.size] = column[kept]
         self._fill = kept.size
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate_at(self.stats.steps)
@@ -270,8 +285,7 @@ class StreamTrainer:
         loss = self.flow.loss(x, mjj)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for member in self.flow.mafs:
-            torch.nn.utils.clip_grad_norm_(member.parameters(), self.config.grad_clip)
+        self.flow.maf.clip_grad_norm_per_member_(self.config.grad_clip)
         self.optimizer.step()
         self._average.update_parameters(self.flow)
         value = float(loss.detach()) / self.config.n_members
@@ -280,9 +294,11 @@ class StreamTrainer:
             value if math.isnan(stats.loss_ema) else 0.98 * stats.loss_ema + 0.02 * value
         )
         stats.steps += 1
-        stats.learned += size
-        stats.mjj_min_gev = min(stats.mjj_min_gev, float(mjj.min()))
-        stats.mjj_max_gev = max(stats.mjj_max_gev, float(mjj.max()))
+        stats.learned += int(done.size)
+        mjj = mjj[first_use]  # each event counts once in the mjj record
+        if mjj.size:
+            stats.mjj_min_gev = min(stats.mjj_min_gev, float(mjj.min()))
+            stats.mjj_max_gev = max(stats.mjj_max_gev, float(mjj.max()))
         # Under- and overflow go to the first and last bins, so the histogram counts all.
         inside = np.clip(mjj, MJJ_EDGES_GEV[0], np.nextafter(MJJ_EDGES_GEV[-1], 0))
         stats.mjj_hist += np.histogram(inside, MJJ_EDGES_GEV)[0]
