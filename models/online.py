@@ -8,10 +8,10 @@ event stays in the buffer for k draws (k optimizer steps, in different minibatch
 before it is dropped: still bounded memory, and no event outlives the buffer.
 
 If events arrive faster than the trainer can train (the buffer is full and the time
-budget for this call is spent), the excess is subsampled uniformly at random and counted as ``not_learned``:
-never lost silently. The learning rate warms up linearly, then decays as 1/√step (no
-fixed end, as a stream has none); the Adam state is kept for the trainer's whole life, so
-snapshots never reset it.
+budget for this call is spent), the excess is subsampled uniformly at random and counted
+as ``not_learned``: never lost silently. The learning rate warms up linearly, then decays
+as 1/√step (no fixed end, as a stream has none); the Adam state is kept for the trainer's
+whole life, so snapshots never reset it.
 
 What a trainer publishes (``estimate``) is the Polyak average of its weights, a moving
 average whose horizon grows with the step count up to ``1 / (1 - average_decay)`` steps:
