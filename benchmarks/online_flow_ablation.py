@@ -37,11 +37,94 @@ BEFORE = {
     "decay_start_steps": 300,
     "average_decay": 0.0,
 }
+FAST = {
+    "batch_size": 256,
+    "learning_rate": 1e-2,
+    "decay_start_steps": 75,
+    "average_decay": 0.98,
+    "replay": 1,
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     "last-iterate": BEFORE,
     "polyak": {**BEFORE, "average_decay": 0.995},
     "polyak+5-members": {**BEFORE, "average_decay": 0.995, "hidden_features": 16, "n_members": 5},
-    "polyak+5-members+batch-16": {},  # the defaults
+    "polyak+5-members+batch-16": {
+        "batch_size": 16,
+        "learning_rate": 2e-3,
+        "decay_start_steps": 1200,
+        "average_decay": 0.995,
+        "replay": 1,
+    },
+    # Larger minibatches, now that a step costs little more at 256 than at 16 (models.maf):
+    # the schedule keeps its horizon in events, not steps.
+    "batch-256": {
+        "batch_size": 256,
+        "learning_rate": 2e-3,
+        "decay_start_steps": 75,
+        "average_decay": 0.98,
+        "replay": 1,
+    },
+    "batch-256+lr-5e-3": {
+        "batch_size": 256,
+        "learning_rate": 5e-3,
+        "decay_start_steps": 75,
+        "average_decay": 0.98,
+        "replay": 1,
+    },
+    "batch-256+replay-4": {
+        "batch_size": 256,
+        "learning_rate": 2e-3,
+        "decay_start_steps": 300,
+        "average_decay": 0.99,
+        "replay": 4,
+    },
+    "batch-256+lr-1e-2": {
+        "batch_size": 256,
+        "learning_rate": 1e-2,
+        "decay_start_steps": 75,
+        "average_decay": 0.98,
+        "replay": 1,
+    },
+    "batch-256+lr-1e-2+replay-2": {
+        "batch_size": 256,
+        "learning_rate": 1e-2,
+        "decay_start_steps": 150,
+        "average_decay": 0.98,
+        "replay": 2,
+    },
+    "batch-512+lr-1e-2+replay-2": {
+        "batch_size": 512,
+        "learning_rate": 1e-2,
+        "decay_start_steps": 75,
+        "average_decay": 0.98,
+        "replay": 2,
+    },
+    "batch-128+lr-5e-3": {
+        "batch_size": 128,
+        "learning_rate": 5e-3,
+        "decay_start_steps": 150,
+        "average_decay": 0.98,
+        "replay": 1,
+    },
+    # Capacity at the fast setting (batch 256, lr 1e-2):
+    "wider-32": {**FAST, "hidden_features": 32},
+    "deeper-6": {**FAST, "n_transforms": 6},
+    "3-members": {**FAST, "n_members": 3},
+    "8-members": {**FAST, "n_members": 8},
+    "batch-1024+lr-2e-2": {
+        **FAST,
+        "batch_size": 1024,
+        "learning_rate": 2e-2,
+        "decay_start_steps": 20,
+        "average_decay": 0.95,
+    },
+    "batch-64": {
+        "batch_size": 64,
+        "learning_rate": 2e-3,
+        "decay_start_steps": 300,
+        "average_decay": 0.99,
+        "replay": 1,
+    },
 }
 
 
@@ -105,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants:
         for seed in args.seeds:
-            config = replace(OnlineConfig(calibration_events=2000), **VARIANTS[name], seed=seed)
+            config = replace(
+                OnlineConfig(calibration_events=2000, buffer_size=2048),
+                **VARIANTS[name],
+                seed=seed,
+            )
             row = {
                 "variant": name,
                 "seed": seed,
