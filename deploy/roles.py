@@ -173,7 +173,9 @@ class Role:
         learner_config = fill_config(
             getattr(learner_module, cls), stage.learner, f"{where}.learner"
         )
-        learner = getattr(learner_module, build_learner)(learner_config, node_id=launch.name)
+        learner = getattr(learner_module, build_learner)(
+            learner_config, node_id=launch.name, node_index=launch.index, node_count=stage.count
+        )
         return builder(config, name=launch.name, learner=learner)
 
 

@@ -315,7 +315,9 @@ class OnlineFlow:
     ``learn(features)`` takes the schema's ``features`` column (N, 8). Until the
     preprocessing is fixed, events are held for calibration (at most
     ``calibration_events``); then every event goes to the all-data trainer and every
-    sideband event to the sideband trainer.
+    sideband event to the sideband trainer. ``agree`` (optional) maps the calibrated
+    preprocessing to the one to use, e.g. one agreed with other nodes that average their
+    flows with this one's.
 
     Example:
         >>> import numpy as np
@@ -335,9 +337,11 @@ class OnlineFlow:
         *,
         clock: Callable[[], float] = time.perf_counter,
         on_step: Callable[[str, np.ndarray], None] | None = None,
+        agree: Callable[[dict[str, Preprocessing]], dict[str, Preprocessing]] | None = None,
     ) -> None:
         self.config = config
         self.trainers: dict[str, StreamTrainer] = {}
+        self._agree = agree
         self._clock = clock
         self._on_step = on_step
         self._pending: list[np.ndarray] = []
@@ -369,7 +373,7 @@ class OnlineFlow:
                 return 0
             features = np.concatenate(self._pending)
             self._pending, self._pending_n = [], 0
-            self._start(self._calibrate(features))
+            self._start(self._agreed(self._calibrate(features)))
         deadline = math.inf
         if self.config.budget_s_per_event > 0:
             deadline = self._clock() + self.config.budget_s_per_event * len(features)
@@ -384,7 +388,7 @@ class OnlineFlow:
         if not self.calibrated and self._pending_n >= 2:
             features = np.concatenate(self._pending)
             self._pending, self._pending_n = [], 0
-            self._start(self._calibrate(features))
+            self._start(self._agreed(self._calibrate(features)))
             x, mjj = features[:, FEATURE_INDICES], features[:, MJJ_INDEX]
             self.trainers["all"].offer(x, mjj)
             side = ~self.in_signal_region(mjj)
@@ -422,6 +426,10 @@ class OnlineFlow:
                 sample, mjj_shift_gev=cfg.mjj_shift_gev, mjj_scale_gev=cfg.mjj_scale_gev
             )
         return out
+
+    def _agreed(self, preprocessing: dict[str, Preprocessing]) -> dict[str, Preprocessing]:
+        """The preprocessing shared with other learners (``agree``), or this one's own."""
+        return preprocessing if self._agree is None else self._agree(preprocessing)
 
     def _start(self, preprocessing: dict[str, Preprocessing]) -> None:
         # Both flows start from the same weights: their modelling errors then correlate,

@@ -11,6 +11,15 @@ Prometheus: ``flow_events_learned_total{node,flow}``, ``flow_not_learned_total{n
 ``flow_loss{node,flow}`` (running mean of the training loss),
 ``flow_snapshots_total{node}`` and ``flow_bad_events_total{node}`` (events with
 non-finite features, which are never trained on).
+
+One flow across nodes: with ``average_every_steps`` > 0 the HLT nodes of a stage average
+their flows' parameters (and the published Polyak averages) every that many optimizer
+steps, and once more at ``finish()`` (``models.averaging``: FedAvg over gloo, weighted by
+the events each node learned; a dead or stalled node is dropped after
+``average_timeout_s``, counted in ``flow_average_failures_total``). The nodes agree on one
+preprocessing first (the mean of their calibrations), so their flows share a parameter
+space, and all start from the same weights (the same ``seed``). Without it each node's
+flow is a density for its share of the stream, and the analysis mixes them.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import numpy as np
 import torch
 from prometheus_client import Counter, Gauge
 
+from models.averaging import AveragingConfig, ParameterAverager
+from models.flows import Preprocessing
 from models.online import MJJ_EDGES_GEV, ROLES, OnlineConfig, OnlineFlow
 from models.snapshot import FlowSnapshot
 from stream.batch import EventBatch, Record
@@ -50,17 +61,40 @@ class FlowLearnerConfig(OnlineConfig):
         snapshot_every_events: publish after this many more events seen; 0 never by count.
         snapshot_at_lumi_end: publish when a lumi block ends.
         torch_threads: intra-op threads for training (0 leaves torch's setting alone).
+        average_every_steps: average the flows across the stage's nodes every this many
+            optimizer steps (0: each node keeps its own flow).
+        average_address: ``tcp://host:port`` where node 0 of the stage hosts the
+            rendezvous (every node of the stage must reach it).
+        average_timeout_s: the longest a dead or stalled peer may stall a node, once.
     """
 
     snapshot_every_events: int = 50_000
     snapshot_at_lumi_end: bool = True
     torch_threads: int = 1
+    average_every_steps: int = 0
+    average_address: str = "tcp://127.0.0.1:29400"
+    average_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         OnlineConfig.__post_init__(self)
         if self.snapshot_every_events < 0 or self.torch_threads < 0:
             msg = "snapshot_every_events and torch_threads must be >= 0"
             raise ValueError(msg)
+        if self.average_every_steps < 0:
+            msg = f"average_every_steps must be >= 0, got {self.average_every_steps}"
+            raise ValueError(msg)
+        if self.average_every_steps:
+            self.averaging(0, 2)  # validates the address and timeout
+
+    def averaging(self, node_index: int, node_count: int) -> AveragingConfig:
+        """The averaging settings of node ``node_index`` of ``node_count``."""
+        return AveragingConfig(
+            rank=node_index,
+            world_size=node_count,
+            init_method=self.average_address,
+            every_steps=max(self.average_every_steps, 1),
+            timeout_s=self.average_timeout_s,
+        )
 
 
 class FlowLearner:
@@ -71,6 +105,8 @@ class FlowLearner:
         config: FlowLearnerConfig,
         *,
         node_id: str,
+        node_index: int = 0,
+        node_count: int = 1,
         clock: Callable[[], float] = time.perf_counter,
         on_step: Callable[[str, np.ndarray], None] | None = None,
     ) -> None:
@@ -78,7 +114,19 @@ class FlowLearner:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         self.node_id = node_id
-        self.online = OnlineFlow(config, clock=clock, on_step=on_step)
+        self.averager: ParameterAverager | None = None
+        if config.average_every_steps and node_count > 1:
+            self.averager = ParameterAverager(
+                config.averaging(node_index, node_count), node_id=node_id
+            )
+        self._rounds_due = 0
+        self._learned_at_round = 0
+        self.online = OnlineFlow(
+            config,
+            clock=clock,
+            on_step=on_step,
+            agree=self._agree_preprocessing if self.averager else None,
+        )
         self.events_seen = 0
         self.snapshots = 0
         self.bad_events = 0
@@ -119,6 +167,7 @@ class FlowLearner:
             features = features[finite]
         t0 = time.perf_counter()
         self.online.learn(features)
+        self._average_if_due()
         self._t_learn_s += time.perf_counter() - t0
         self.events_seen += n
         self._since_snapshot += n
@@ -132,6 +181,10 @@ class FlowLearner:
         """Train on what is buffered and publish the final snapshots."""
         t0 = time.perf_counter()
         self.online.finish()
+        if self.averager is not None:
+            if self.online.calibrated:
+                self._average()  # every node publishes the same flow
+            self.averager.close()
         self._t_learn_s += time.perf_counter() - t0
         self._publish_metrics()
         if not self.online.calibrated:
@@ -139,9 +192,45 @@ class FlowLearner:
             return ()
         return self._snapshot()
 
+    def _agree_preprocessing(self, own: dict[str, Preprocessing]) -> dict[str, Preprocessing]:
+        """The mean of the nodes' calibrations (own if averaging fails)."""
+        assert self.averager is not None
+        holders = {role: _ArrayHolder(pre.arrays()) for role, pre in own.items()}
+        if not self.averager.average_(list(holders.values()), weight=1.0):
+            return own
+        return {
+            role: Preprocessing.from_arrays(holder.arrays()) for role, holder in holders.items()
+        }
+
+    def _average_if_due(self) -> None:
+        if self.averager is None or not self.online.calibrated:
+            return
+        due = self.online.trainers["all"].stats.steps // self.config.average_every_steps
+        if due > self._rounds_due:
+            self._rounds_due = due
+            self._average()
+
+    def _average(self) -> None:
+        """One FedAvg round over both flows and their published Polyak averages."""
+        assert self.averager is not None
+        trainers = self.online.trainers
+        learned = trainers["all"].stats.learned
+        modules = [t.flow for t in trainers.values()] + [t.estimate for t in trainers.values()]
+        self.averager.average_(modules, weight=float(learned - self._learned_at_round))
+        self._learned_at_round = learned
+
     def report(self) -> dict[str, Any]:
         learned = self.online.trainers["all"].stats.learned if self.online.calibrated else 0
+        averaging = {}
+        if self.averager is not None:
+            stats = self.averager.stats()
+            averaging = {
+                "average_rounds": stats.rounds,
+                "average_failures": stats.failures,
+                "average_live_nodes": stats.live_world_size,
+            }
         return {
+            **averaging,
             "events_seen": self.events_seen,
             "events_learned": learned,
             "not_learned_total": sum(v[1] for v in self._reported.values()),
@@ -190,6 +279,24 @@ class FlowLearner:
         return out
 
 
-def build_learner(config: FlowLearnerConfig, *, node_id: str) -> FlowLearner:
-    """The flow learner for an HLT node."""
-    return FlowLearner(config, node_id=node_id)
+class _ArrayHolder(torch.nn.Module):
+    """Named float64 arrays as parameters, so that the averager can average them."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.values = torch.nn.ParameterDict(
+            {
+                k: torch.nn.Parameter(torch.from_numpy(v.copy()), requires_grad=False)
+                for k, v in arrays.items()
+            }
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().numpy().copy() for k, v in self.values.items()}
+
+
+def build_learner(
+    config: FlowLearnerConfig, *, node_id: str, node_index: int = 0, node_count: int = 1
+) -> FlowLearner:
+    """The flow learner for node ``node_index`` of an HLT stage of ``node_count`` nodes."""
+    return FlowLearner(config, node_id=node_id, node_index=node_index, node_count=node_count)

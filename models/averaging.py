@@ -1,0 +1,562 @@
+"""Periodic parameter averaging of torch modules across HLT nodes (local SGD / FedAvg).
+
+Every HLT node trains its own copy of the flows on the events it sees. Every ``every_steps``
+optimizer steps the nodes replace their parameters by the weighted mean over all live nodes
+(FedAvg: a node's weight is the number of events it learned since the last average), with one
+``all_reduce`` over ``torch.distributed``'s gloo backend (TCP), rendezvous on a ``TCPStore``
+hosted by rank 0 at ``init_method``. Any parameter vector of a MAF is a valid flow (invertible
+by construction, exact log-density), so the mean is always a normalised density; it is also a
+*good* one because the copies start from the same weights (average once at step 0, where every
+weight is 0 and the nodes count equally) and are averaged every few dozen steps, so they never
+leave one basin of the loss and the mean behaves like one flow trained on the union of the
+streams. (Averaging independently trained networks would not: permuted hidden units do not
+line up.) Only parameters are averaged; buffers and optimizer state stay local.
+
+Failures. A collective waits at most 2/3 of ``timeout_s``: a killed peer fails it at once
+(connection closed), a stalled (SIGSTOP) or slow one when the wait runs out. The survivors
+then drop the group and re-form it through the store under a new generation ``g``: each
+announces itself under ``gen{g}/announce/{rank}``, and waits until every member of the old
+group has announced or until ``timeout_s`` after the failed attempt began (at least
+``timeout_s / 3`` after its own announcement); the first to stop waiting writes the ranks it
+saw with ``compare_set`` under ``gen{g}/members``, which makes that set the one all survivors
+adopt. They connect a fresh gloo group on ``PrefixStore(gen{g}/pg/)`` and retry the average
+among themselves in the same call. A failed round thus stalls the survivors for about
+``timeout_s``, once. A node left out (it came later than the set was written, or was itself
+the stalled one and resumed) or left with no peer goes on alone: ``average_`` then returns
+``False`` at once, without touching the network, for the rest of its life; there is no
+re-admission (restart the whole group on a new port for that). Every store operation and
+group construction runs on a helper thread with a deadline, since a ``TCPStore`` client waits
+forever on a stalled store host; a node that cannot reach the store goes on alone as well.
+
+Limitations: rank 0 hosts the store, so if rank 0 dies the survivors cannot agree on a new
+group and each goes on alone (bounded: the store connection fails at once; if rank 0 is
+stalled instead, after about ``timeout_s`` + 1 s); rank 0 should close last. All nodes must
+make their first call within ``timeout_s`` of each other, and pass modules of the same
+architecture, in the same order. The gloo group uses ``torch.distributed``'s own groups
+(``ProcessGroupGloo``) on its own stores rather than the process-wide default group, so it
+does not interfere with other ``torch.distributed`` use; its interface is chosen as for
+``init_process_group`` (the host name, or ``GLOO_SOCKET_IFNAME``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import torch
+from prometheus_client import Counter, Gauge
+from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
+
+log = logging.getLogger(__name__)
+
+AVERAGE_ROUNDS = Counter(
+    "flow_average_rounds", "Parameter averages completed with the live peers", ["node"]
+)
+AVERAGE_FAILURES = Counter(
+    "flow_average_failures", "Averaging collectives or group connections that failed", ["node"]
+)
+AVERAGE_LIVE_NODES = Gauge(
+    "flow_average_live_nodes", "Nodes in this node's averaging group (itself included)", ["node"]
+)
+
+# A failed round may take ``timeout_s`` in all: the collective gets this share of it, the
+# survivors' wait for each other at least the remaining third.
+_COLLECTIVE_SHARE = 2.0 / 3.0
+_MIN_WAIT_SHARE = 1.0 / 3.0
+# Extra time granted to helper threads beyond their own deadlines before they are abandoned.
+_SLACK_S = 1.0
+_POLL_S = 0.02
+# Per average_ call: collective attempts, and group re-formations after one.
+_MAX_ATTEMPTS = 2
+_MAX_REFORMS = 2
+_NAMESPACE = "trigfarm/averaging/"
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class AveragingConfig:
+    """Where and how often a node averages.
+
+    Attributes:
+        rank: this node's index in [0, world_size); rank 0 hosts the rendezvous store.
+        world_size: nodes at start.
+        init_method: ``tcp://host:port`` of rank 0's store (rank 0 listens on that address).
+        every_steps: optimizer steps between averages (``maybe_average_``).
+        timeout_s: how long a failed round may stall a node, about once per failure.
+    """
+
+    rank: int
+    world_size: int
+    init_method: str
+    every_steps: int = 50
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            msg = f"world_size must be at least 1, got {self.world_size}"
+            raise ValueError(msg)
+        if not 0 <= self.rank < self.world_size:
+            msg = f"rank must lie in [0, {self.world_size}), got {self.rank}"
+            raise ValueError(msg)
+        if self.every_steps < 1:
+            msg = f"every_steps must be at least 1, got {self.every_steps}"
+            raise ValueError(msg)
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            msg = f"timeout_s must be a positive number of seconds, got {self.timeout_s}"
+            raise ValueError(msg)
+        if not self.init_method.startswith("tcp://"):
+            msg = f"init_method must look like tcp://host:port, got {self.init_method!r}"
+            raise ValueError(msg)
+        try:
+            port = urlsplit(self.init_method).port
+        except ValueError as exc:
+            msg = f"init_method {self.init_method!r} has an invalid port"
+            raise ValueError(msg) from exc
+        if not urlsplit(self.init_method).hostname or port is None or port == 0:
+            msg = f"init_method must name a host and a port, got {self.init_method!r}"
+            raise ValueError(msg)
+
+    @property
+    def host(self) -> str:
+        """The store's host, from ``init_method``."""
+        return urlsplit(self.init_method).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """The store's port, from ``init_method``."""
+        return urlsplit(self.init_method).port or 0
+
+
+@dataclass(frozen=True, slots=True)
+class AveragingStats:
+    """A snapshot of one node's averaging counters.
+
+    Attributes:
+        rounds: averages completed (the parameters became the mean over the live group).
+        failures: collectives or group connections that failed.
+        peers_dropped: peers this node stopped averaging with.
+        live_world_size: nodes in this node's group, itself included (1 once alone).
+        generation: how many times the group was re-formed.
+        last_round_s: wall time of the last ``average_`` call that did a collective.
+    """
+
+    rounds: int
+    failures: int
+    peers_dropped: int
+    live_world_size: int
+    generation: int
+    last_round_s: float
+
+
+class _StalledError(Exception):
+    """A helper thread did not finish by its deadline (a stalled store host or peer)."""
+
+
+def _call_bounded(fn: Callable[[], _T], budget_s: float, what: str) -> _T:
+    """``fn()`` on a daemon thread; raises _StalledError if it is not done within budget_s.
+
+    A stalled call is abandoned (its thread stays blocked in C++ with the GIL released); the
+    caller must never use what it was working on again.
+    """
+    result: list[_T] = []
+    error: list[Exception] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name=f"averaging-{what}", daemon=True)
+    thread.start()
+    thread.join(max(budget_s, 0.0))
+    if thread.is_alive():
+        msg = f"{what} did not finish within {budget_s:.1f} s"
+        raise _StalledError(msg)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _encode(ranks: Sequence[int]) -> str:
+    return ",".join(str(r) for r in sorted(ranks))
+
+
+def _decode(raw: bytes) -> tuple[int, ...]:
+    return tuple(int(r) for r in raw.decode().split(",") if r)
+
+
+def _agree_members(
+    store: Store, generation: int, rank: int, old: tuple[int, ...], close_at: float
+) -> tuple[int, ...]:
+    """Announce ``rank`` in ``generation`` and return the member set all survivors adopt."""
+    prefix = f"gen{generation}/"
+    members_key = prefix + "members"
+    store.set(f"{prefix}announce/{rank}", "1")
+    while True:
+        if store.check([members_key]):
+            return _decode(store.get(members_key))
+        announced = [r for r in old if store.check([f"{prefix}announce/{r}"])]
+        if len(announced) == len(old) or time.monotonic() >= close_at:
+            # The first writer wins; everyone else reads its set back.
+            return _decode(store.compare_set(members_key, "", _encode(announced)))
+        time.sleep(_POLL_S)
+
+
+def _connect_group(
+    store: Store, generation: int, rank: int, size: int, timeout_s: float
+) -> ProcessGroupGloo:
+    prefix = PrefixStore(f"gen{generation}/pg/", store)
+    return ProcessGroupGloo(prefix, rank, size, timedelta(seconds=timeout_s))
+
+
+def _parameters(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+class ParameterAverager:
+    """Averages the parameters of torch modules with the other nodes (see the module docstring).
+
+    Joins the group lazily, on the first ``average_``; nothing touches the network before.
+    Not thread-safe: call it from the training loop only.
+    """
+
+    def __init__(self, config: AveragingConfig, *, node_id: str | None = None) -> None:
+        self.config = config
+        self.node_id = node_id if node_id is not None else f"rank{config.rank}"
+        self._collective_s = config.timeout_s * _COLLECTIVE_SHARE
+        self._store: TCPStore | None = None
+        self._namespace: Store | None = None
+        self._group: ProcessGroupGloo | None = None
+        self._members: tuple[int, ...] = tuple(range(config.world_size))
+        self._joined = False
+        self._alone = False
+        self._closed = False
+        self._rounds = 0
+        self._failures = 0
+        self._peers_dropped = 0
+        self._generation = 0
+        self._last_round_s = 0.0
+        self._rounds_metric = AVERAGE_ROUNDS.labels(node=self.node_id)
+        self._failures_metric = AVERAGE_FAILURES.labels(node=self.node_id)
+        self._live_metric = AVERAGE_LIVE_NODES.labels(node=self.node_id)
+        self._live_metric.set(config.world_size)
+
+    # -- stats ---------------------------------------------------------------------------
+
+    @property
+    def rounds(self) -> int:
+        """Averages completed."""
+        return self._rounds
+
+    @property
+    def failures(self) -> int:
+        """Collectives or group connections that failed."""
+        return self._failures
+
+    @property
+    def peers_dropped(self) -> int:
+        """Peers this node stopped averaging with."""
+        return self._peers_dropped
+
+    @property
+    def live_world_size(self) -> int:
+        """Nodes in this node's averaging group, itself included."""
+        return 1 if self._alone else len(self._members)
+
+    @property
+    def alone(self) -> bool:
+        """True once this node has lost every peer (it then trains locally only)."""
+        return self._alone
+
+    def stats(self) -> AveragingStats:
+        """A snapshot of the counters."""
+        return AveragingStats(
+            rounds=self._rounds,
+            failures=self._failures,
+            peers_dropped=self._peers_dropped,
+            live_world_size=self.live_world_size,
+            generation=self._generation,
+            last_round_s=self._last_round_s,
+        )
+
+    # -- averaging -----------------------------------------------------------------------
+
+    def maybe_average_(self, modules: Sequence[torch.nn.Module], step: int, weight: float) -> bool:
+        """``average_`` when ``step % every_steps == 0``; False (and nothing done) otherwise."""
+        if step % self.config.every_steps != 0:
+            return False
+        return self.average_(modules, weight)
+
+    def average_(self, modules: Sequence[torch.nn.Module], weight: float) -> bool:
+        """Replace the modules' parameters, in place, by their weighted mean over live nodes.
+
+        ``weight`` is this node's share, e.g. the events it learned since the last average;
+        if every node passes 0, all count equally. Returns True if the parameters now hold
+        the mean, False if this node could not average (a failure, or it is alone): then the
+        parameters are exactly as they were. Peer failures never raise.
+        """
+        if self._closed:
+            msg = "the averager is closed"
+            raise RuntimeError(msg)
+        if not (math.isfinite(weight) and weight >= 0):
+            msg = f"weight must be finite and non-negative, got {weight}"
+            raise ValueError(msg)
+        params = _parameters(modules)
+        if not params:
+            msg = "the modules have no parameters to average"
+            raise ValueError(msg)
+        if self.config.world_size == 1:
+            self._count_round()
+            return True
+        if self._alone:
+            return False
+
+        began = time.monotonic()
+        try:
+            if not self._joined and not self._join(began):
+                return False
+            flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+            for _ in range(_MAX_ATTEMPTS):
+                attempt_began = time.monotonic()
+                mean = self._mean_once(flat, weight)
+                if mean is not None:
+                    with torch.no_grad():
+                        offset = 0
+                        for p in params:
+                            p.copy_(mean[offset : offset + p.numel()].view_as(p))
+                            offset += p.numel()
+                    self._count_round()
+                    return True
+                self._count_failure()
+                if not self._reform(attempt_began):
+                    return False
+            return False
+        finally:
+            self._last_round_s = time.monotonic() - began
+
+    def _mean_once(self, flat: torch.Tensor, weight: float) -> torch.Tensor | None:
+        """One FedAvg collective on the current group: the mean, or None if it failed."""
+        reduced = self._all_reduce(flat, weight)
+        if reduced is None:
+            return None
+        total = float(reduced[-1])
+        if total > 0:
+            return reduced[:-1] / total
+        # No node learned anything since the last average (e.g. at step 0): equal weights.
+        # Every node sees the same total, so every node takes this branch.
+        reduced = self._all_reduce(flat, 1.0)
+        if reduced is None:
+            return None
+        return reduced[:-1] / float(reduced[-1])
+
+    def _all_reduce(self, flat: torch.Tensor, weight: float) -> torch.Tensor | None:
+        group = self._group
+        if group is None:
+            return None
+        buffer = torch.empty(flat.numel() + 1, dtype=torch.float64)
+        torch.mul(flat, weight, out=buffer[:-1])
+        buffer[-1] = weight
+        try:
+            # Backend.allreduce exists at runtime; torch's stub only declares it on ProcessGroup.
+            group.allreduce([buffer]).wait()  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.warning(
+                "node %s: averaging collective failed in generation %d (%d nodes): %s",
+                self.node_id,
+                self._generation,
+                len(self._members),
+                _first_line(exc),
+            )
+            return None
+        return buffer
+
+    # -- group membership ----------------------------------------------------------------
+
+    def _open_store(self) -> TCPStore:
+        cfg = self.config
+        timeout = timedelta(seconds=cfg.timeout_s)
+        if cfg.rank != 0:
+            return TCPStore(cfg.host, cfg.port, None, False, timeout)
+        # Listen on init_method's address only (TCPStore alone would listen on every one).
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        listener = socket.create_server((cfg.host, cfg.port), family=family)
+        fd = listener.detach()
+        try:
+            return TCPStore(
+                cfg.host,
+                cfg.port,
+                None,
+                True,
+                timeout,
+                wait_for_workers=False,
+                master_listen_fd=fd,
+            )
+        except Exception:
+            socket.close(fd)
+            raise
+
+    def _join(self, began: float) -> bool:
+        """First use: reach the store and connect every rank (generation 0)."""
+        self._joined = True
+        cfg = self.config
+        try:
+            self._store = _call_bounded(self._open_store, cfg.timeout_s + _SLACK_S, "store")
+        except Exception as exc:
+            log.error(
+                "node %s: cannot reach the averaging store at %s, training alone: %s",
+                self.node_id,
+                cfg.init_method,
+                _first_line(exc),
+            )
+            self._count_failure()
+            self._go_alone()
+            return False
+        self._namespace = PrefixStore(_NAMESPACE, self._store)
+        connect = functools.partial(
+            _connect_group, self._namespace, 0, cfg.rank, cfg.world_size, self._collective_s
+        )
+        try:
+            self._group = _call_bounded(connect, self._collective_s + _SLACK_S, "connect")
+        except Exception as exc:
+            log.warning(
+                "node %s: could not connect all %d nodes: %s",
+                self.node_id,
+                cfg.world_size,
+                _first_line(exc),
+            )
+            self._count_failure()
+            return self._reform(began)
+        log.info("node %s: averaging with %d nodes", self.node_id, cfg.world_size)
+        return True
+
+    def _reform(self, attempt_began: float) -> bool:
+        """After a failure: agree on the survivors, connect them. False if now alone."""
+        namespace = self._namespace
+        cfg = self.config
+        for _ in range(_MAX_REFORMS):
+            self._drop_group()
+            if namespace is None:
+                break
+            old = self._members
+            generation = self._generation + 1
+            now = time.monotonic()
+            close_at = max(attempt_began + cfg.timeout_s, now + cfg.timeout_s * _MIN_WAIT_SHARE)
+            agree = functools.partial(
+                _agree_members, namespace, generation, cfg.rank, old, close_at
+            )
+            try:
+                members = _call_bounded(agree, close_at - now + _SLACK_S, "membership")
+            except Exception as exc:
+                log.error(
+                    "node %s: the averaging store failed while re-forming the group: %s",
+                    self.node_id,
+                    _first_line(exc),
+                )
+                break
+            self._generation = generation
+            if cfg.rank not in members or len(members) < 2:
+                log.warning(
+                    "node %s: no peer left in generation %d (members %s), training alone",
+                    self.node_id,
+                    generation,
+                    list(members),
+                )
+                break
+            self._peers_dropped += len(old) - len(members)
+            self._members = members
+            self._live_metric.set(len(members))
+            connect = functools.partial(
+                _connect_group,
+                namespace,
+                generation,
+                members.index(cfg.rank),
+                len(members),
+                self._collective_s,
+            )
+            try:
+                self._group = _call_bounded(connect, self._collective_s + _SLACK_S, "connect")
+            except Exception as exc:
+                log.warning(
+                    "node %s: could not connect generation %d %s: %s",
+                    self.node_id,
+                    generation,
+                    list(members),
+                    _first_line(exc),
+                )
+                self._count_failure()
+                attempt_began = time.monotonic()
+                continue
+            log.warning(
+                "node %s: averaging group re-formed as generation %d with ranks %s",
+                self.node_id,
+                generation,
+                list(members),
+            )
+            return True
+        self._go_alone()
+        return False
+
+    def _go_alone(self) -> None:
+        self._drop_group()
+        self._peers_dropped += len(self._members) - 1
+        self._members = (self.config.rank,)
+        self._alone = True
+        self._live_metric.set(1)
+
+    def _drop_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            group.shutdown()  # closes its connections now, so peers waiting on us fail fast
+        except Exception as exc:
+            log.debug("node %s: shutting the gloo group down: %s", self.node_id, exc)
+
+    def _count_round(self) -> None:
+        self._rounds += 1
+        self._rounds_metric.inc()
+
+    def _count_failure(self) -> None:
+        self._failures += 1
+        self._failures_metric.inc()
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the group and, on rank 0, stop the store. Safe to call more than once.
+
+        Peers notice at their next round, which fails once and re-forms without this node.
+        """
+        self._closed = True
+        self._drop_group()
+        self._namespace = None
+        self._store = None
+
+    def __enter__(self) -> ParameterAverager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
