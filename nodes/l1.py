@@ -17,7 +17,7 @@ Seeds, all on the L1 objects except ``fatjet_pt``:
 A batch without ``l1_objects`` skips the VAE and the L1-object seeds: its events get
 ``l1_score`` NaN and can only pass on ``fatjet_pt``. Events with non-finite inputs are
 dropped (``dropped{reason="nonfinite"}``) and the rest of the batch carries on. (The node
-runtime already drops whole frames with NaN at decode; this covers in-process use.)
+runtime already drops such events before the worker sees them; this covers in-process use.)
 
 The anomaly score is computed on the host from the emulator's exact (mu, log sigma^2)
 (``firmware.scores``). The emulator is loaded from its compiled cache; only a cache miss

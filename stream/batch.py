@@ -101,8 +101,24 @@ class EventBatch:
             msg = f"batch lacks column(s) {missing}; it has {sorted(self.columns)}"
             raise FrameError("missing_column", msg, n_events=len(self))
 
+    def finite_rows(self) -> np.ndarray:
+        """A boolean mask of the events whose schema-finite columns (truth included) hold
+        no NaN or infinity; the one definition of a non-finite event that ``check_finite``
+        and the node runtime's per-event drop share."""
+        ok = np.ones(len(self), bool)
+        if not ok.size:  # reshape(0, -1) is ambiguous for zero-width columns
+            return ok
+        for specs, table in ((COLUMNS, self.columns), (TRUTH_COLUMNS, self.truth)):
+            for name, array in table.items():
+                if specs[name].finite:
+                    ok &= np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        return ok
+
     def check_finite(self) -> None:
-        """Raise ``FrameError("nonfinite")`` if a column the schema marks finite holds NaN/inf."""
+        """Raise ``FrameError("nonfinite")`` if a column the schema marks finite holds NaN/inf.
+
+        This refuses the whole batch; ``finite_rows`` picks out the good events instead.
+        """
         for specs, table in ((COLUMNS, self.columns), (TRUTH_COLUMNS, self.truth)):
             for name, array in table.items():
                 if specs[name].finite and not np.isfinite(array).all():

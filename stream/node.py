@@ -10,7 +10,11 @@ inputs have been quiet for ``drain_idle_s``, then ``finish()``) -> ``stopped`` (
 heartbeat, stats file, sockets closed with linger so queued batches still leave).
 
 Accounting: every event that enters is accepted, rejected or dropped with a reason, and
-the runtime checks that the three add up for every batch.
+the runtime checks that the three add up for every batch. The runtime itself drops events
+holding NaN/inf in a column the schema marks finite (``dropped{reason="nonfinite"}``, one
+count per event; the rest of the batch reaches the worker) and frames that do not decode
+(``dropped{reason="decode_error"}``: the declared events when ``decode`` could check the
+count against the buffers, else one for the frame).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -467,10 +471,9 @@ class Node:
     def _handle(self, sockets: _Sockets, frames: list[zmq.Frame]) -> None:
         t0 = self._clock()
         try:
-            message = decode(frames)
+            message = decode(frames, check_finite=False)
         except FrameError as exc:
-            label = "nonfinite" if exc.reason == "nonfinite" else "decode_error"
-            self._drop_unreadable(label, exc)
+            self._drop_unreadable(exc)
             return
         if not isinstance(message, EventBatch):
             self.stats.records_in += 1
@@ -481,7 +484,27 @@ class Node:
         n = len(message)
         self.stats.batches_in += 1
         metrics.BATCHES_IN.labels(**self._labels).inc()
-        outcome = self._run_worker(message, n_events=n)
+        # One event with NaN/inf costs that event only: the rest of the batch (truth rows
+        # with it) goes on to the worker.
+        finite = message.finite_rows()
+        n_nonfinite = n - int(finite.sum())
+        if n_nonfinite:
+            self._log_once(
+                "nonfinite",
+                "%s: dropped %d of %d events with NaN/inf",
+                self.config.name,
+                n_nonfinite,
+                n,
+            )
+            message = message.select(finite)
+        if n_nonfinite < n or n == 0:
+            outcome = self._run_worker(message, n_events=n - n_nonfinite)
+        else:
+            outcome = Outcome()
+        if n_nonfinite:
+            dropped = Counter(outcome.dropped)
+            dropped["nonfinite"] += n_nonfinite
+            outcome = replace(outcome, dropped=dropped)
         self._account(outcome, n_in=n, t0=t0, sockets=sockets)
 
     def _run_worker(self, message: Message, n_events: int) -> Outcome:
@@ -503,13 +526,15 @@ class Node:
             )
             return Outcome(dropped={"processing_error": n_events})
 
-    def _drop_unreadable(self, label: str, exc: FrameError) -> None:
-        # A frame whose event count is unreadable counts as one event in and one dropped.
+    def _drop_unreadable(self, exc: FrameError) -> None:
+        # ``decode`` reports an event count only once the buffers have been shown to hold
+        # it; any other bad frame counts as one event in and one dropped, so that a forged
+        # header cannot move the books by more than that.
         n = max(exc.n_events, 1)
         self.stats.events_in += n
-        self.stats.dropped[label] += n
+        self.stats.dropped["decode_error"] += n
         metrics.EVENTS_IN.labels(**self._labels).inc(n)
-        metrics.DROPPED.labels(**self._labels, reason=label).inc(n)
+        metrics.DROPPED.labels(**self._labels, reason="decode_error").inc(n)
         self._log_once(f"frame:{exc.reason}", "%s: dropped a frame: %s", self.config.name, exc)
 
     def _account(self, outcome: Outcome, *, n_in: int, t0: float, sockets: _Sockets) -> None:

@@ -13,6 +13,10 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 
+# The most events one batch may declare. Sources send 128 to 1024; the bound keeps a forged
+# header from moving a node's counters by more than this per frame.
+MAX_BATCH_EVENTS = 1 << 20
+
 # L1 object layout of Govorkova et al. (Nature MI 2022): MET, 4 e/gamma, 4 muons, 10 jets.
 L1_SLOTS: dict[str, slice] = {
     "met": slice(0, 1),

@@ -160,7 +160,9 @@ def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
         nan_batch.with_columns(features=bad, event=nan_batch["event"] + 9000),
         events["ttbar"].select(slice(0, 50)).with_columns(event=np.arange(7000, 7050, dtype="<u8")),
     ]
-    valid = np.concatenate([b["event"] for i, b in enumerate(batches) if i != 3])
+    nan_event = int(batches[3]["event"][2])
+    valid = np.concatenate([b["event"] for b in batches])
+    valid = valid[valid != nan_event]
     learner = RecordingLearner()
     config = HLTConfig(tag_thresholds={"top": 0.5, "w": 0.5}, prescale_n=10)
     hlt_node = Node(
@@ -208,9 +210,12 @@ def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
 
     stats = hlt_node.stats
     assert stats.balanced and stats.events_in == 418
-    assert dict(stats.dropped) == {"nonfinite": 8}  # the runtime refuses the NaN batch whole
-    # Every valid event reached the learner exactly once, without truth.
+    assert dict(stats.dropped) == {"nonfinite": 1}  # the NaN event only, not its batch
+    # Every valid event reached the learner exactly once, without truth: the NaN batch's
+    # seven other events included.
     np.testing.assert_array_equal(np.sort(learner.events()), np.sort(valid))
+    assert nan_event not in learner.events() and len(learner.batches) == 5
+    assert sorted(learner.batches[3]["event"].tolist()) == [9000, 9001, *range(9003, 9008)]
     assert all(not b.truth for b in learner.batches)
     assert all("hlt_bits" in b for b in learner.batches)
     # Accepted events reached the archive with their HLT columns; so did every snapshot.
@@ -221,12 +226,15 @@ def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
     feature_only_kept = np.isin(archived, np.arange(5000, 5120)).sum()
     assert feature_only_kept == 12  # prescale 1 in 10 of 120 untaggable events
     kinds = [(r.kind, dict(r.meta)) for r in sink.records]  # type: ignore[union-attr]
-    assert ("flow_snapshot", {"final": True}) in kinds and len(kinds) == 1 + 4 // 2
+    assert ("flow_snapshot", {"final": True}) in kinds and len(kinds) == 1 + 5 // 2
     report = hlt_node.snapshot()["worker"]
     line = next(
         x
         for x in scraped.splitlines()
         if x.startswith('hlt_path_accepts_total{node="hlt-zmq",path="prescale"}')
     )
-    assert float(line.split()[-1]) == report["paths"]["prescale"] == 41
+    # Every 10th of the 417 valid events, in arrival order.
+    assert float(line.split()[-1]) == report["paths"]["prescale"] == 42
+    nonfinite = 'dropped_total{node="hlt-zmq",reason="nonfinite",role="hlt"}'
+    assert float(next(x for x in scraped.splitlines() if x.startswith(nonfinite)).split()[-1]) == 1
     assert 'hlt_inference_latency_seconds_count{node="hlt-zmq"}' in scraped

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from stream import EventBatch, FrameError, Record, decode, encode
-from stream.schema import COLUMNS, SCHEMA_VERSION, WIRE_DTYPES
+from stream.schema import COLUMNS, MAX_BATCH_EVENTS, SCHEMA_VERSION, WIRE_DTYPES
 from stream.testing import synthetic_batch
 
 WIRE = sorted(WIRE_DTYPES)
@@ -46,6 +46,12 @@ def event_batches(draw: st.DrawFn) -> EventBatch:
 @given(event_batches())
 @settings(max_examples=200, deadline=None)
 def test_event_batch_round_trip(batch: EventBatch) -> None:
+    if len(batch) > batch.nbytes:
+        # Events that occupy no bytes (only zero-width columns) cannot vouch for their count.
+        with pytest.raises(FrameError, match="at least one byte") as info:
+            encode(batch)
+        assert info.value.reason == "length"
+        return
     assert_batches_equal(decode(encode(batch)), batch)
 
 
@@ -108,6 +114,11 @@ def _with_header(frames: list, **changes: object) -> list:
         (lambda f: [*f[:-1], bytes(memoryview(f[-1]))[:-3]], "truncated", "bytes"),
         (lambda f: _with_header(f, n=7), "length", "header says 7"),
         (lambda f: _with_header(f, n=-1), "decode_error", "event count"),
+        (lambda f: _with_header(f, n=True), "decode_error", "event count"),
+        (lambda f: _with_header(f, n=2**63), "length", "exceed the limit"),
+        (lambda f: _with_header(f, v=True), "version", "schema version True"),
+        (lambda f: _with_header(f, v=1.0), "version", "schema version 1.0"),
+        (lambda f: _with_header(f, v=None), "version", "schema version None"),
         (lambda f: [], "decode_error", "empty"),
     ],
 )
@@ -154,7 +165,104 @@ def test_nan_in_a_validated_column_names_the_column_and_row() -> None:
         decode(frames)
     assert info.value.reason == "nonfinite"
     assert info.value.n_events == 5
-    assert len(decode(frames, check_finite=False)) == 5
+    lenient = decode(frames, check_finite=False)
+    assert isinstance(lenient, EventBatch) and len(lenient) == 5
+    np.testing.assert_array_equal(lenient.finite_rows(), [True, True, True, False, True])
+
+
+def test_finite_rows_cover_truth_and_keep_it_aligned() -> None:
+    batch = synthetic_batch(4)
+    weight = np.ones(4, "<f4")
+    weight[2] = np.inf
+    batch = EventBatch(
+        batch.columns, {**batch.truth, "process_id": np.arange(4, dtype="<i2"), "weight": weight}
+    )
+    constituents = batch["constituents"].copy()
+    constituents[0, 1, 127, 3] = -np.inf
+    hlt_score = np.full(4, np.nan, "<f4")  # not a schema-finite column: NaN is a value
+    batch = batch.with_columns(constituents=constituents, hlt_score=hlt_score)
+    kept = batch.select(batch.finite_rows())
+    assert kept["event"].tolist() == [1, 3]
+    assert kept.truth["process_id"].tolist() == [1, 3]
+    assert EventBatch({"constituents": np.zeros((0, 2, 0, 4), "<f4")}).finite_rows().shape == (0,)
+
+
+def _declared_frame(n: object, *, version: object = SCHEMA_VERSION) -> list[bytes]:
+    header = {"v": version, "kind": "events", "n": n, "cols": [], "truth": [], "meta": {}}
+    return [msgpack.packb(header)]
+
+
+@pytest.mark.parametrize("version", [SCHEMA_VERSION, SCHEMA_VERSION + 1, True])
+@pytest.mark.parametrize("n", [2**63 - 1, 2**64 - 1, MAX_BATCH_EVENTS, 5])
+def test_a_small_frame_cannot_declare_events_it_does_not_carry(version: object, n: int) -> None:
+    frames = _declared_frame(n, version=version)
+    assert len(frames[0]) <= 64
+    with pytest.raises(FrameError) as info:
+        decode(frames)
+    assert info.value.n_events == 0
+    assert info.value.reason == ("length" if version is SCHEMA_VERSION else "version")
+
+
+def test_the_event_count_is_bounded_even_with_the_bytes_to_match() -> None:
+    n = MAX_BATCH_EVENTS + 1
+    header = {"v": SCHEMA_VERSION, "kind": "events", "n": n, "cols": [["l1_bits", "<u2", [n]]]}
+    frames = [msgpack.packb(header), bytes(2 * n)]
+    with pytest.raises(FrameError, match="exceed the limit") as info:
+        decode(frames)
+    assert info.value.n_events == 0
+    with pytest.raises(FrameError, match="exceed the limit"):
+        encode(EventBatch({"l1_bits": np.zeros(n, "<u2")}))
+
+
+def test_repeated_array_names_are_refused() -> None:
+    frames = list(encode(synthetic_batch(3)))
+    header = _header(frames)
+    header["cols"].append(header["cols"][0])
+    with pytest.raises(FrameError, match="appears twice") as info:
+        decode([msgpack.packb(header), *frames[1:], frames[1]])
+    assert info.value.n_events == 0
+
+
+def test_a_checked_count_is_reported_with_a_schema_error() -> None:
+    frames = list(encode(synthetic_batch(6)))
+    header = _header(frames)
+    i = [c[0] for c in header["cols"]].index("features")
+    header["cols"][i] = ["features", "<f8", [6, 8]]  # a wire dtype, not the schema's
+    frames[1 + i] = np.zeros((6, 8)).tobytes()
+    with pytest.raises(FrameError) as info:
+        decode([msgpack.packb(header), *frames[1:]])
+    assert info.value.reason == "dtype" and info.value.n_events == 6
+
+
+# Header values a sender might put where an integer belongs.
+_INTS = st.integers(-2, 2**64 - 1) | st.booleans() | st.floats(allow_nan=True) | st.none()
+
+
+@given(
+    n=st.integers(0, 8) | _INTS,
+    version=st.sampled_from([SCHEMA_VERSION]) | _INTS,
+    keep=st.lists(st.booleans(), min_size=12, max_size=12),
+    cut=st.integers(0, 5),
+)
+@settings(max_examples=400, deadline=None)
+def test_a_refused_frame_never_reports_more_events_than_it_carries(
+    n: object, version: object, keep: list[bool], cut: int
+) -> None:
+    frames = list(encode(synthetic_batch(4)))
+    header = _header(frames) | {"n": n, "v": version}
+    buffers = [bytes(memoryview(f))[cut:] for f, k in zip(frames[1:], keep, strict=False) if k]
+    carried = sum(len(b) for b in buffers)
+    try:
+        message = decode([msgpack.packb(header), *buffers])
+    except FrameError as exc:
+        assert 0 <= exc.n_events <= min(carried, MAX_BATCH_EVENTS)
+        if exc.n_events:
+            assert exc.n_events == n
+        if type(version) is not int or version != SCHEMA_VERSION:
+            assert exc.reason == "version"
+    else:
+        assert type(version) is int and version == SCHEMA_VERSION
+        assert isinstance(message, EventBatch) and len(message) == n == 4
 
 
 def test_unknown_column_is_refused() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import zmq
+from prometheus_client import REGISTRY
 
 from stream import EventBatch, Heartbeat, Node, NodeConfig, Outcome, Processor, Record, encode
 from stream.schema import SCHEMA_VERSION
@@ -26,6 +27,15 @@ def relay_node(name: str, **overrides: object) -> Node:
     return Node(config, Relay(), context=zmq.Context.instance())
 
 
+def _with_header(frames: list, **changes: object) -> list:
+    return [msgpack.packb(msgpack.unpackb(frames[0]) | changes), *frames[1:]]
+
+
+def _metric(name: str, node: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, {"node": node, "role": "relay", **labels})
+    return 0.0 if value is None else value
+
+
 def test_bad_frames_are_counted_and_the_node_carries_on() -> None:
     ctx = zmq.Context.instance()
     node = relay_node("bad-input")
@@ -37,22 +47,97 @@ def test_bad_frames_are_counted_and_the_node_carries_on() -> None:
         nan_batch = synthetic_batch(5, first_event=100)
         features = nan_batch["features"].copy()
         features[0, 0] = np.nan
-        future = [msgpack.packb({"v": SCHEMA_VERSION + 1, "kind": "events", "n": 3})]
+        future = _with_header(list(encode(synthetic_batch(3))), v=SCHEMA_VERSION + 1)
         push.send_multipart(encode(synthetic_batch(4)))
         push.send_multipart([b"\x00\xffnot msgpack"])
         push.send_multipart(encode(nan_batch.with_columns(features=features)))
         push.send_multipart(future)
         push.send_multipart(list(encode(synthetic_batch(6)))[:-1])  # truncated
         push.send_multipart(encode(synthetic_batch(2, first_event=200)))
+        received = [recv_message(pull, timeout_ms=5000) for _ in range(3)]
+        push.close(0)
+        pull.close(0)
+    assert [len(b) for b in received if isinstance(b, EventBatch)] == [4, 4, 2]
+    stats = node.stats
+    # 4 + 1 (unreadable) + 5 (one NaN) + 3 (future version, count backed by its buffers)
+    # + 1 (truncated: its count cannot be checked) + 2
+    assert stats.events_in == 16
+    assert stats.dropped == {"decode_error": 5, "nonfinite": 1}
+    assert stats.accepted == 10 and stats.balanced
+
+
+def test_a_nonfinite_event_drops_that_event_only() -> None:
+    ctx = zmq.Context.instance()
+    node = relay_node("nonfinite")
+    batch = synthetic_batch(6, first_event=10)
+    signal = np.array([0, 1, 0, 1, 0, 1], "u1")
+    truth = {"is_signal": signal, "process_id": np.arange(6, dtype="<i2")}
+    batch = EventBatch(batch.columns, truth)
+    constituents = batch["constituents"].copy()
+    constituents[1, 0, 5, 0] = np.inf
+    features = batch["features"].copy()
+    features[4, 7] = np.nan
+    score = np.full(6, np.nan, "<f4")  # l1_score is not schema-finite: NaN travels
+    all_bad = synthetic_batch(3, first_event=50)
+    all_bad_features = np.full_like(all_bad["features"], np.nan)
+    with running(node):
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://nonfinite-in")
+        pull = ctx.socket(zmq.PULL)
+        pull.connect("inproc://nonfinite-out")
+        push.send_multipart(
+            encode(batch.with_columns(constituents=constituents, features=features, l1_score=score))
+        )
+        push.send_multipart(encode(all_bad.with_columns(features=all_bad_features)))
+        push.send_multipart(encode(synthetic_batch(2, first_event=90)))
         received = [recv_message(pull, timeout_ms=5000) for _ in range(2)]
         push.close(0)
         pull.close(0)
-    assert [len(b) for b in received if isinstance(b, EventBatch)] == [4, 2]
+    kept, last = received
+    assert isinstance(kept, EventBatch) and isinstance(last, EventBatch)
+    assert kept["event"].tolist() == [10, 12, 13, 15]
+    assert kept.truth["process_id"].tolist() == [0, 2, 3, 5]
+    assert kept.truth["is_signal"].tolist() == [0, 0, 1, 1]
+    assert np.isnan(kept["l1_score"]).all()
+    assert last["event"].tolist() == [90, 91]
     stats = node.stats
-    # 4 + 1 (unreadable) + 5 (nan) + 3 (future version, count readable) + 6 + 2
-    assert stats.events_in == 21
-    assert stats.dropped == {"decode_error": 10, "nonfinite": 5}
-    assert stats.accepted == 6 and stats.balanced
+    assert stats.events_in == 11 and stats.batches_in == 3
+    assert stats.dropped == {"nonfinite": 5} and stats.accepted == 6 and stats.balanced
+    assert _metric("dropped_total", "nonfinite", reason="nonfinite") == 5
+    assert _metric("events_in_total", "nonfinite") == 11
+
+
+def test_a_forged_event_count_moves_the_books_by_one_frame() -> None:
+    ctx = zmq.Context.instance()
+    node = relay_node("forged")
+    forged = [
+        # 60-odd bytes declaring 2**63 - 1 events, in this schema version and the next
+        [msgpack.packb({"v": SCHEMA_VERSION, "kind": "events", "n": 2**63 - 1, "cols": []})],
+        [msgpack.packb({"v": SCHEMA_VERSION + 1, "kind": "events", "n": 2**64 - 1})],
+        # a real batch's buffers under a header that claims more rows than they hold
+        _with_header(list(encode(synthetic_batch(4))), n=40_000),
+        # a bool is not a schema version, whatever the buffers hold
+        _with_header(list(encode(synthetic_batch(3))), v=True),
+    ]
+    with running(node):
+        push = ctx.socket(zmq.PUSH)
+        push.connect("inproc://forged-in")
+        pull = ctx.socket(zmq.PULL)
+        pull.connect("inproc://forged-out")
+        for frames in forged:
+            push.send_multipart(frames)
+        push.send_multipart(encode(synthetic_batch(2, first_event=7)))
+        received = recv_message(pull, timeout_ms=5000)
+        assert recv_message(pull, timeout_ms=200) is None
+        push.close(0)
+        pull.close(0)
+    assert isinstance(received, EventBatch) and received["event"].tolist() == [7, 8]
+    stats = node.stats
+    # One event per forged frame, except the v=True one, whose 3 events its buffers hold.
+    assert stats.events_in == 1 + 1 + 1 + 3 + 2
+    assert stats.dropped == {"decode_error": 6} and stats.accepted == 2 and stats.balanced
+    assert _metric("events_in_total", "forged") == 8
+    assert _metric("dropped_total", "forged", reason="decode_error") == 6
 
 
 class Flaky(Processor):
