@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     learner_config = FlowLearnerConfig(
         n_transforms=2 if args.quick else 4,
-        batch_size=64 if args.quick else 16,
+        **({"batch_size": 64} if args.quick else {}),
         n_members=args.members,
         seed=args.seed,
         calibration_events=2000,

@@ -26,7 +26,7 @@ import torch
 from analysis.data import Events, load_events
 from analysis.metrics import roc
 from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
-from models.flows import FEATURE_INDICES, MJJ_INDEX, FlowMixture
+from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, FlowMixture
 from models.online import OnlineConfig, OnlineFlow
 
 # Each variant changes the shipped defaults (OnlineConfig()) in the fields named.
@@ -141,6 +141,28 @@ def lhco_stream(s_over_b: float, seed: int) -> tuple[np.ndarray, Events]:
     return stream[rng.permutation(len(stream))].astype(np.float32), test.select(test.in_window(SR))
 
 
+def score(
+    all_flows: list[ConditionalFlow],
+    sideband_flows: list[ConditionalFlow],
+    events_seen: list[int],
+    test_sr: Events,
+) -> dict[str, float]:
+    """ANODE AUC and max SIC of the node mixtures on the labelled SR test events, and the
+    mean background NLL of each mixture."""
+    x, mjj = test_sr.features[:, FEATURE_INDICES], test_sr.features[:, MJJ_INDEX]
+    log_all = FlowMixture(all_flows, events_seen).log_prob(x, mjj)
+    log_sideband = FlowMixture(sideband_flows, events_seen).log_prob(x, mjj)
+    assert test_sr.is_signal is not None
+    curve = roc(np.nan_to_num(log_all - log_sideband, nan=-np.inf), test_sr.is_signal)
+    background = ~test_sr.is_signal
+    return {
+        "anode_auc": curve.auc,
+        "anode_max_sic": curve.max_sic(),
+        "nll_background_all": float(-log_all[background].mean()),
+        "nll_background_sideband": float(-log_sideband[background].mean()),
+    }
+
+
 def run_variant(
     config: OnlineConfig, stream: np.ndarray, test_sr: Events, n_nodes: int
 ) -> dict[str, float]:
@@ -152,20 +174,14 @@ def run_variant(
         node.finish()
     train_s = time.perf_counter() - t0
 
-    def mixture(role: str) -> FlowMixture:
-        trainers = [node.trainers[role] for node in nodes]
-        return FlowMixture([t.estimate for t in trainers], [t.stats.offered for t in trainers])
-
-    x, mjj = test_sr.features[:, FEATURE_INDICES], test_sr.features[:, MJJ_INDEX]
-    log_all, log_sideband = mixture("all").log_prob(x, mjj), mixture("sideband").log_prob(x, mjj)
-    assert test_sr.is_signal is not None
-    curve = roc(np.nan_to_num(log_all - log_sideband, nan=-np.inf), test_sr.is_signal)
-    background = ~test_sr.is_signal
+    result = score(
+        [node.trainers["all"].estimate for node in nodes],
+        [node.trainers["sideband"].estimate for node in nodes],
+        [node.trainers["all"].stats.offered for node in nodes],
+        test_sr,
+    )
     return {
-        "anode_auc": curve.auc,
-        "anode_max_sic": curve.max_sic(),
-        "nll_background_all": float(-log_all[background].mean()),
-        "nll_background_sideband": float(-log_sideband[background].mean()),
+        **result,
         "steps_per_flow": nodes[0].trainers["all"].stats.steps,
         "train_s": train_s,
         "events_per_s_per_node": len(stream) / train_s,

@@ -259,6 +259,7 @@ class ParameterAverager:
         self._peers_dropped = 0
         self._generation = 0
         self._last_round_s = 0.0
+        self._done_nodes = 0
         self._rounds_metric = AVERAGE_ROUNDS.labels(node=self.node_id)
         self._failures_metric = AVERAGE_FAILURES.labels(node=self.node_id)
         self._live_metric = AVERAGE_LIVE_NODES.labels(node=self.node_id)
@@ -287,6 +288,14 @@ class ParameterAverager:
         return 1 if self._alone else len(self._members)
 
     @property
+    def all_done(self) -> bool:
+        """Whether every node of the group said ``done`` in the last round (or this node is
+        alone)."""
+        return (
+            self._alone or self.config.world_size == 1 or (self._done_nodes >= self.live_world_size)
+        )
+
+    @property
     def alone(self) -> bool:
         """True once this node has lost every peer (it then trains locally only)."""
         return self._alone
@@ -310,13 +319,19 @@ class ParameterAverager:
             return False
         return self.average_(modules, weight)
 
-    def average_(self, modules: Sequence[torch.nn.Module], weight: float) -> bool:
+    def average_(
+        self, modules: Sequence[torch.nn.Module], weight: float, *, done: bool = False
+    ) -> bool:
         """Replace the modules' parameters, in place, by their weighted mean over live nodes.
 
         ``weight`` is this node's share, e.g. the events it learned since the last average;
         if every node passes 0, all count equally. Returns True if the parameters now hold
         the mean, False if this node could not average (a failure, or it is alone): then the
         parameters are exactly as they were. Peer failures never raise.
+
+        ``done`` says this node has no more events: a node that finishes keeps averaging
+        (with ``done``) until ``all_done``, so every node makes the same number of rounds
+        whatever its share of the stream.
         """
         if self._closed:
             msg = "the averager is closed"
@@ -341,7 +356,7 @@ class ParameterAverager:
             flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
             for _ in range(_MAX_ATTEMPTS):
                 attempt_began = time.monotonic()
-                mean = self._mean_once(flat, weight)
+                mean = self._mean_once(flat, weight, done)
                 if mean is not None:
                     with torch.no_grad():
                         offset = 0
@@ -357,28 +372,30 @@ class ParameterAverager:
         finally:
             self._last_round_s = time.monotonic() - began
 
-    def _mean_once(self, flat: torch.Tensor, weight: float) -> torch.Tensor | None:
+    def _mean_once(self, flat: torch.Tensor, weight: float, done: bool) -> torch.Tensor | None:
         """One FedAvg collective on the current group: the mean, or None if it failed."""
-        reduced = self._all_reduce(flat, weight)
+        reduced = self._all_reduce(flat, weight, done)
         if reduced is None:
             return None
-        total = float(reduced[-1])
+        self._done_nodes = round(float(reduced[-1]))
+        total = float(reduced[-2])
         if total > 0:
-            return reduced[:-1] / total
+            return reduced[:-2] / total
         # No node learned anything since the last average (e.g. at step 0): equal weights.
         # Every node sees the same total, so every node takes this branch.
-        reduced = self._all_reduce(flat, 1.0)
+        reduced = self._all_reduce(flat, 1.0, done)
         if reduced is None:
             return None
-        return reduced[:-1] / float(reduced[-1])
+        return reduced[:-2] / float(reduced[-2])
 
-    def _all_reduce(self, flat: torch.Tensor, weight: float) -> torch.Tensor | None:
+    def _all_reduce(self, flat: torch.Tensor, weight: float, done: bool) -> torch.Tensor | None:
         group = self._group
         if group is None:
             return None
-        buffer = torch.empty(flat.numel() + 1, dtype=torch.float64)
-        torch.mul(flat, weight, out=buffer[:-1])
-        buffer[-1] = weight
+        buffer = torch.empty(flat.numel() + 2, dtype=torch.float64)
+        torch.mul(flat, weight, out=buffer[:-2])
+        buffer[-2] = weight
+        buffer[-1] = float(done)
         try:
             # Backend.allreduce exists at runtime; torch's stub only declares it on ProcessGroup.
             group.allreduce([buffer]).wait()  # type: ignore[attr-defined]

@@ -183,7 +183,10 @@ class FlowLearner:
         self.online.finish()
         if self.averager is not None:
             if self.online.calibrated:
-                self._average()  # every node publishes the same flow
+                # Join rounds until every node has finished, so all make the same number of
+                # rounds; the last one leaves every node with the same flow to publish.
+                while self._average(done=True) and not self.averager.all_done:
+                    pass
             self.averager.close()
         self._t_learn_s += time.perf_counter() - t0
         self._publish_metrics()
@@ -210,14 +213,15 @@ class FlowLearner:
             self._rounds_due = due
             self._average()
 
-    def _average(self) -> None:
+    def _average(self, *, done: bool = False) -> bool:
         """One FedAvg round over both flows and their published Polyak averages."""
         assert self.averager is not None
         trainers = self.online.trainers
         learned = trainers["all"].stats.learned
         modules = [t.flow for t in trainers.values()] + [t.estimate for t in trainers.values()]
-        self.averager.average_(modules, weight=float(learned - self._learned_at_round))
+        weight = float(learned - self._learned_at_round)
         self._learned_at_round = learned
+        return self.averager.average_(modules, weight=weight, done=done)
 
     def report(self) -> dict[str, Any]:
         learned = self.online.trainers["all"].stats.learned if self.online.calibrated else 0

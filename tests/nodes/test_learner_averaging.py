@@ -1,5 +1,6 @@
 """One flow across HLT nodes: two learners in two processes average their flows over gloo
-on loopback and publish the same flow, learned from both shares of the stream."""
+on loopback and publish the same flow, learned from both shares of the stream, even when
+their shares differ (the node that finishes first keeps joining rounds)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def run_node(index: int, count: int, every: int, port: int, out: Any) -> None:
     )
     learner = build_learner(config, node_id=f"hlt-{index}", node_index=index, node_count=count)
     rng = np.random.default_rng(100 + index)  # each node sees different events
-    for lumi in range(4):
+    for lumi in range(4 + 2 * index):  # and node 1 more of them: more rounds due
         features = rng.uniform(0.1, 0.9, (300, 8)).astype("f4")
         features[:, 0] = rng.uniform(2500, 4500, 300)
         learner.learn(

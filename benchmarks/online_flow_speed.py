@@ -1,0 +1,181 @@
+"""OnlineFlow training speed: the shipped trainer against the nflows-based trainer it replaced.
+
+Both learn the all-data and the sideband flow from the same LHCO R&D background stream
+(bkg01-06, shuffled once), single pass, on one torch thread, and are timed over training
+alone (both flows together). The reference is the trainer as it was before models.maf:
+an ensemble of nflows MAFs (``models.flows.build_maf``) stepped one after the other on
+minibatches of 16, Adam, per-member gradient clipping, the same learning-rate schedule
+and the Polyak average. Quality is the mean test NLL (physical units) of each flow on
+held-out background (bkg09-10; the sideband flow on its sideband events), lower is
+better.
+
+    python -m benchmarks.online_flow_speed [--events 55000] [--reference-events 20000]
+
+The reference is slow (~110 events/s): ``--reference-events`` bounds its share; the
+shipped trainer is also scored on exactly those first events, so the NLL comparison is
+at equal events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from nflows.flows import Flow
+from torch.optim.swa_utils import AveragedModel
+
+from analysis.data import Events, load_events
+from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
+from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, Preprocessing, build_maf
+from models.online import OnlineConfig, OnlineFlow
+
+REFERENCE = {"batch_size": 16, "learning_rate": 2e-3, "decay_start_steps": 1200,
+             "average_decay": 0.995, "replay": 1}  # fmt: skip
+
+
+class NflowsTrainer:
+    """The pre-models.maf single-pass trainer of one flow, kept here as the baseline."""
+
+    def __init__(self, config: OnlineConfig, preprocessing: Preprocessing) -> None:
+        torch.manual_seed(config.seed)
+        self.config, self.preprocessing = config, preprocessing
+        self.mafs = torch.nn.ModuleList(
+            build_maf(config.flow_config()) for _ in range(config.n_members)
+        )
+        self.optimizer = torch.optim.Adam(self.mafs.parameters(), lr=config.learning_rate)
+        self.average = AveragedModel(self.mafs, avg_fn=self._polyak)
+        self.steps = 0
+
+    def _polyak(self, averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor | int):
+        decay = min(self.config.average_decay, (int(n) + 1) / (int(n) + 10))
+        return averaged + (1 - decay) * (current - averaged)
+
+    def train(self, x: np.ndarray, mjj: np.ndarray, rng: np.random.Generator) -> None:
+        order = rng.permutation(len(x))
+        for start in range(0, len(x), self.config.batch_size):
+            rows = order[start : start + self.config.batch_size]
+            z, _ = self.preprocessing.forward(torch.from_numpy(x[rows]))
+            context = self.preprocessing.context(mjj[rows])
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate_at(self.steps)
+            loss = -torch.stack([m.log_prob(z, context=context).mean() for m in self.mafs]).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for maf in self.mafs:
+                torch.nn.utils.clip_grad_norm_(maf.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.average.update_parameters(self.mafs)
+            self.steps += 1
+
+    def estimate(self) -> ConditionalFlow:
+        flow = ConditionalFlow(self.config.flow_config(), self.preprocessing)
+        module = self.average.module
+        assert isinstance(module, torch.nn.ModuleList)
+        flow.load_parameter_arrays(
+            {k: v.detach().numpy().copy() for k, v in module.named_parameters()}
+        )
+        return flow
+
+
+def in_sr(mjj: np.ndarray) -> np.ndarray:
+    return (mjj >= SR[0]) & (mjj < SR[1])
+
+
+def test_nll(flows: dict[str, ConditionalFlow], test: Events) -> dict[str, float]:
+    """Mean NLL of held-out background: all-data flow on all, sideband flow on sideband."""
+    x, mjj = test.features[:, FEATURE_INDICES], test.features[:, MJJ_INDEX]
+    out = {}
+    for role, rows in (("all", slice(None)), ("sideband", ~in_sr(mjj))):
+        log_p = flows[role].log_prob(x[rows], mjj[rows])
+        out[role] = float(-log_p[np.isfinite(log_p)].mean())
+    return out
+
+
+def run_shipped(config: OnlineConfig, stream: np.ndarray) -> tuple[OnlineFlow, float]:
+    online = OnlineFlow(config)
+    t0 = time.perf_counter()
+    for start in range(0, len(stream), 1000):
+        online.learn(stream[start : start + 1000])
+    online.finish()
+    return online, time.perf_counter() - t0
+
+
+def run_reference(config: OnlineConfig, stream: np.ndarray) -> tuple[dict[str, Flow], float]:
+    calibration = stream[: config.calibration_events]
+    x, mjj = stream[:, FEATURE_INDICES], stream[:, MJJ_INDEX]
+    side = ~in_sr(mjj)
+    rng = np.random.default_rng(config.seed)
+    trainers = {}
+    samples = {"all": calibration, "sideband": calibration[~in_sr(calibration[:, MJJ_INDEX])]}
+    for role, sample in samples.items():  # as OnlineFlow calibrates
+        trainers[role] = NflowsTrainer(config, Preprocessing.calibrate(sample[:, FEATURE_INDICES]))
+    t0 = time.perf_counter()
+    for start in range(0, len(stream), 1000):
+        chunk = slice(start, start + 1000)
+        trainers["all"].train(x[chunk], mjj[chunk], rng)
+        keep = side[chunk]
+        trainers["sideband"].train(x[chunk][keep], mjj[chunk][keep], rng)
+    return {role: t.estimate() for role, t in trainers.items()}, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=55_000, help="stream length (≤ 60k)")
+    parser.add_argument("--reference-events", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not DATA.exists():
+        print(f"no data at {DATA} (see ../shared/data/README.md)")
+        return 1
+    torch.set_num_threads(1)
+    dataset = lhco_dataset(quick=False)
+    background = load_events([dataset.stream_background]).features.astype(np.float32)
+    stream = background[np.random.default_rng(args.seed).permutation(len(background))]
+    stream = stream[: args.events]
+    test = load_events(list(dataset.test))
+    assert test.is_signal is not None
+    test = test.select(~test.is_signal)
+    shipped = replace(OnlineConfig(), seed=args.seed)
+    print(f"shipped: {shipped}")
+
+    n_ref = min(args.reference_events, len(stream))
+    online, seconds = run_shipped(shipped, stream[:n_ref])
+    shipped_same = {role: t.estimate for role, t in online.trainers.items()}
+    rate = n_ref / seconds
+    print(f"shipped trainer, first {n_ref} events: {rate:,.0f} events/s per core (both flows)")
+    reference_flows, ref_seconds = run_reference(replace(shipped, **REFERENCE), stream[:n_ref])
+    ref_rate = n_ref / ref_seconds
+    print(f"nflows trainer,  first {n_ref} events: {ref_rate:,.0f} events/s per core")
+    nll_shipped, nll_reference = test_nll(shipped_same, test), test_nll(reference_flows, test)
+    print(f"test NLL at {n_ref} events: shipped {nll_shipped}, nflows trainer {nll_reference}")
+
+    online_full, full_seconds = run_shipped(shipped, stream)
+    full_rate = len(stream) / full_seconds
+    nll_full = test_nll({r: t.estimate for r, t in online_full.trainers.items()}, test)
+    print(f"shipped trainer, {len(stream)} events: {full_rate:,.0f} events/s, NLL {nll_full}")
+    print(f"ratio vs the nflows trainer: {rate / ref_rate:.1f}x")
+    final = {
+        "benchmark": "online_flow_speed",
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
+        "events": len(stream),
+        "reference_events": n_ref,
+        "events_per_s": full_rate,
+        "events_per_s_same_events": rate,
+        "events_per_s_nflows_trainer": ref_rate,
+        "ratio_vs_nflows_trainer": rate / ref_rate,
+        "test_nll_same_events": nll_shipped,
+        "test_nll_nflows_trainer": nll_reference,
+        "test_nll_full_stream": nll_full,
+        "seed": args.seed,
+    }
+    print(json.dumps(final))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
