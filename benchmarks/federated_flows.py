@@ -6,14 +6,15 @@ HLT flow learners (``nodes.learner``), each in its own process:
 
 - mixture: each node trains its own flows; the analysis mixes them, weighted by events;
 - averaged: the nodes average their flows every ``--every`` optimizer steps and at the
-  end (``average_every_steps``; FedAvg over torch.distributed's gloo on loopback);
+  end (``average_every_steps``; FedAvg over torch.distributed's gloo on loopback), each
+  stepping on 256/N events (the learner's split; ``--per-node-batch``: 256 each);
 
 N = 1 is the single flow trained on every event. Scored as in the ablation: mean test NLL
 of held-out background (all-data flow) and the ANODE ratio's AUC and max SIC on the
 labelled test events in the SR.
 
     python -m benchmarks.federated_flows [--nodes 1 2 4] [--seeds 1 2 3] [--every 10]
-        [--split-batch]
+        [--per-node-batch]
 """
 
 from __future__ import annotations
@@ -122,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10, help="optimizer steps between averages")
     parser.add_argument("--sb", type=float, default=0.05)
     parser.add_argument(
-        "--split-batch",
+        "--per-node-batch",
         action="store_true",
-        help="averaged nodes use minibatches of 256/N (the averaged flow then steps as a "
-        "single flow would on minibatches of 256)",
+        help="averaged nodes step on 256 events each (not the learner's 256/N), as the "
+        "mixture's nodes do",
     )
     args = parser.parse_args(argv)
     if not DATA.exists():
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for n_nodes in args.nodes:
         modes = {"single": 0} if n_nodes == 1 else {"mixture": 0, "averaged": args.every}
         for mode, every in modes.items():
-            batch_size = 256 // n_nodes if mode == "averaged" and args.split_batch else 256
+            # the learner gives each of N averaging nodes batch_size / N
+            batch_size = 256 * n_nodes if mode == "averaged" and args.per_node_batch else 256
             for seed in args.seeds:
                 flows, reports, seconds = run(stream, n_nodes, every, seed, batch_size)
                 weights = [s["all"].events_seen for s in flows]
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 "benchmark": "federated_flows",
                 "machine": f"{platform.machine()}, 1 torch thread per node",
                 "every": args.every,
-                "split_batch": args.split_batch,
+                "per_node_batch": args.per_node_batch,
                 "summary": summary,
                 "rows": rows,
             }

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from deploy.roles import ROLES
 from deploy.security import key_paths
@@ -66,7 +67,12 @@ def _k8s_topology_toml(topology: Topology, namespace: str) -> str:
             f"config = {_inline(stage.config)}",
         ]
         if stage.learner is not None:
-            lines.append(f"learner = {_inline(stage.learner)}")
+            learner = dict(stage.learner)
+            if learner.get("average_every_steps"):
+                # the averaging rendezvous is node 0 of the stage, by its pod name
+                port = urlsplit(str(learner.get("average_address", ""))).port or 29400
+                learner["average_address"] = f"tcp://{hosts[0]}:{port}"
+            lines.append(f"learner = {_inline(learner)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,8 @@ class FlowLearnerConfig(OnlineConfig):
         snapshot_at_lumi_end: publish when a lumi block ends.
         torch_threads: intra-op threads for training (0 leaves torch's setting alone).
         average_every_steps: average the flows across the stage's nodes every this many
-            optimizer steps (0: each node keeps its own flow).
+            optimizer steps (0: each node keeps its own flow). With N nodes averaging,
+            each steps on ``batch_size / N`` events.
         average_address: ``tcp://host:port`` where node 0 of the stage hosts the
             rendezvous (every node of the stage must reach it).
         average_timeout_s: the longest a dead or stalled peer may stall a node, once.
@@ -119,6 +120,10 @@ class FlowLearner:
             self.averager = ParameterAverager(
                 config.averaging(node_index, node_count), node_id=node_id
             )
+            # batch_size is the averaged flow's minibatch: each of N nodes steps on 1/N of it
+            # (benchmarks/federated_flows.py: at the full size per node the averaged flow
+            # takes N times fewer steps than a single flow would, and learns less).
+            config = replace(config, batch_size=max(1, config.batch_size // node_count))
         self._rounds_due = 0
         self._learned_at_round = 0
         self.online = OnlineFlow(

@@ -61,7 +61,11 @@ def test_cluster_topology_is_a_valid_topology() -> None:
     assert hlt.hosts == ("hlt-0.hlt.tf.svc", "hlt-1.hlt.tf.svc")
     assert hlt.port > 0 and hlt.bind == "0.0.0.0"
     assert inside.stage("source").config["signal"] == ["wprime"]
-    assert inside.stage("hlt").learner == {}
+    # the flows' averaging rendezvous is HLT node 0 by its pod name
+    assert inside.stage("hlt").learner == {
+        "average_every_steps": 10,
+        "average_address": "tcp://hlt-0.hlt.tf.svc:29400",
+    }
 
 
 def test_curve_keys_go_into_one_secret_per_stage(tmp_path: Path) -> None:
