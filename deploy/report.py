@@ -57,7 +57,8 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
         "cpu_s": stats.get("cpu_s"),
         "busy_fraction": stats.get("busy_s", 0.0) / wall_s if wall_s > 0 else 0.0,
         "blocked_fraction": stats.get("blocked_s", 0.0) / wall_s if wall_s > 0 else 0.0,
-        "curve_refused": stats.get("extra", {}).get("curve_refused", 0),
+        # The node's own count (every refusal, by reason), not the ZAP guard's share of it.
+        "curve_refused": sum(stats.get("curve_refused", {}).values()),
         "worker": stats.get("worker", {}),
     }
 

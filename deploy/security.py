@@ -4,8 +4,11 @@ Every stage has one key pair (``<stage>.key`` public, ``<stage>.key_secret`` sec
 pyzmq's certificate format). A node's bound outputs are CURVE servers that admit only the
 public key of the stage that reads them; its input connects as a CURVE client with its
 own pair and the upstream stage's public key. A peer with any other key is refused by
-the ZAP handler (pyzmq's ``ThreadAuthenticator``) and counted in
-``curve_refused_total{node}``.
+the ZAP handler (pyzmq's ``ThreadAuthenticator`` asking ``KeyGuard``). A peer without
+CURVE, or one claiming a key it cannot prove (another stage's public key without its
+secret), is refused inside libzmq before ZAP is asked. The node runtime counts every
+refusal, from its outputs' socket monitors, in ``curve_refused_total{node}``
+(``stream.node``); ``KeyGuard.refused`` counts the ZAP refusals only.
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from prometheus_client import Counter
 from zmq.auth.thread import ThreadAuthenticator
 
 from stream.transport import CurveKeys
 
 log = logging.getLogger(__name__)
-
-REFUSED = Counter("curve_refused", "Peers refused by CURVE authentication", ["node"])
 
 
 def key_paths(keys_dir: str | Path, stage: str) -> tuple[Path, Path]:
@@ -86,7 +86,12 @@ def node_keys(keys_dir: str | Path, stage: str, upstream: str | None) -> CurveKe
 
 
 class KeyGuard:
-    """A ZAP credentials provider: admits listed client keys, counts everything else."""
+    """A ZAP credentials provider: admits listed client keys, counts and logs the rest.
+
+    ``refused`` counts the keys this guard refused. It does not move
+    ``curve_refused_total``: the node's socket monitor counts these refusals there, along
+    with those that never reach ZAP.
+    """
 
     def __init__(self, node: str, allowed: Iterable[bytes]) -> None:
         self.node = node
@@ -102,7 +107,6 @@ class KeyGuard:
         with self._lock:
             self.refused += 1
             first = self.refused == 1
-        REFUSED.labels(node=self.node).inc()
         log.log(
             logging.WARNING if first else logging.DEBUG,
             "%s: refused a CURVE peer with unknown key %s",

@@ -65,7 +65,7 @@ def stage_rows(statuses: Mapping[str, NodeStatus], rates: StageRates) -> list[di
             row["rejected"] += stats.get("rejected", 0)
             row["dropped"] += sum(stats.get("dropped", {}).values())
             row["queues"].append(stats.get("queue_depth", 0))
-            row["refused"] += stats.get("extra", {}).get("curve_refused", 0)
+            row["refused"] += sum(stats.get("curve_refused", {}).values())
     for row in rows.values():
         row["rate_hz"] = rates.update(row["stage"], now, row["in"])
     return list(rows.values())

@@ -23,6 +23,10 @@ BATCH_LATENCY = Histogram(
 )
 QUEUE_DEPTH = Gauge("queue_depth", "Batches received and waiting to be processed", _LABELS)
 NODE_UP = Gauge("node_up", "1 while the node's loop runs", _LABELS)
+# Labelled by node only, as it was when ``deploy.security`` counted it (dashboards sum by node).
+CURVE_REFUSED = Counter(
+    "curve_refused", "Peers refused by CURVE authentication (every refusal)", ["node"]
+)
 NODE_HEALTHY = Gauge(
     "node_healthy", "1 unless outputs have been blocked longer than stall_after_s", _LABELS
 )

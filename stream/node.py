@@ -38,14 +38,19 @@ from typing import Any
 import numpy as np
 import prometheus_client
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from stream import metrics
 from stream.batch import EventBatch, Message
 from stream.codec import decode
 from stream.errors import FrameError
 from stream.protocol import Heartbeat
-from stream.transport import Endpoint, SocketOptions, open_socket, send_message
+from stream.transport import (
+    Endpoint,
+    HandshakeWatch,
+    SocketOptions,
+    open_socket,
+    send_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +146,9 @@ class NodeConfig:
     ``output_peers`` > 0 holds the node in ``starting`` until every output has completed
     that many peer handshakes (at most ``peer_wait_s``), so that the first batches are
     spread over all downstream nodes instead of going to whichever connected first.
+    With ``socket.curve`` the outputs are CURVE servers, and every peer they refuse (by
+    the ZAP handler or inside libzmq) is counted in ``curve_refused_total{node}`` and in
+    ``NodeStats.curve_refused`` by reason.
     """
 
     name: str
@@ -206,6 +214,7 @@ class NodeStats:
     accepted: int = 0
     rejected: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    curve_refused: Counter[str] = field(default_factory=Counter)
     events_out: Counter[str] = field(default_factory=Counter)
     batches_out: Counter[str] = field(default_factory=Counter)
     records_out: Counter[str] = field(default_factory=Counter)
@@ -228,6 +237,7 @@ class NodeStats:
             "accepted": self.accepted,
             "rejected": self.rejected,
             "dropped": dict(self.dropped),
+            "curve_refused": dict(self.curve_refused),
             "events_out": dict(self.events_out),
             "batches_out": dict(self.batches_out),
             "records_out": dict(self.records_out),
@@ -357,9 +367,12 @@ class Node:
             if cfg.inputs:
                 endpoints = [Endpoint.parse(e, bind=False) for e in cfg.inputs]
                 sockets.inputs = open_socket(ctx, zmq.PULL, endpoints, cfg.socket)
+            # Outputs are watched to wait for their peers and, with CURVE (they are its
+            # servers), to count every peer they refuse.
+            watch = cfg.output_peers > 0 or cfg.socket.curve is not None
             for port, text in cfg.outputs.items():
                 endpoint = Endpoint.parse(text, bind=True)
-                prepare = partial(sockets.watch, port) if cfg.output_peers > 0 else None
+                prepare = partial(sockets.watch, port) if watch else None
                 sockets.outputs[port] = open_socket(
                     ctx, zmq.PUSH, [endpoint], cfg.socket, prepare=prepare
                 )
@@ -378,28 +391,52 @@ class Node:
         try:
             deadline = self._clock() + cfg.peer_wait_s
             next_heartbeat = self._clock()
-            for port, (_, monitor) in sockets.monitors.items():
-                seen = 0
-                while seen < cfg.output_peers and not self._stop.is_set():
-                    now = self._clock()
-                    if now >= deadline:
+            while cfg.output_peers > 0 and not self._stop.is_set():
+                self._check_handshakes(sockets)
+                short = [p for p in sockets.monitors if sockets.peers[p] < cfg.output_peers]
+                if not short:
+                    break
+                now = self._clock()
+                if now >= deadline:
+                    for port in short:
                         log.warning(
                             "%s: output %r has %d of %d peers after %.0f s; going on",
                             cfg.name,
                             port,
-                            seen,
+                            sockets.peers[port],
                             cfg.output_peers,
                             cfg.peer_wait_s,
                         )
-                        break
-                    if now >= next_heartbeat:
-                        self._heartbeat(sockets)
-                        next_heartbeat = now + cfg.heartbeat_interval_s
-                    if monitor.poll(100):
-                        event = recv_monitor_message(monitor)
-                        seen += event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                    break
+                if now >= next_heartbeat:
+                    self._heartbeat(sockets)
+                    next_heartbeat = now + cfg.heartbeat_interval_s
+                sockets.monitors[short[0]].poll(100)
         finally:
-            sockets.close_monitors()
+            if cfg.socket.curve is None:
+                sockets.close_monitors()
+
+    def _check_handshakes(self, sockets: _Sockets) -> None:
+        """Read the outputs' handshake monitors: count peers, and refused CURVE peers.
+
+        Runs with every heartbeat, so a refusal is counted within one heartbeat interval
+        and before the final stats are written.
+        """
+        for port, monitor in sockets.monitors.items():
+            succeeded, refused = monitor.drain()
+            sockets.peers[port] += succeeded
+            if self.config.socket.curve is None:
+                continue
+            for reason in refused:
+                self.stats.curve_refused[reason] += 1
+                metrics.CURVE_REFUSED.labels(node=self.config.name).inc()
+                self._log_once(
+                    f"curve:{reason}",
+                    "%s: output %r refused a CURVE peer (%s)",
+                    self.config.name,
+                    port,
+                    reason,
+                )
 
     def _set_state(self, state: NodeState, sockets: _Sockets) -> None:
         self.state = state
@@ -623,8 +660,9 @@ class Node:
         """Counters and worker figures as plain data (heartbeats and the stats file).
 
         ``cpu_s`` is this process's CPU time; ``first_in_s``/``last_in_s`` are node-clock
-        times of the first and last batch with events; ``extra`` comes from the
-        ``extra_report`` hook (e.g. refused CURVE peers).
+        times of the first and last batch with events; ``curve_refused`` counts the peers
+        the CURVE outputs refused, by reason (``stream.transport.refusal_reason``);
+        ``extra`` comes from the ``extra_report`` hook.
         """
         body = {
             **self.stats.to_dict(),
@@ -637,6 +675,7 @@ class Node:
         return body
 
     def _heartbeat(self, sockets: _Sockets) -> None:
+        self._check_handshakes(sockets)
         if sockets.control is None:
             return
         self._heartbeat_seq += 1
@@ -685,16 +724,16 @@ class _Sockets:
     inputs: zmq.Socket | None = None
     outputs: dict[str, zmq.Socket] = field(default_factory=dict)
     control: zmq.Socket | None = None
-    monitors: dict[str, tuple[zmq.Socket, zmq.Socket]] = field(default_factory=dict)
+    monitors: dict[str, HandshakeWatch] = field(default_factory=dict)
+    peers: Counter[str] = field(default_factory=Counter)
 
     def watch(self, port: str, sock: zmq.Socket) -> None:
         """Attach a handshake monitor to an output before it binds (see ``_await_peers``)."""
-        self.monitors[port] = (sock, sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+        self.monitors[port] = HandshakeWatch(sock)
 
     def close_monitors(self) -> None:
-        for sock, monitor in self.monitors.values():
-            sock.disable_monitor()
-            monitor.close(linger=0)
+        for monitor in self.monitors.values():
+            monitor.close()
         self.monitors.clear()
 
     def __enter__(self) -> _Sockets:

@@ -1,4 +1,5 @@
-"""Thin typed helpers over pyzmq: endpoints, socket options, and sending or receiving messages.
+"""Thin typed helpers over pyzmq: endpoints, socket options, sending or receiving messages,
+and watching a socket's handshakes.
 
 An endpoint string is ``@url`` to bind or ``>url`` to connect (the CZMQ convention);
 a bare URL takes the caller's default. URLs are ``tcp://``, ``ipc://`` or ``inproc://``.
@@ -6,10 +7,12 @@ a bare URL takes the caller's default. URLs are ``tcp://``, ``ipc://`` or ``inpr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from stream.batch import Message
 from stream.codec import decode, encode
@@ -150,3 +153,80 @@ def recv_message(sock: zmq.Socket, *, timeout_ms: int = -1) -> Message | None:
     """Receive and decode one message, or ``None`` after ``timeout_ms``; raises ``FrameError``."""
     frames = recv_frames(sock, timeout_ms=timeout_ms)
     return None if frames is None else decode(frames)
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_ZAP_DENIED = 400  # the ZAP status code of a refused key (RFC 27)
+_watch_ids = itertools.count()
+
+
+def refusal_reason(event: int, value: int) -> str | None:
+    """Why a socket refused a peer's handshake, as a bounded label, or ``None`` if it did not.
+
+    ``"key"``: the ZAP handler refused the peer's (valid) key; ``"mechanism"``: the peer
+    speaks another security mechanism (e.g. no CURVE at all); ``"crypto"``: the peer could
+    not prove the key it claimed (another stage's public key without its secret, or the
+    wrong server key); ``"auth"``: ZAP failed otherwise; ``"protocol"``: any other ZMTP
+    error. A handshake cut short by the network (``EVENT_HANDSHAKE_FAILED_NO_DETAIL``) is
+    not a refusal.
+    """
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "key" if value == _ZAP_DENIED else "auth"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return "mechanism"
+        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            return "crypto"
+        return "protocol"
+    return None
+
+
+class HandshakeWatch:
+    """The handshakes a socket completed and refused, read from a libzmq socket monitor.
+
+    Attach it before the socket binds or connects so that no handshake is missed. Only
+    libzmq sees some refusals (a peer without CURVE, or one claiming a key it cannot
+    prove, is turned away before any ZAP handler is asked), so the monitor is the one
+    place that sees them all. Events queue without bound until ``drain`` reads them
+    (libzmq would drop monitor events beyond the default high-water mark, and with them
+    counts), so drain regularly. Not thread-safe: use it from the socket's thread.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        address = f"inproc://trigfarm-handshakes-{next(_watch_ids)}"
+        sock.monitor(address, _HANDSHAKE_EVENTS)
+        self._sock = sock
+        self._pair = sock.context.socket(zmq.PAIR)
+        self._pair.setsockopt(zmq.RCVHWM, 0)
+        self._pair.connect(address)
+
+    def poll(self, timeout_ms: int) -> bool:
+        """Whether events are waiting, after at most ``timeout_ms``."""
+        return bool(self._pair.poll(timeout_ms, zmq.POLLIN))
+
+    def drain(self) -> tuple[int, list[str]]:
+        """Read every waiting event: (handshakes completed, a reason per refused peer)."""
+        succeeded = 0
+        refused: list[str] = []
+        while True:
+            try:
+                frames = self._pair.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return succeeded, refused
+            event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                succeeded += 1
+            reason = refusal_reason(event["event"], event["value"])
+            if reason is not None:
+                refused.append(reason)
+
+    def close(self) -> None:
+        """Stop monitoring; events not yet drained are lost."""
+        if not self._sock.closed:  # open_socket closes a socket whose bind failed
+            self._sock.disable_monitor()
+        self._pair.close(linger=0)

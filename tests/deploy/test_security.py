@@ -1,19 +1,22 @@
-"""CURVE on the farm's links: allowed peers get events, a peer with another key is refused
-and counted, and a whole farm runs encrypted."""
+"""CURVE on the farm's links: allowed peers get events, every refused peer is counted (by
+ZAP or inside libzmq), and a whole farm runs encrypted."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import zmq
 from click.testing import CliRunner
+from prometheus_client import REGISTRY
 
 from deploy.cli import main
 from deploy.run import run_farm
 from deploy.security import KeyGuard, generate_keys, load_pair, node_keys, start_authenticator
 from deploy.topology import load_topology
-from stream.testing import free_tcp_port, synthetic_batch
+from stream import EventBatch, Node, NodeConfig
+from stream.testing import ListSource, free_tcp_port, synthetic_batch
 from stream.transport import (
     CurveKeys,
     Endpoint,
@@ -62,6 +65,72 @@ def test_only_the_allowed_key_is_admitted(tmp_path: Path) -> None:
     finally:
         auth.stop()
         ctx.term()
+
+
+def test_every_refused_reader_is_counted_once(tmp_path: Path) -> None:
+    generate_keys(tmp_path, ["up", "down", "intruder"])
+    url = f"tcp://127.0.0.1:{free_tcp_port()}"
+    ctx = zmq.Context()
+    down_public = load_pair(tmp_path, "down")[0]
+    guard = KeyGuard("curve-up", [down_public])
+    auth = start_authenticator(ctx, guard)  # before the node's output binds, as the launcher
+    config = NodeConfig(
+        "curve-up",
+        "source",
+        outputs={"out": f"@{url}"},
+        heartbeat_interval_s=0.05,
+        socket=SocketOptions(curve=node_keys(tmp_path, "up", None), linger_ms=1000),
+    )
+    batches = [synthetic_batch(5, first_event=5 * i) for i in range(3)]
+    node = Node(config, ListSource(batches), context=ctx)
+    thread = threading.Thread(target=node.run, daemon=True)
+    server = load_pair(tmp_path, "up")[0]
+    intruder_public, intruder_secret = load_pair(tmp_path, "intruder")
+    connect = [Endpoint(url, bind=False)]
+
+    def reader(curve: CurveKeys | None) -> zmq.Socket:
+        sock = open_socket(ctx, zmq.PULL, connect, SocketOptions(curve=curve, linger_ms=0))
+        opened.append(sock)
+        return sock
+
+    opened: list[zmq.Socket] = []
+    try:
+        thread.start()
+        assert node.wait_started(10)
+        rogues = [
+            # no CURVE at all: refused inside libzmq (mechanism mismatch), ZAP never asked
+            reader(None),
+            # the reader stage's public key without its secret: refused inside libzmq
+            reader(CurveKeys(down_public, intruder_secret, server)),
+            # a valid key pair of the wrong stage: refused by ZAP
+            reader(CurveKeys(intruder_public, intruder_secret, server)),
+        ]
+        deadline = time.monotonic() + 10
+        while len(node.stats.curve_refused) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for rogue in rogues:
+            assert recv_message(rogue, timeout_ms=0) is None
+            rogue.close(linger=0)
+        good = reader(node_keys(tmp_path, "down", "up"))
+        got = [recv_message(good, timeout_ms=5000) for _ in batches]
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        node.request_stop()
+        thread.join(10)
+        auth.stop()
+        ctx.destroy(linger=0)
+    assert [len(m) for m in got if isinstance(m, EventBatch)] == [5, 5, 5]
+    refused = node.stats.curve_refused
+    assert set(refused) == {"mechanism", "crypto", "key"}, refused
+    # ZAP refusals are counted once: by the node's monitor, not again by the guard.
+    assert refused["key"] == guard.refused >= 1
+    metric = REGISTRY.get_sample_value("curve_refused_total", {"node": "curve-up"})
+    assert metric == sum(refused.values())
+    assert node.snapshot()["curve_refused"] == dict(refused)
+    assert node.stats.balanced and node.stats.accepted == 15
 
 
 def test_keys_command_writes_a_pair_per_stage(tmp_path: Path) -> None:
