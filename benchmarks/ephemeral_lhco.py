@@ -30,10 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import queue
 import shutil
+import socket
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +49,11 @@ from analysis.methods import FlowModels, SearchConfig
 from analysis.report import MethodResult, evaluate, score_method, write_report
 from nodes.archive import Archive, ArchiveConfig
 from nodes.archive import build as build_archive
-from nodes.learner import FlowLearnerConfig, build_learner
+from nodes.learner import FlowLearner, FlowLearnerConfig, build_learner
 from nodes.source import SourceConfig
 from nodes.source import build as build_source
 from simulator.production import simulate_to_file
-from stream.batch import EventBatch
+from stream.batch import EventBatch, Record
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lhco-rnd-100k"
 SR = (3300.0, 3700.0)
@@ -121,6 +124,12 @@ def simulated_dataset(n_background: int, folder: Path, seed: int) -> Dataset:
     )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def stream_once(
     sb: float,
     dataset: Dataset,
@@ -150,8 +159,30 @@ def stream_once(
         ),
         name="source",
     )
-    learners = [build_learner(learner_config, node_id=f"hlt-{i}") for i in range(n_nodes)]
+    rendezvous = replace(learner_config, average_address=f"tcp://127.0.0.1:{free_port()}")
+    learners = [
+        build_learner(rendezvous, node_id=f"hlt-{i}", node_index=i, node_count=n_nodes)
+        for i in range(n_nodes)
+    ]
     archive = build_archive(ArchiveConfig(out_dir=str(archive_dir)), name="archive")
+    # Each learner runs in its own thread, as each HLT node runs in its own process, so
+    # that averaging nodes meet in their collectives; the archive stays on this thread.
+    inboxes: list[queue.Queue[EventBatch | None]] = [queue.Queue(4) for _ in learners]
+    records: queue.Queue[Record] = queue.Queue()
+
+    def node(learner: FlowLearner, inbox: queue.Queue[EventBatch | None]) -> None:
+        while (batch := inbox.get()) is not None:
+            for record in learner.learn(batch):
+                records.put(record)
+        for record in learner.finish():
+            records.put(record)
+
+    threads = [
+        threading.Thread(target=node, args=(learner, inbox), daemon=True)
+        for learner, inbox in zip(learners, inboxes, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
     n_batches = n_signal_sr = n_background_sr = 0
     t0 = time.perf_counter()
     while (outcome := source.produce()) is not None:
@@ -162,14 +193,17 @@ def stream_once(
             signal = batch.truth["is_signal"].astype(bool)
             n_signal_sr += int((in_sr & signal).sum())
             n_background_sr += int((in_sr & ~signal).sum())
-            learner = learners[n_batches % n_nodes]
-            for record in learner.learn(batch.without_truth()):
-                archive.process(record)
+            inboxes[n_batches % n_nodes].put(batch.without_truth())
             archive.process(batch.without_truth())  # the conventional path keeps everything
             n_batches += 1
-    for learner in learners:
-        for record in learner.finish():
-            archive.process(record)
+            while not records.empty():
+                archive.process(records.get())
+    for inbox in inboxes:
+        inbox.put(None)
+    for thread in threads:
+        thread.join()
+    while not records.empty():
+        archive.process(records.get())
     archive.finish()
     wall_s = time.perf_counter() - t0
     reports = [learner.report() for learner in learners]
@@ -200,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2, help="HLT nodes (flows per role)")
     parser.add_argument("--members", type=int, default=5, help="MAFs per flow (an ensemble)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--mixture", action="store_true", help="each node keeps its own flow (no averaging)"
+    )
     parser.add_argument("--out", default="out/ephemeral_lhco", help="plots and JSON")
     parser.add_argument("--keep-archive", action="store_true", help="keep archives under --out")
     parser.add_argument(
@@ -225,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration_events=2000,
         snapshot_every_events=20_000,
         signal_region_gev=SR,
+        # as the default farm: one flow averaged across the HLT nodes (--mixture: per node)
+        average_every_steps=0 if args.mixture else 10,
     )
     search = SearchConfig(
         signal_region_gev=SR,
