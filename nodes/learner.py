@@ -3,8 +3,9 @@
 ``build_learner(config, node_id=...)`` returns a ``Learner`` (``nodes.learning``) that
 the HLT node calls with every event it sees. It trains the all-data and sideband flows
 (``models.online.OnlineFlow``) and returns ``"flow_snapshot"`` records, one per flow,
-every ``snapshot_every_events`` events, at the end of each lumi block (when a batch
-brings a later lumi number), and at ``finish()``.
+every ``snapshot_every_events`` events, every ``snapshot_every_s`` seconds (so a crash
+loses at most that much learning), at the end of each lumi block (when a batch brings a
+later lumi number), and at ``finish()``.
 
 Prometheus: ``flow_events_learned_total{node,flow}``, ``flow_not_learned_total{node,flow}``
 (events the flow had no time to learn; a uniform subsample is learned instead),
@@ -59,6 +60,8 @@ class FlowLearnerConfig(OnlineConfig):
 
     Attributes:
         snapshot_every_events: publish after this many more events seen; 0 never by count.
+        snapshot_every_s: publish when this many seconds have passed since the last
+            snapshot (checked as batches arrive); 0 never by time.
         snapshot_at_lumi_end: publish when a lumi block ends.
         torch_threads: intra-op threads for training (0 leaves torch's setting alone).
         average_every_steps: average the flows across the stage's nodes every this many
@@ -70,6 +73,7 @@ class FlowLearnerConfig(OnlineConfig):
     """
 
     snapshot_every_events: int = 50_000
+    snapshot_every_s: float = 30.0
     snapshot_at_lumi_end: bool = True
     torch_threads: int = 1
     average_every_steps: int = 0
@@ -78,8 +82,8 @@ class FlowLearnerConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         OnlineConfig.__post_init__(self)
-        if self.snapshot_every_events < 0 or self.torch_threads < 0:
-            msg = "snapshot_every_events and torch_threads must be >= 0"
+        if self.snapshot_every_events < 0 or self.torch_threads < 0 or self.snapshot_every_s < 0:
+            msg = "snapshot_every_events, snapshot_every_s and torch_threads must be >= 0"
             raise ValueError(msg)
         if self.average_every_steps < 0:
             msg = f"average_every_steps must be >= 0, got {self.average_every_steps}"
@@ -139,6 +143,8 @@ class FlowLearner:
         self._lumi_first: int | None = None
         self._lumi_last: int | None = None
         self._since_snapshot = 0
+        self._clock = clock
+        self._last_snapshot_s = clock()
         self._reported: dict[str, tuple[int, int]] = {role: (0, 0) for role in ROLES}
         self._t_learn_s = 0.0
 
@@ -177,8 +183,10 @@ class FlowLearner:
         self.events_seen += n
         self._since_snapshot += n
         self._publish_metrics()
-        every = self.config.snapshot_every_events
-        if every and self._since_snapshot >= every and self.online.calibrated:
+        every, every_s = self.config.snapshot_every_events, self.config.snapshot_every_s
+        due_by_count = every and self._since_snapshot >= every
+        due_by_time = every_s and self._clock() - self._last_snapshot_s >= every_s
+        if (due_by_count or due_by_time) and self.online.calibrated and not records:
             records += self._snapshot()
         return records
 
@@ -262,6 +270,7 @@ class FlowLearner:
 
     def _snapshot(self) -> list[Record]:
         self._since_snapshot = 0
+        self._last_snapshot_s = self._clock()
         self.snapshots += 1
         SNAPSHOTS.labels(node=self.node_id).inc()
         out = []

@@ -7,8 +7,9 @@ import torch
 from prometheus_client import REGISTRY
 
 from models.snapshot import FlowSnapshot
-from nodes.learner import FlowLearnerConfig, build_learner
+from nodes.learner import FlowLearner, FlowLearnerConfig, build_learner
 from stream.batch import EventBatch
+from stream.testing import FakeClock
 
 torch.set_num_threads(1)
 
@@ -81,3 +82,27 @@ def test_non_finite_events_are_counted_and_never_trained_on() -> None:
     snap = FlowSnapshot.from_record(records[0])
     assert snap.events_seen == 180
     assert all(np.isfinite(a).all() for a in snap.arrays.values())
+
+
+def test_snapshots_also_come_by_time_so_a_crash_loses_at_most_one_interval() -> None:
+    clock = FakeClock()
+    config = FlowLearnerConfig(
+        **SMALL,
+        buffer_size=128,
+        batch_size=64,
+        calibration_events=128,
+        snapshot_every_events=0,
+        snapshot_at_lumi_end=False,
+        snapshot_every_s=30.0,
+    )
+    learner = FlowLearner(config, node_id="hlt-t3", clock=clock)
+    assert learner.learn(batch(200, 1, 0)) == []
+    clock.advance(29.0)
+    assert learner.learn(batch(100, 1, 1)) == []
+    clock.advance(1.5)
+    first = [FlowSnapshot.from_record(r) for r in learner.learn(batch(100, 1, 2))]
+    assert {s.role for s in first} == {"all", "sideband"} and first[0].events_seen == 400
+    clock.advance(10.0)
+    assert learner.learn(batch(100, 1, 3)) == []  # the interval restarts at each snapshot
+    clock.advance(25.0)
+    assert len(learner.learn(batch(100, 1, 4))) == 2
