@@ -41,6 +41,8 @@ from stream.transport import CurveKeys, SocketOptions
 
 log = logging.getLogger(__name__)
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 THREAD_ENV = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
@@ -313,7 +315,12 @@ class Farm:
         out = Path(self.plan.out_dir)
         (out / "nodes").mkdir(parents=True, exist_ok=True)
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
+        # SIGINT (Ctrl-C) and SIGTERM (timeout, CI, systemd, kubectl) both stop in stages.
+        previous = (
+            {sig: signal.signal(sig, self._on_stop_signal) for sig in _STOP_SIGNALS}
+            if in_main
+            else {}
+        )
         t0 = time.monotonic()
         zctx = zmq.Context()
         try:
@@ -323,8 +330,8 @@ class Farm:
                 self._write_farm_file("starting")
                 self._run_stages(control)
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self._kill_all()
             zctx.term()
             self._write_farm_file("stopped")
@@ -459,15 +466,16 @@ class Farm:
             status.process.terminate()  # SIGTERM: the node drains and stops
         status.signalled = True
 
-    def _on_sigint(self, signum: int, frame: object) -> None:
-        del signum, frame
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        del frame
+        name = signal.Signals(signum).name
         self._interrupts += 1
         if self._interrupts == 1:
-            log.warning("Ctrl-C: stopping the farm in stages (Ctrl-C again to kill)")
+            log.warning("%s: stopping the farm in stages (a second signal kills)", name)
             first = self.plan.topology.stages[0].name
             self._signal_stage(first)
         else:
-            log.warning("Ctrl-C again: killing every node")
+            log.warning("%s again: killing every node", name)
             for status in self.statuses.values():
                 if status.process.is_alive():
                     status.process.kill()

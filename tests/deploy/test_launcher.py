@@ -72,7 +72,10 @@ def test_cli_rejects_a_bad_topology(tmp_path: Path) -> None:
     assert "topology.source.threads: expected int, got 'x'" in result.output
 
 
-def test_ctrl_c_stops_in_stages_and_still_balances(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_in_stages_and_still_balances(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     table = synthetic_table(events=10_000_000)
     table["source"]["config"]["rate_hz"] = 20_000.0
     path = tmp_path / "t.toml"
@@ -105,7 +108,7 @@ def test_ctrl_c_stops_in_stages_and_still_balances(tmp_path: Path) -> None:
             break
         time.sleep(0.2)
     time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
