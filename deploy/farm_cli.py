@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,8 +34,64 @@ def _log_level() -> int:
     return logging.getLogger().getEffectiveLevel()
 
 
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())
+
+
+def _bad_files_at_run_time(report: dict[str, Any]) -> dict[str, list[str]]:
+    """Files each source node could not read during the run (its report's bad_file_paths)."""
+    bad: dict[str, list[str]] = {}
+    for stage in report.get("stages", []):
+        for node in stage.get("nodes", []):
+            paths = node.get("worker", {}).get("bad_file_paths") or []
+            if paths:
+                bad[str(node.get("name", stage.get("name")))] = list(paths)
+    return bad
+
+
+def _readable_files(
+    layout: str, patterns: list[str], *, skip_bad_files: bool, what: str
+) -> list[str]:
+    """Expand ``patterns`` and check every file opens as ``layout``; before the farm starts.
+
+    A bad file stops the command with a one-line error naming it, or with
+    ``skip_bad_files`` is left out with one line each on stderr. Fails if none is left.
+    """
+    from simulator.errors import DataFileError
+    from simulator.replay import check_file, expand_paths, reader_for
+
+    try:
+        reader_for(layout)
+        paths = expand_paths(patterns)
+    except (KeyError, FileNotFoundError) as exc:
+        raise click.UsageError(_one_line(exc.args[0] if exc.args else exc)) from exc
+    good: list[str] = []
+    for path in paths:
+        try:
+            check_file(layout, path)
+        except DataFileError as exc:
+            if not skip_bad_files:
+                msg = f"cannot replay {_one_line(exc)} (--skip-bad-files leaves such files out)"
+                raise click.ClickException(msg) from exc
+            click.echo(f"skipping bad {what} file {_one_line(exc)}", err=True)
+            continue
+        good.append(str(path))
+    if skipped := len(paths) - len(good):
+        click.echo(f"skipped {skipped} of {len(paths)} {what} file(s)", err=True)
+    if not good:
+        msg = f"no readable {what} file left of {len(paths)} ({', '.join(patterns)})"
+        raise click.ClickException(msg)
+    return good
+
+
 def _run_and_print(
-    topology: Topology, events: int, duration: float, out: Path | None, quiet: bool
+    topology: Topology,
+    events: int,
+    duration: float,
+    out: Path | None,
+    quiet: bool,
+    *,
+    skip_bad_files: bool = False,
 ) -> None:
     from deploy.launcher import FarmError
     from deploy.report import format_report
@@ -61,6 +118,11 @@ def _run_and_print(
     if failed:
         click.echo(f"node(s) exited with errors: {failed}", err=True)
         sys.exit(1)
+    bad = _bad_files_at_run_time(outcome.report)
+    for name, paths in bad.items():
+        click.echo(f"{name}: could not read {', '.join(paths)} (skipped; see its log)", err=True)
+    if bad and not skip_bad_files:
+        raise click.ClickException("bad input file(s) during the run; see above")
     if not outcome.report["accounting"]["balanced"]:
         sys.exit(3)
 
@@ -120,6 +182,11 @@ def run(
 @click.option("--signal-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0)
 @click.option("--loop/--no-loop", default=True, help="Start the files again when they end.")
 @click.option(
+    "--skip-bad-files",
+    is_flag=True,
+    help="Leave out files that cannot be read (one line each) instead of stopping.",
+)
+@click.option(
     "--topology", "topology_path", default="replay", envvar="TRIGFARM_TOPOLOGY", help=TOPOLOGY_HELP
 )
 @_events_option
@@ -132,6 +199,7 @@ def replay(
     signal_files: tuple[str, ...],
     signal_fraction: float,
     loop: bool,
+    skip_bad_files: bool,
     topology_path: str,
     events: int,
     duration: float,
@@ -142,6 +210,10 @@ def replay(
 
     A folder of LHCO R&D feature files splits into background (scalars_bkg*) and
     signal (scalars_sig*) by name; mix them with --signal-fraction.
+
+    Every file is opened and its first event read before the farm starts: a file that
+    cannot be read as --layout stops the command with an error naming it, unless
+    --skip-bad-files leaves it out.
     """
     background = list(dataset)
     signal = list(signal_files)
@@ -154,6 +226,9 @@ def replay(
             signal = [str(folder / "*sig*.h5")]
     if signal_fraction > 0 and not signal:
         raise click.UsageError("--signal-fraction needs signal files")
+    background = _readable_files(layout, background, skip_bad_files=skip_bad_files, what="dataset")
+    if signal and signal_fraction > 0:
+        signal = _readable_files(layout, signal, skip_bad_files=skip_bad_files, what="signal")
     source = {
         "background": [f"{layout}:{','.join(background)}"],
         "signal": [f"{layout}:{','.join(signal)}"] if signal and signal_fraction > 0 else [],
@@ -163,7 +238,7 @@ def replay(
     topology = _topology(topology_path)
     first = topology.stages[0].name
     topology = topology.with_changes(**{first: {"config": source}})
-    _run_and_print(topology, events, duration, out, quiet)
+    _run_and_print(topology, events, duration, out, quiet, skip_bad_files=skip_bad_files)
 
 
 @click.command(context_settings={"show_default": True})

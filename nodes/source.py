@@ -26,8 +26,10 @@ Pacing: ``rate_hz`` > 0 emits batches so that the average is ``rate_hz`` events 
 ``source_rate_events_per_second{node}``.
 
 Bad input never stops the source: a file that cannot be read is counted in
-``source_bad_input_total{reason="bad_file"}`` and skipped; a bad row (NaN) is left out,
-counted as ``reason="bad_row"`` and accounted as a dropped event.
+``source_bad_input_total{reason="bad_file"}``, named in the report's ``bad_file_paths``
+and skipped (``trigfarm run``/``replay`` then exit non-zero unless told to skip bad files);
+a bad row (NaN) is left out, counted as ``reason="bad_row"`` and accounted as a dropped
+event.
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ class Component(ABC):
         self.spec = spec
         self.exhausted = False
         self.bad_files = 0
+        self.bad_file_paths: list[str] = []
         self.bad_rows = 0
         self._buffer: deque[EventBatch] = deque()
         self._buffered = 0
@@ -262,7 +265,10 @@ class ReplayComponent(Component):
                 continue
             except (DataFileError, OSError, ValueError) as exc:
                 self.bad_files += 1
-                log.warning("skipping the rest of %s: %s", self._paths[self._file_index], exc)
+                path = self._paths[self._file_index]
+                if str(path) not in self.bad_file_paths:
+                    self.bad_file_paths.append(str(path))
+                log.warning("skipping the rest of %s: %s", path, exc)
                 self._next_file()
                 continue
             self.bad_rows += int(batch.meta.get("bad_rows") or 0)
@@ -534,6 +540,9 @@ class Source(Producer):
                 for i, c in enumerate(s.components)
             },
             "bad_files": self._reported_bad["bad_file"],
+            "bad_file_paths": sorted(
+                {p for s in self._streams for c in s.components for p in c.bad_file_paths}
+            ),
             "bad_rows": self._reported_bad["bad_row"],
         }
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from simulator.cache import read_cache
 from simulator.cms_l1ad import read_cms_l1ad
+from simulator.errors import DataFileError, exception_summary
 from simulator.lhco_features import read_lhco_features
 from simulator.lhco_raw import read_lhco_raw
 from simulator.root_objects import read_root_objects
@@ -104,6 +105,30 @@ def expand_paths(patterns: Sequence[str | Path]) -> list[Path]:
             raise FileNotFoundError(msg)
         out.extend(Path(m) for m in matches)
     return out
+
+
+def check_file(kind: str, path: str | Path) -> None:
+    """Open ``path`` as layout ``kind`` and read its first event (cheap: one chunk of 1).
+
+    An empty but well-formed file passes. Use it to refuse bad inputs before a run starts.
+
+    Raises:
+        DataFileError: the file cannot be read as ``kind`` (the message names it).
+        KeyError: an unknown layout.
+    """
+    reader = reader_for(kind)
+    batches = reader([Path(path)], chunk_size=1, skip_bad_rows=True)
+    try:
+        next(batches, None)
+    except DataFileError:
+        raise
+    except (OSError, ValueError) as exc:
+        msg = f"not readable as {kind} ({exception_summary(exc)})"
+        raise DataFileError(path, msg) from exc
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def replay(

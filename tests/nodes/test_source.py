@@ -121,6 +121,7 @@ def test_a_bad_file_is_counted_and_skipped(files: dict[str, Path], tmp_path: Pat
     batch = batches_of(drain(source))
     assert len(batch) == 40
     assert source.report()["bad_files"] == 1
+    assert source.report()["bad_file_paths"] == [str(broken)]
 
 
 def test_a_nan_row_is_dropped_and_accounted(tmp_path: Path) -> None:
