@@ -125,6 +125,17 @@ def _connect(out_dir: Path) -> sqlite3.Connection:
     return db
 
 
+def _last_event_file_sequence(folder: Path) -> int:
+    """The highest sequence number among ``run<run>_<seq>.h5`` files in ``folder``, their
+    temporary ``.run<run>_<seq>.h5.<pid>.tmp`` included (0: none)."""
+    numbers = [
+        int(tail)
+        for path in folder.glob("*run*_*.h5*")
+        if (tail := path.name.lstrip(".").split(".")[0].rsplit("_", 1)[-1]).isdigit()
+    ]
+    return max(numbers, default=0)
+
+
 class ArchiveNode(Processor):
     """Stores what arrives; see the module doc."""
 
@@ -137,7 +148,9 @@ class ArchiveNode(Processor):
         self._db: sqlite3.Connection | None = None
         self._writer: CacheWriter | None = None
         self._writer_meta: dict[str, int] = {}
-        self._file_seq = 0
+        # A restarted archive on the same folder continues after the files already there
+        # (complete or not), so it never collides with them.
+        self._file_seq = _last_event_file_sequence(self.root / "events")
         self.bytes = {SNAPSHOT_KIND: 0, EVENTS_KIND: 0}
         self.events_stored = 0
         self.snapshots_stored = 0

@@ -79,6 +79,20 @@ def test_snapshots_and_events_are_stored_indexed_and_read_back(tmp_path: Path) -
     assert roundtrip.content_hash == original.content_hash
 
 
+def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None:
+    fill(tmp_path)
+    leftover = tmp_path / "events" / ".run000003_0003.h5.999.tmp"  # a crashed writer's
+    leftover.write_bytes(b"partial")
+    again = build(ArchiveConfig(out_dir=str(tmp_path), events_per_file=150), name="archive")
+    assert again.process(synthetic_batch(100, first_event=400, run=3, lumi=3)).accepted == 100
+    again.finish()
+    archive = Archive(tmp_path)
+    events = archive.entries(kind="events")
+    assert [e.sequence for e in events] == [1, 2, 4]
+    assert [e.events for e in events] == [200, 200, 100]
+    assert len(archive.event_features()) == 500
+
+
 def test_corrupted_and_partial_files_are_detected_not_loaded(tmp_path: Path) -> None:
     fill(tmp_path)
     archive = Archive(tmp_path)
