@@ -10,6 +10,11 @@ held-out background (bkg09-10; the sideband flow on its sideband events), lower 
 better.
 
     python -m benchmarks.online_flow_speed [--events 55000] [--reference-events 20000]
+        [--compile] [--steps-only]
+
+It first times one optimizer step of one 5-member flow at minibatches 16, 256 and 1024:
+the nflows members in turn, ``MAFEnsemble``, and with ``--compile`` ``MAFEnsemble`` under
+``torch.compile`` (compilation excluded, reported apart).
 
 The reference is slow (~110 events/s): ``--reference-events`` bounds its share; the
 shipped trainer is also scored on exactly those first events, so the NLL comparison is
@@ -22,6 +27,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -82,6 +88,55 @@ class NflowsTrainer:
         return flow
 
 
+def step_ms(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: list[torch.nn.Parameter],
+    batch: int,
+    repeats: int,
+) -> tuple[float, float]:
+    """Mean ms per Adam step (forward, backward, update) and the first step's seconds."""
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    z, context = torch.randn(batch, 4), torch.randn(batch, 1)
+    t0 = time.perf_counter()
+    for i in range(repeats + 3):
+        if i == 1:
+            first_s = time.perf_counter() - t0
+        if i == 3:
+            t0 = time.perf_counter()
+        optimizer.zero_grad()
+        loss(z, context).backward()
+        optimizer.step()
+    return (time.perf_counter() - t0) / repeats * 1e3, first_s
+
+
+def nflows_loss(mafs: torch.nn.ModuleList) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda z, c: -torch.stack([m.log_prob(z, context=c).mean() for m in mafs]).sum()
+
+
+def ensemble_loss(flow: ConditionalFlow) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda z, c: -flow.maf.log_prob(z, c).mean(1).sum()
+
+
+def step_times(compile_too: bool) -> dict[str, dict[str, float]]:
+    """One flow of 5 members, 4 transforms of 2×16 hidden, 8 bins: ms per step."""
+    config = OnlineConfig().flow_config()
+    out: dict[str, dict[str, float]] = {}
+    for batch in (16, 256, 1024):
+        repeats = max(5, 4000 // batch)
+        mafs = torch.nn.ModuleList(build_maf(config) for _ in range(config.n_members))
+        row = {"nflows": step_ms(nflows_loss(mafs), list(mafs.parameters()), batch, repeats)[0]}
+        flow = ConditionalFlow(config, Preprocessing.from_bounds([0] * 4, [1] * 4))
+        ours = ensemble_loss(flow)
+        row["maf_ensemble"] = step_ms(ours, list(flow.parameters()), batch, repeats)[0]
+        if compile_too:
+            compiled = torch.compile(ours, dynamic=False)
+            ms, first_s = step_ms(compiled, list(flow.parameters()), batch, repeats)
+            row["maf_ensemble_compiled"], row["compile_s"] = ms, first_s
+        out[str(batch)] = row
+        print(f"minibatch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+    return out
+
+
 def in_sr(mjj: np.ndarray) -> np.ndarray:
     return (mjj >= SR[0]) & (mjj < SR[1])
 
@@ -128,11 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=55_000, help="stream length (≤ 60k)")
     parser.add_argument("--reference-events", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--steps-only", action="store_true", help="only the step timing")
     args = parser.parse_args(argv)
     if not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
     torch.set_num_threads(1)
+    steps = step_times(args.compile)
+    if args.steps_only:
+        print(json.dumps({"benchmark": "online_flow_speed", "ms_per_step_one_flow": steps}))
+        return 0
     dataset = lhco_dataset(quick=False)
     background = load_events([dataset.stream_background]).features.astype(np.float32)
     stream = background[np.random.default_rng(args.seed).permutation(len(background))]
@@ -172,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_nll_nflows_trainer": nll_reference,
         "test_nll_full_stream": nll_full,
         "seed": args.seed,
+        "ms_per_step_one_flow": steps,
     }
     print(json.dumps(final))
     return 0
