@@ -47,6 +47,7 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
         "events_out": dict(stats.get("events_out", {})),
         "records_in": int(stats.get("records_in", 0)),
         "records_out": dict(stats.get("records_out", {})),
+        "records_lost": dict(stats.get("records_lost", {})),
         "balanced": n_in == accounted,
         "first_in_s": first,
         "last_in_s": last,
@@ -110,6 +111,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
                 "dropped": dict(dropped),
                 "events_out": dict(events_out),
                 "records_out": sum(sum(n["records_out"].values()) for n in present),
+                "records_lost": sum(sum(n["records_lost"].values()) for n in present),
                 "records_in": sum(n["records_in"] for n in present),
                 "accept_fraction": accepted / n_in if n_in else None,
                 "paths": _sum_paths(workers),
@@ -258,9 +260,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         if s["paths"]:
             fired = ", ".join(f"{k} {v}" for k, v in s["paths"].items())
             lines.append(f"{'':<10}trigger paths (events firing): {fired}")
-        if s["records_out"] or s["records_in"]:
+        if s["records_out"] or s["records_in"] or s.get("records_lost"):
+            lost = f", {s['records_lost']} LOST (undeliverable)" if s.get("records_lost") else ""
             lines.append(
-                f"{'':<10}records (flow snapshots): {s['records_out']} out, {s['records_in']} in"
+                f"{'':<10}records (flow snapshots): {s['records_out']} out, "
+                f"{s['records_in']} in{lost}"
             )
     for link in report["links"]:
         if not link["balanced"]:

@@ -12,6 +12,11 @@ BATCHES_IN = Counter("batches_in", "Batches received by the node", _LABELS)
 BATCHES_OUT = Counter("batches_out", "Batches sent on an output port", (*_LABELS, "port"))
 RECORDS_IN = Counter("records_in", "Non-event records received (e.g. snapshots)", _LABELS)
 RECORDS_OUT = Counter("records_out", "Non-event records sent", (*_LABELS, "port"))
+RECORDS_LOST = Counter(
+    "records_lost",
+    "Non-event records (e.g. flow snapshots) that could not be delivered",
+    (*_LABELS, "port"),
+)
 ACCEPTED = Counter("events_accepted", "Events the node accepted", _LABELS)
 REJECTED = Counter("events_rejected", "Events the node rejected by design", _LABELS)
 DROPPED = Counter("dropped", "Events lost, by reason", (*_LABELS, "reason"))

@@ -218,6 +218,7 @@ class NodeStats:
     events_out: Counter[str] = field(default_factory=Counter)
     batches_out: Counter[str] = field(default_factory=Counter)
     records_out: Counter[str] = field(default_factory=Counter)
+    records_lost: Counter[str] = field(default_factory=Counter)
     latency: LatencyReservoir = field(default_factory=LatencyReservoir)
     busy_s: float = 0.0
     blocked_s: float = 0.0
@@ -241,6 +242,7 @@ class NodeStats:
             "events_out": dict(self.events_out),
             "batches_out": dict(self.batches_out),
             "records_out": dict(self.records_out),
+            "records_lost": dict(self.records_lost),
             "latency": self.latency.summary(),
             "busy_s": self.busy_s,
             "blocked_s": self.blocked_s,
@@ -640,6 +642,15 @@ class Node:
                 self._log_once(
                     f"full:{emit.port}", "%s: output %r full, dropping", cfg.name, emit.port
                 )
+                if not isinstance(emit.message, EventBatch):  # batches: the caller counts
+                    self.stats.records_lost[emit.port] += 1
+                    metrics.RECORDS_LOST.labels(**self._labels, port=emit.port).inc()
+                    log.error(
+                        "%s: a %s record could not be delivered on %r (counted as lost)",
+                        cfg.name,
+                        getattr(emit.message, "kind", "?"),
+                        emit.port,
+                    )
                 return False
             self._heartbeat(sockets)
         metrics.NODE_HEALTHY.labels(**self._labels).set(1)

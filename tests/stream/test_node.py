@@ -7,7 +7,17 @@ import numpy as np
 import zmq
 from prometheus_client import REGISTRY
 
-from stream import EventBatch, Heartbeat, Node, NodeConfig, Outcome, Processor, Record, encode
+from stream import (
+    Emit,
+    EventBatch,
+    Heartbeat,
+    Node,
+    NodeConfig,
+    Outcome,
+    Processor,
+    Record,
+    encode,
+)
 from stream.schema import SCHEMA_VERSION
 from stream.testing import ListSource, Relay, synthetic_batch
 from stream.transport import recv_message, send_message
@@ -213,6 +223,28 @@ def test_records_pass_through_the_runtime() -> None:
             zmq.Poller().poll(20)
     assert node.stats.records_in == 1 and node.stats.events_in == 0
     assert seen[0].meta["events_seen"] == 7
+
+
+def test_a_final_record_that_cannot_be_delivered_is_counted_as_lost() -> None:
+    """A flow snapshot emitted at finish with nobody to take it is never lost silently."""
+
+    class SnapshotAtEnd(ListSource):
+        def finish(self) -> tuple[Emit, ...]:
+            return (Emit("out", Record("flow_snapshot", {"events_seen": 8}, {})),)
+
+    config = NodeConfig(
+        name="lost-record",
+        role="source",
+        outputs={"out": "@inproc://lost-record-out"},
+        drop_when_full=True,
+    )
+    stats = Node(config, SnapshotAtEnd([synthetic_batch(8)]), context=zmq.Context.instance()).run()
+    assert stats.records_lost == {"out": 1} and stats.records_out == {}
+    assert stats.to_dict()["records_lost"] == {"out": 1}
+    lost = REGISTRY.get_sample_value(
+        "records_lost_total", {"node": "lost-record", "role": "source", "port": "out"}
+    )
+    assert lost == 1
 
 
 def test_a_source_with_no_room_downstream_counts_deadtime_drops() -> None:
