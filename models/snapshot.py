@@ -54,8 +54,10 @@ class FlowSnapshot:
     """One flow's state at one moment, with provenance.
 
     ``role`` is ``"all"`` (trained on every event) or ``"sideband"`` (never saw a
-    signal-region event). ``arrays`` holds ``param/<name>`` (float32), ``pre/<name>``
-    (float64) and ``mjj_hist``/``mjj_edges`` (the mjj spectrum of the events seen).
+    signal-region event). ``training`` (JSON) says how it was trained: minibatch, replay
+    factor, learning rate, averaging nodes. ``arrays`` holds ``param/<name>`` (float32),
+    ``pre/<name>`` (float64) and ``mjj_hist``/``mjj_edges`` (the mjj spectrum of the events
+    seen).
     """
 
     node_id: str
@@ -71,6 +73,7 @@ class FlowSnapshot:
     flow_config: str
     signal_region_gev: tuple[float, float]
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    training: str = ""
     code_version: str = field(default_factory=code_version)
     content_hash: str = ""
 
@@ -104,7 +107,7 @@ class FlowSnapshot:
 
     def meta(self) -> dict[str, Any]:
         """Scalar provenance, as stored in the record header and the archive index."""
-        return {
+        out = {
             "node_id": self.node_id,
             "role": self.role,
             "run": self.run,
@@ -120,6 +123,9 @@ class FlowSnapshot:
             "code_version": self.code_version,
             "content_hash": self.content_hash,
         }
+        if self.training:  # absent from snapshots written before it existed (same hash)
+            out["training"] = self.training
+        return out
 
     def compute_hash(self) -> str:
         """SHA-256 over the canonical metadata (hash excluded) and every array."""
@@ -253,6 +259,7 @@ def _from_parts(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Fl
             flow_config=str(meta["flow_config"]),
             signal_region_gev=tuple(meta["signal_region_gev"]),
             arrays=dict(arrays),
+            training=str(meta.get("training", "")),
             code_version=str(meta["code_version"]),
             content_hash=str(meta["content_hash"]),
         )

@@ -25,6 +25,7 @@ flow is a density for its share of the stream, and the analysis mixes them.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +131,16 @@ class FlowLearner:
             config = replace(config, batch_size=max(1, config.batch_size // node_count))
         self._rounds_due = 0
         self._learned_at_round = 0
+        self._training = json.dumps(
+            {
+                "batch_size": config.batch_size,
+                "replay": config.replay,
+                "learning_rate": config.learning_rate,
+                "n_members": config.n_members,
+                "averaged_over_nodes": node_count if self.averager else 1,
+            },
+            sort_keys=True,
+        )
         self.online = OnlineFlow(
             config,
             clock=clock,
@@ -291,6 +302,7 @@ class FlowLearner:
                 loss=stats.loss_ema,
                 sequence=self.snapshots,
                 signal_region_gev=self.config.signal_region_gev,
+                training=self._training,
             )
             out.append(snap.to_record())
         log.info("%s: snapshot %d after %d events", self.node_id, self.snapshots, self.events_seen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from prometheus_client import REGISTRY
@@ -106,3 +108,16 @@ def test_snapshots_also_come_by_time_so_a_crash_loses_at_most_one_interval() -> 
     assert learner.learn(batch(100, 1, 3)) == []  # the interval restarts at each snapshot
     clock.advance(25.0)
     assert len(learner.learn(batch(100, 1, 4))) == 2
+
+
+def test_snapshots_record_how_the_flow_was_trained() -> None:
+    config = FlowLearnerConfig(
+        **SMALL, buffer_size=128, batch_size=64, calibration_events=128, replay=3
+    )
+    learner = build_learner(config, node_id="hlt-t4")
+    learner.learn(batch(200, 1, 0))
+    snaps = [FlowSnapshot.from_record(r) for r in learner.finish()]
+    again = FlowSnapshot.from_bytes(snaps[0].to_bytes())
+    training = json.loads(again.training)
+    assert training["replay"] == 3 and training["batch_size"] == 64
+    assert training["averaged_over_nodes"] == 1
