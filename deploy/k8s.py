@@ -71,6 +71,7 @@ def _k8s_topology_toml(topology: Topology, namespace: str) -> str:
             if learner.get("average_every_steps"):
                 # the averaging rendezvous is node 0 of the stage, by its pod name
                 port = urlsplit(str(learner.get("average_address", ""))).port or 29400
+                # (in the cluster the rendezvous is fixed: pods cannot pick a port per run)
                 learner["average_address"] = f"tcp://{hosts[0]}:{port}"
             lines.append(f"learner = {_inline(learner)}")
         lines.append("")

@@ -128,6 +128,7 @@ def plan_farm(
     metrics_index = 0
     for stage in topology.stages:
         role = ROLES[stage.role]
+        rendezvous = _rendezvous(stage, fixed=fixed_ports)
         upstream = topology.upstream(stage.name)
         downstream = topology.downstream(stage.name)
         keys = _keys(topology, stage, upstream)
@@ -170,10 +171,30 @@ def plan_farm(
                 peer_wait_s=farm.peer_wait_s,
             )
             launch = LaunchContext(
-                name=name, index=i, out_dir=out, events=events, threads=stage.threads
+                name=name,
+                index=i,
+                out_dir=out,
+                events=events,
+                threads=stage.threads,
+                rendezvous=rendezvous,
             )
             plans.append(NodePlan(stage, node, launch, stage.threads, allowed, log_level))
     return FarmPlan(topology, tuple(plans), out, control)
+
+
+def _rendezvous(stage: StageSpec, *, fixed: bool) -> str:
+    """Where the stage's flow learners meet to average, if they average and the topology
+    does not say: node 0's host at a port free for this run (two farms on one host never
+    share one). Nodes started one per host (``fixed``) need it in the topology."""
+    learner = stage.learner or {}
+    if not learner.get("average_every_steps") or "average_address" in learner:
+        return ""
+    if fixed:
+        raise TopologyError(
+            key=f"topology.{stage.name}.learner.average_address",
+            problem="must be set when nodes are started one per host (trigfarm node)",
+        )
+    return f"tcp://{stage.host(0)}:{free_tcp_port()}"
 
 
 def _keys(topology: Topology, stage: StageSpec, upstream: StageSpec | None) -> CurveKeys | None:

@@ -28,6 +28,7 @@ class LaunchContext:
     out_dir: str
     events: int = 0
     threads: int = 1
+    rendezvous: str = ""  # where the stage's learners meet to average, chosen per run
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +171,10 @@ class Role:
             return builder(config, name=launch.name)
         module, cls, build_learner = self.learner
         learner_module = _import(module)
-        learner_config = fill_config(
-            getattr(learner_module, cls), stage.learner, f"{where}.learner"
-        )
+        table = dict(stage.learner)
+        if launch.rendezvous and "average_address" not in table:
+            table["average_address"] = launch.rendezvous
+        learner_config = fill_config(getattr(learner_module, cls), table, f"{where}.learner")
         learner = getattr(learner_module, build_learner)(
             learner_config, node_id=launch.name, node_index=launch.index, node_count=stage.count
         )

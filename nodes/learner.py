@@ -69,7 +69,8 @@ class FlowLearnerConfig(OnlineConfig):
             optimizer steps (0: each node keeps its own flow). With N nodes averaging,
             each steps on ``batch_size / N`` events.
         average_address: ``tcp://host:port`` where node 0 of the stage hosts the
-            rendezvous (every node of the stage must reach it).
+            rendezvous (every node of the stage must reach it); the launcher picks a free
+            port per run when the topology leaves it out.
         average_timeout_s: the longest a dead or stalled peer may stall a node, once.
     """
 

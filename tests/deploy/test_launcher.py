@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import main
-from deploy.launcher import FarmError
+from deploy.launcher import FarmError, plan_farm
+from deploy.roles import ROLES
 from deploy.run import run_farm
-from deploy.topology import parse_topology
+from deploy.topology import TopologyError, load_topology, parse_topology
 from tests.deploy.conftest import synthetic_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,3 +135,21 @@ def test_duration_stops_the_source(tmp_path: Path) -> None:
     assert report["accounting"]["balanced"]
     assert 2_000 <= report["events_generated"] <= 20_000  # about 2 s at 5 kHz, not 10 M
     assert report["stages"][-1]["events_in"] == report["events_generated"]
+
+
+def test_each_run_gets_its_own_averaging_rendezvous(tmp_path: Path) -> None:
+    """Two farms on one host never meet in one averaging group."""
+    topology = load_topology("default")
+    first = plan_farm(topology, out_dir=tmp_path / "a").stage_nodes("hlt")
+    second = plan_farm(topology, out_dir=tmp_path / "b").stage_nodes("hlt")
+    (ours,) = {p.launch.rendezvous for p in first}
+    (theirs,) = {p.launch.rendezvous for p in second}
+    assert ours.startswith("tcp://127.0.0.1:") and ours != theirs
+    learner = ROLES["hlt"].build(first[0].stage, first[0].launch).learner
+    assert learner.config.average_address == ours and learner.averager is not None
+    learner.averager.close()
+    ported = topology.with_changes(
+        **{stage.name: {"port": 5600 + 10 * k} for k, stage in enumerate(topology.stages)}
+    )
+    with pytest.raises(TopologyError, match=r"hlt\.learner\.average_address"):
+        plan_farm(ported, out_dir=tmp_path / "c", fixed_ports=True)

@@ -155,6 +155,8 @@ def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str], chain:
     ):
         table[stage]["hosts"] = host
         table[stage]["port"] = port
+    if chain == "physics":  # nodes started one per host need the averaging rendezvous named
+        table["hlt"]["learner"]["average_address"] = f"tcp://{HOST_B}:17131"
     topo = write_topology(tmp_path / "topology.toml", table)
     topology = load_topology(topo)
     n_events = 3000 if chain == "synthetic" else 256
