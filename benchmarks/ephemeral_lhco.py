@@ -32,7 +32,6 @@ import json
 import platform
 import queue
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from nodes.source import SourceConfig
 from nodes.source import build as build_source
 from simulator.production import simulate_to_file
 from stream.batch import EventBatch, Record
+from stream.testing import free_tcp_port
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lhco-rnd-100k"
 SR = (3300.0, 3700.0)
@@ -124,12 +124,6 @@ def simulated_dataset(n_background: int, folder: Path, seed: int) -> Dataset:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stream_once(
     sb: float,
     dataset: Dataset,
@@ -159,7 +153,7 @@ def stream_once(
         ),
         name="source",
     )
-    rendezvous = replace(learner_config, average_address=f"tcp://127.0.0.1:{free_port()}")
+    rendezvous = replace(learner_config, average_address=f"tcp://127.0.0.1:{free_tcp_port()}")
     learners = [
         build_learner(rendezvous, node_id=f"hlt-{i}", node_index=i, node_count=n_nodes)
         for i in range(n_nodes)

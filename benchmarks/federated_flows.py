@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing
 import platform
-import socket
 import time
 from typing import Any
 
@@ -31,12 +30,7 @@ import numpy as np
 
 from benchmarks.ephemeral_lhco import DATA
 from benchmarks.online_flow_ablation import lhco_stream, score
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from stream.testing import free_tcp_port
 
 
 def learn_share(
@@ -95,7 +89,7 @@ def run(
 
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    port = free_port()
+    port = free_tcp_port()
     batches = [stream[i : i + 1000] for i in range(0, len(stream), 1000)]
     shares = [np.concatenate(batches[i::n_nodes]) for i in range(n_nodes)]
     workers = [

@@ -5,19 +5,14 @@ their shares differ (the node that finishes first keeps joining rounds)."""
 from __future__ import annotations
 
 import multiprocessing
-import socket
 from typing import Any
 
 import numpy as np
 import pytest
 
+from stream.testing import free_tcp_port
+
 SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_node(index: int, count: int, every: int, port: int, out: Any) -> None:
@@ -40,7 +35,7 @@ def run_node(index: int, count: int, every: int, port: int, out: Any) -> None:
     )
     learner = build_learner(config, node_id=f"hlt-{index}", node_index=index, node_count=count)
     rng = np.random.default_rng(100 + index)  # each node sees different events
-    for lumi in range(4 + 2 * index):  # and node 1 more of them: more rounds due
+    for _ in range(4 + 2 * index):  # and node 1 more of them: more rounds due
         features = rng.uniform(0.1, 0.9, (300, 8)).astype("f4")
         features[:, 0] = rng.uniform(2500, 4500, 300)
         learner.learn(
@@ -60,7 +55,7 @@ def run_node(index: int, count: int, every: int, port: int, out: Any) -> None:
 def run_stage(count: int, every: int) -> dict[int, tuple[dict, dict]]:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    port = free_port()
+    port = free_tcp_port()
     workers = [
         context.Process(target=run_node, args=(i, count, every, port, out)) for i in range(count)
     ]
