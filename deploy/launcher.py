@@ -291,6 +291,8 @@ class NodeStatus:
     heartbeat: Heartbeat | None = None
     signalled: bool = False
     exitcode: int | None = None
+    last_heartbeat_s: float | None = None  # monotonic time of the last heartbeat
+    lost: str = ""  # why the launcher gave up on the node ("" while it is not lost)
 
 
 @dataclass(slots=True)
@@ -303,6 +305,7 @@ class FarmResult:
     interrupted: bool
     started_s: float
     heartbeats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)
 
 
 class Farm:
@@ -371,6 +374,7 @@ class Farm:
             heartbeats={
                 n: asdict(s.heartbeat) for n, s in self.statuses.items() if s.heartbeat is not None
             },
+            lost={n: s.lost for n, s in self.statuses.items() if s.lost},
         )
 
     # -- stages ------------------------------------------------------------------------------
@@ -412,6 +416,9 @@ class Farm:
     def _wait(
         self, control: zmq.Socket, done: Callable[[], bool], timeout_s: float | None = None
     ) -> bool:
+        """Pump heartbeats until ``done()``; False on a timeout, a second signal, or (before
+        the source starts) a failed node. Once running, a failed or silent node starts the
+        staged stop instead, so the survivors drain and deliver what they hold."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not done():
             if self._interrupts > 1:
@@ -420,11 +427,26 @@ class Farm:
                 return False
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            if self._any_failed():
+            self._expire_silent_nodes()
+            if self._any_failed() and not self._source_started:
                 return False
             self._pump(control, 100)
         self._pump(control, 0)
         return True
+
+    def _expire_silent_nodes(self) -> None:
+        """Kill a node whose heartbeats stopped ``stall_after_s`` ago (stalled, e.g.
+        SIGSTOP): no wait of the launcher is unbounded."""
+        limit_s = self.plan.topology.farm.stall_after_s
+        now = time.monotonic()
+        for name, status in self.statuses.items():
+            last = status.last_heartbeat_s
+            if status.lost or last is None or not status.process.is_alive():
+                continue
+            if now - last > limit_s:
+                status.lost = f"no heartbeat for {now - last:.0f} s; killed"
+                log.error("node %s lost: %s", name, status.lost)
+                status.process.kill()
 
     def _pump(self, control: zmq.Socket, timeout_ms: int) -> None:
         if control.poll(timeout_ms):
@@ -439,6 +461,7 @@ class Farm:
                     continue
                 status = self.statuses.get(beat.name)
                 if status is not None:
+                    status.last_heartbeat_s = time.monotonic()
                     new_port = (
                         status.heartbeat is None
                         or status.heartbeat.metrics_port != beat.metrics_port
@@ -470,10 +493,16 @@ class Farm:
     def _any_failed(self) -> bool:
         failed = [n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0, 3)]
         if failed and not self._failure_logged:
-            log.error("node(s) %s exited with an error; stopping the farm", failed)
             self._failure_logged = True
-            for status in self.statuses.values():
-                self._terminate(status)
+            if self._source_started:
+                # Stop in stages, as on a signal: the survivors drain into the stages after
+                # them, so their last flow snapshots still reach the archive.
+                log.error("node(s) %s died; stopping the farm in stages", failed)
+                self._signal_stage(self.plan.topology.stages[0].name)
+            else:
+                log.error("node(s) %s exited with an error; stopping the farm", failed)
+                for status in self.statuses.values():
+                    self._terminate(status)
         return bool(failed)
 
     def _signal_stage(self, stage: str) -> None:

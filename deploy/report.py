@@ -154,6 +154,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
         "wall_s": result.wall_s,
         "interrupted": result.interrupted,
         "exitcodes": result.exitcodes,
+        "lost_nodes": dict(result.lost),
         "events_generated": source["accepted"],
         "events_final": stages[-1]["accepted"],
         "archive_bytes": archive_bytes,
@@ -273,6 +274,8 @@ def format_report(report: Mapping[str, Any]) -> str:
                 f"{link['records_sent']} records, received {link['received']} and "
                 f"{link['records_received']}: UNBALANCED"
             )
+    for name, why in report.get("lost_nodes", {}).items():
+        lines.append(f"node {name} LOST ({why}): its in-flight events are not counted")
     archived = sum(report["archive_bytes"].values())
     lines.append(f"archive: {archived:,} bytes")
     verdict = "balanced" if report["accounting"]["balanced"] else "NOT balanced"

@@ -153,3 +153,37 @@ def test_each_run_gets_its_own_averaging_rendezvous(tmp_path: Path) -> None:
     )
     with pytest.raises(TopologyError, match=r"hlt\.learner\.average_address"):
         plan_farm(ported, out_dir=tmp_path / "c", fixed_ports=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL])
+def test_a_stalled_or_killed_node_ends_the_run_in_bounded_time(
+    tmp_path: Path, fault: signal.Signals
+) -> None:
+    """The launcher expires a node whose heartbeats stop, then stops in stages: the other
+    relay drains into the sink and exits cleanly; the run ends on its own."""
+    table = synthetic_table(events=10_000_000, stall_after_s=3.0, heartbeat_interval_s=0.2)
+    table["source"]["config"]["rate_hz"] = 5_000.0
+    statuses: dict = {}
+    faulted: list[float] = []
+
+    def on_update(current: dict) -> None:
+        statuses.update(current)
+        relay = current.get("relay-1")
+        if not faulted and relay is not None and relay.heartbeat is not None:
+            if relay.heartbeat.state == "running" and relay.heartbeat.stats.get("events_in", 0):
+                os.kill(relay.process.pid, fault)
+                faulted.append(time.monotonic())
+
+    outcome = run_farm(parse_topology(table), out_dir=tmp_path, on_update=on_update)
+    elapsed = time.monotonic() - faulted[0]
+    report = outcome.report
+    assert elapsed < 30, elapsed
+    assert report["exitcodes"]["relay-0"] == 0 and report["exitcodes"]["sink"] == 0
+    assert report["exitcodes"]["relay-1"] not in (0, None)
+    if fault == signal.SIGSTOP:
+        assert "no heartbeat" in report["lost_nodes"]["relay-1"]
+    sink = next(s for s in report["stages"] if s["stage"] == "sink")
+    relay_0 = next(n for n in report["stages"][1]["nodes"] if n["name"] == "relay-0")
+    assert sink["events_in"] >= relay_0["events_in"] > 0  # relay-0 drained into the sink
