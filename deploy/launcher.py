@@ -498,7 +498,7 @@ class Farm:
                 # Stop in stages, as on a signal: the survivors drain into the stages after
                 # them, so their last flow snapshots still reach the archive.
                 log.error("node(s) %s died; stopping the farm in stages", failed)
-                self._signal_stage(self.plan.topology.stages[0].name)
+                self._stop_in_stages()
             else:
                 log.error("node(s) %s exited with an error; stopping the farm", failed)
                 for status in self.statuses.values():
@@ -511,6 +511,10 @@ class Farm:
             if status is not None:
                 self._terminate(status)
 
+    def _stop_in_stages(self) -> None:
+        """Stop the source; ``_run_stages`` then drains every later stage in chain order."""
+        self._signal_stage(self.plan.topology.stages[0].name)
+
     def _terminate(self, status: NodeStatus) -> None:
         if not status.signalled and status.process.is_alive():
             status.process.terminate()  # SIGTERM: the node drains and stops
@@ -522,8 +526,7 @@ class Farm:
         self._interrupts += 1
         if self._interrupts == 1:
             log.warning("%s: stopping the farm in stages (a second signal kills)", name)
-            first = self.plan.topology.stages[0].name
-            self._signal_stage(first)
+            self._stop_in_stages()
         else:
             log.warning("%s again: killing every node", name)
             for status in self.statuses.values():

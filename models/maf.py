@@ -399,24 +399,33 @@ def _at(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table.gather(-1, idx).squeeze(-1)
 
 
+def _locate(
+    values: torch.Tensor, bins: _Bins, knots: torch.Tensor, bound: float
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Where ``values`` fall: inside [-bound, bound] or not, their position in interval
+    units (clamped), and their bin in ``knots`` (x for the spline, y for its inverse) with
+    that bin's index, left x knot, width, left y knot, height and end derivatives."""
+    inside = (values >= -bound) & (values <= bound)
+    position = (values.clamp(-bound, bound) + bound) / (2 * bound)
+    idx = (position[..., None] >= knots[..., 1:-1]).sum(-1, keepdim=True)
+    after = idx + 1
+    x0, x1 = _at(bins.x_knots, idx), _at(bins.x_knots, after)
+    y0, y1 = _at(bins.y_knots, idx), _at(bins.y_knots, after)
+    d0, d1 = _at(bins.derivatives, idx), _at(bins.derivatives, after)
+    return inside, position, (idx, x0, x1 - x0, y0, y1 - y0, d0, d1)
+
+
 class _RQSpline(torch.autograd.Function):
     """``rq_spline`` with a hand-derived backward pass: a few whole-tensor operations
-    per transform instead of autograd's graph of ~150 small ones (3x faster per step)."""
+    per transform instead of autograd's graph of ~150 small ones (it halves the step)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, params: torch.Tensor, n_bins: int, bound: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         bins = _bins(params, x.shape[-1], n_bins)
-        inside = (x >= -bound) & (x <= bound)
-        u = (x.clamp(-bound, bound) + bound) / (2 * bound)  # position in interval units
-        idx = (u[..., None] >= bins.x_knots[..., 1:-1]).sum(-1, keepdim=True)
-        after = idx + 1
-        x0, x1 = _at(bins.x_knots, idx), _at(bins.x_knots, after)
-        y0, y1 = _at(bins.y_knots, idx), _at(bins.y_knots, after)
-        d0, d1 = _at(bins.derivatives, idx), _at(bins.derivatives, after)
-        w, h = x1 - x0, y1 - y0  # in interval units; the scale cancels in s and θ
-        s = h / w
+        inside, u, (idx, x0, w, y0, h, d0, d1) = _locate(x, bins, bins.x_knots, bound)
+        s = h / w  # in interval units the scale cancels in s and θ
         theta = (u - x0) / w
         t1 = theta * (1 - theta)
         c = d0 + d1 - 2 * s
@@ -518,14 +527,7 @@ def rq_spline_inverse(
 ) -> torch.Tensor:
     """The inverse of ``rq_spline`` (for sampling)."""
     bins = _bins(params, y.shape[-1], n_bins)
-    inside = (y >= -bound) & (y <= bound)
-    v = (y.clamp(-bound, bound) + bound) / (2 * bound)
-    idx = (v[..., None] >= bins.y_knots[..., 1:-1]).sum(-1, keepdim=True)
-    after = idx + 1
-    x0, x1 = _at(bins.x_knots, idx), _at(bins.x_knots, after)
-    y0, y1 = _at(bins.y_knots, idx), _at(bins.y_knots, after)
-    d0, d1 = _at(bins.derivatives, idx), _at(bins.derivatives, after)
-    w, h = x1 - x0, y1 - y0
+    inside, v, (_, x0, w, y0, h, d0, d1) = _locate(y, bins, bins.y_knots, bound)
     s = h / w
     dy = v - y0
     c = d0 + d1 - 2 * s

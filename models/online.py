@@ -76,7 +76,7 @@ class OnlineConfig:
 
     The defaults were chosen on the LHCO stream (benchmarks/online_flow_ablation.py): with
     minibatches of 256 at learning rate 1e-2 the flows reach the test NLL of minibatches
-    of 16 at 2e-3 (the previous default) for a ninth of the training time.
+    of 16 at 2e-3 (the previous default) in a sixth of the training time.
     """
 
     n_transforms: int = 4

@@ -99,7 +99,7 @@ class FlowLearnerConfig(OnlineConfig):
             rank=node_index,
             world_size=node_count,
             init_method=self.average_address,
-            every_steps=max(self.average_every_steps, 1),
+            every_steps=self.average_every_steps,
             timeout_s=self.average_timeout_s,
         )
 
@@ -130,7 +130,7 @@ class FlowLearner:
             # (benchmarks/federated_flows.py: at the full size per node the averaged flow
             # takes N times fewer steps than a single flow would, and learns less).
             config = replace(config, batch_size=max(1, config.batch_size // node_count))
-        self._rounds_due = 0
+        self._rounds_done = 0
         self._learned_at_round = 0
         self._training = json.dumps(
             {
@@ -234,8 +234,8 @@ class FlowLearner:
         if self.averager is None or not self.online.calibrated:
             return
         due = self.online.trainers["all"].stats.steps // self.config.average_every_steps
-        if due > self._rounds_due:
-            self._rounds_due = due
+        if due > self._rounds_done:
+            self._rounds_done = due  # one round however many fell due in this batch
             self._average()
 
     def _average(self, *, done: bool = False) -> bool:
