@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
-    stream, test_sr = lhco_stream(args.sb, seed=1)
+    stream, test_sr, validation_sr = lhco_stream(args.sb, seed=1)
     print(f"{len(stream)} stream events; test SR {len(test_sr)} events")
     rows = []
     for n_nodes in args.nodes:
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         [s["sideband"].flow() for s in flows],
                         weights,
                         test_sr,
+                        validation_sr,
                     ),
                 }
                 rows.append(row)
