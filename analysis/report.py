@@ -21,7 +21,7 @@ from analysis import methods
 from analysis.bumphunt import BumpResult, bump_hunt
 from analysis.data import Events, load_events
 from analysis.metrics import Roc, roc
-from nodes.archive import Archive
+from models.archive import Archive
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ from analysis.classifier import ClassifierConfig
 from analysis.data import Events, load_events
 from analysis.methods import FlowModels, SearchConfig
 from analysis.report import MethodResult, evaluate, score_method, write_report
-from nodes.archive import Archive, ArchiveConfig
+from models.archive import Archive
+from nodes.archive import ArchiveConfig
 from nodes.archive import build as build_archive
 from nodes.learner import FlowLearner, FlowLearnerConfig, build_learner
 from nodes.source import SourceConfig

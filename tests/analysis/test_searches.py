@@ -15,7 +15,7 @@ from analysis.data import load_events
 from analysis.methods import FlowModels, SearchConfig
 from analysis.report import evaluate, score_method
 from deploy.cli import main
-from nodes.archive import Archive
+from models.archive import Archive
 
 FAST = SearchConfig(n_samples=6000, classifier=ClassifierConfig(n_models=2, epochs=8))
 

@@ -43,7 +43,7 @@ def test_trigfarm_run_default_chain(tmp_path: Path) -> None:
     assert stages["archive"]["events_in"] == stages["hlt"]["accepted"]
     assert stages["hlt"]["records_out"] == stages["archive"]["records_in"] >= 1
 
-    from nodes.archive import Archive
+    from models.archive import Archive
 
     archive = Archive(out / "archive")
     assert archive.verify() == []

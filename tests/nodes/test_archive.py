@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from models.archive import Archive, ArchiveError
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from models.snapshot import FlowSnapshot
-from nodes.archive import Archive, ArchiveConfig, ArchiveError, build
+from nodes.archive import ArchiveConfig, build
 from stream.batch import EventBatch, Record
 from stream.node import Emit, Node, NodeConfig, Outcome, Producer
 from stream.testing import free_tcp_port, stats_of, synthetic_batch
