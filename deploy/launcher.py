@@ -7,9 +7,17 @@ a control socket, and stops them in stages.
 
 Start order: every consumer first, the source last once all consumers report
 ``running`` (so that start-up time is not counted as back-pressure). Staged stop: the
-source finishes (its event budget, ``--duration``, or Ctrl-C), then each stage in chain
-order is told to drain (SIGTERM) only once the stage before it has exited, so every
-batch in flight is processed and the archive flushes last. A second Ctrl-C kills.
+source finishes (its event budget, ``--duration``, Ctrl-C or SIGTERM), then each stage in
+chain order is told to drain (SIGTERM) only once the stage before it has exited, so every
+batch in flight is processed and the archive flushes last. A second signal, or
+``stop_deadline_s`` after the first, kills.
+
+Faults (the zguide's Paranoid Pirate): a node whose heartbeats stop for
+``stall_after_s`` is killed. A dead node of a stage that has survivors is taken out (the
+sockets route its share to them; the stage is reported degraded, with the events it took
+with it estimated from its last heartbeat). A stage left with no live node is restarted,
+up to ``restarts`` times per node (upstream nodes hold what they cannot deliver meanwhile);
+after that, the run stops in stages.
 """
 
 from __future__ import annotations
@@ -165,6 +173,10 @@ def plan_farm(
                     rcvhwm=farm.rcvhwm,
                     linger_ms=int(farm.linger_s * 1000),
                     curve=keys,
+                    # peers expire as the launcher expires nodes: a stopped reader's
+                    # share of the stream goes to the live ones
+                    peer_heartbeat_ms=int(farm.heartbeat_interval_s * 1000),
+                    peer_timeout_ms=int(farm.stall_after_s * 1000),
                 ),
                 stats_path=f"{out}/nodes/{name}.json",
                 output_peers=downstream.count if outputs and downstream else 0,
@@ -292,7 +304,23 @@ class NodeStatus:
     signalled: bool = False
     exitcode: int | None = None
     last_heartbeat_s: float | None = None  # monotonic time of the last heartbeat
-    lost: str = ""  # why the launcher gave up on the node ("" while it is not lost)
+    lost: str = ""  # why this process was lost ("" while it is not)
+    lost_at_s: float | None = None  # monotonic time this process was found lost
+    death_handled: bool = False  # the launcher has acted on this process's death
+    restarted: list[dict[str, Any]] = field(default_factory=list)  # earlier, lost processes
+
+    def loss(self, t0: float, *, restarted: bool) -> dict[str, Any]:
+        """This process's loss as plain data (``at_s`` after ``t0``)."""
+        return {
+            "reason": self.lost,
+            "at_s": None if self.lost_at_s is None else self.lost_at_s - t0,
+            "restarted": restarted,
+            "stats": self.heartbeat.stats if self.heartbeat else {},
+        }
+
+    def losses(self, t0: float) -> list[dict[str, Any]]:
+        current = [self.loss(t0, restarted=False)] if self.lost else []
+        return [*self.restarted, *current]
 
 
 @dataclass(slots=True)
@@ -305,7 +333,9 @@ class FarmResult:
     interrupted: bool
     started_s: float
     heartbeats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lost: dict[str, str] = field(default_factory=dict)
+    # name -> every loss of that node: reason, at_s (after the start), whether it was
+    # restarted, and the stats of its last heartbeat (a lost process writes no stats file)
+    losses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class Farm:
@@ -313,6 +343,8 @@ class Farm:
 
     ``on_update(statuses)`` is called about ten times a second with the latest heartbeats
     (the live view). ``duration_s`` > 0 stops the source after that many seconds.
+    ``restarts`` bounds the restarts of each node whose stage would otherwise be empty;
+    ``stop_deadline_s`` > 0 kills every node that long after a stop signal.
     """
 
     def __init__(
@@ -322,15 +354,25 @@ class Farm:
         duration_s: float = 0.0,
         start_timeout_s: float = 180.0,
         on_update: Callable[[dict[str, NodeStatus]], None] | None = None,
+        restarts: int = 2,
+        stop_deadline_s: float = 0.0,
     ) -> None:
+        if restarts < 0 or stop_deadline_s < 0:
+            msg = f"restarts and stop_deadline_s must be >= 0, got {restarts}, {stop_deadline_s}"
+            raise ValueError(msg)
         self.plan = plan
         self.duration_s = duration_s
         self.start_timeout_s = start_timeout_s
         self.on_update = on_update
+        self.restarts = restarts
+        self.stop_deadline_s = stop_deadline_s
         self.statuses: dict[str, NodeStatus] = {}
         self._interrupts = 0
+        self._stop_signal_s: float | None = None
         self._source_started = False
+        self._stopping = False
         self._failure_logged = False
+        self._t0 = time.monotonic()
         self._ctx = mp.get_context("spawn")
 
     # -- public ------------------------------------------------------------------------------
@@ -345,7 +387,7 @@ class Farm:
             if in_main
             else {}
         )
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         zctx = zmq.Context()
         try:
             with zctx.socket(zmq.SUB) as control:
@@ -374,7 +416,7 @@ class Farm:
             heartbeats={
                 n: asdict(s.heartbeat) for n, s in self.statuses.items() if s.heartbeat is not None
             },
-            lost={n: s.lost for n, s in self.statuses.items() if s.lost},
+            losses={n: s.losses(t0) for n, s in self.statuses.items() if s.losses(t0)},
         )
 
     # -- stages ------------------------------------------------------------------------------
@@ -405,13 +447,16 @@ class Farm:
 
     def _start(self, stage: str) -> None:
         for plan in self.plan.stage_nodes(stage):
-            process = self._ctx.Process(
-                target=_child_main, args=(plan, os.getpid()), name=plan.node.name, daemon=False
-            )
-            process.start()
-            self.statuses[plan.node.name] = NodeStatus(plan, process)
-            log.info("started %s (pid %s)", plan.node.name, process.pid)
+            self.statuses[plan.node.name] = NodeStatus(plan, self._spawn(plan))
         self._write_farm_file("starting")
+
+    def _spawn(self, plan: NodePlan) -> BaseProcess:
+        process = self._ctx.Process(
+            target=_child_main, args=(plan, os.getpid()), name=plan.node.name, daemon=False
+        )
+        process.start()
+        log.info("started %s (pid %s)", plan.node.name, process.pid)
+        return process
 
     def _wait(
         self, control: zmq.Socket, done: Callable[[], bool], timeout_s: float | None = None
@@ -427,11 +472,29 @@ class Farm:
                 return False
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            self._expire_silent_nodes()
-            if self._any_failed() and not self._source_started:
+            if self._past_stop_deadline():
                 return False
+            self._expire_silent_nodes()
+            if not self._source_started:
+                if self._any_failed():
+                    return False
+            else:
+                self._handle_dead_nodes()
             self._pump(control, 100)
         self._pump(control, 0)
+        return True
+
+    def _past_stop_deadline(self) -> bool:
+        """``stop_deadline_s`` after the first stop signal, kill every node."""
+        if self._stop_signal_s is None or self.stop_deadline_s <= 0:
+            return False
+        if time.monotonic() - self._stop_signal_s < self.stop_deadline_s:
+            return False
+        log.error(
+            "nodes still running %.0f s after the stop signal; killing them", self.stop_deadline_s
+        )
+        self._kill_now()
+        self._interrupts = max(self._interrupts, 2)
         return True
 
     def _expire_silent_nodes(self) -> None:
@@ -445,6 +508,7 @@ class Farm:
                 continue
             if now - last > limit_s:
                 status.lost = f"no heartbeat for {now - last:.0f} s; killed"
+                status.lost_at_s = now
                 log.error("node %s lost: %s", name, status.lost)
                 status.process.kill()
 
@@ -491,19 +555,70 @@ class Farm:
         return self.duration_s > 0 and time.monotonic() - started >= self.duration_s
 
     def _any_failed(self) -> bool:
+        """Before the source starts, any failed node stops the farm."""
         failed = [n for n, s in self.statuses.items() if s.process.exitcode not in (None, 0, 3)]
         if failed and not self._failure_logged:
             self._failure_logged = True
-            if self._source_started:
-                # Stop in stages, as on a signal: the survivors drain into the stages after
-                # them, so their last flow snapshots still reach the archive.
-                log.error("node(s) %s died; stopping the farm in stages", failed)
-                self._stop_in_stages()
-            else:
-                log.error("node(s) %s exited with an error; stopping the farm", failed)
-                for status in self.statuses.values():
-                    self._terminate(status)
+            log.error("node(s) %s exited with an error; stopping the farm", failed)
+            for status in self.statuses.values():
+                self._terminate(status)
         return bool(failed)
+
+    def _handle_dead_nodes(self) -> None:
+        """Once running, a dead node is taken out: its stage goes on with the survivors;
+        a stage with none left is restarted while restarts last, else the run stops in
+        stages (the survivors drain, so their last flow snapshots reach the archive)."""
+        now = time.monotonic()
+        for name, status in self.statuses.items():
+            code = status.process.exitcode
+            if code in (None, 0, 3) or status.death_handled:
+                continue
+            status.death_handled = True
+            if not status.lost:
+                status.lost = f"exited with code {code}"
+            if status.lost_at_s is None:
+                status.lost_at_s = now
+            stage = status.plan.stage.name
+            alive = [
+                p.node.name
+                for p in self.plan.stage_nodes(stage)
+                if self.statuses[p.node.name].process.is_alive()
+            ]
+            log.error("node %s lost (%s) at %.1f s", name, status.lost, now - self._t0)
+            if alive:
+                log.error("stage %s degraded: %s go on", stage, ", ".join(alive))
+            elif self._can_restart(status):
+                self._restart(status)
+            elif not self._stopping:
+                log.error("stage %s has no live node; stopping the farm in stages", stage)
+                self._stop_in_stages()
+
+    def _can_restart(self, status: NodeStatus) -> bool:
+        first = self.plan.topology.stages[0].name
+        return (
+            len(status.restarted) < self.restarts
+            and status.plan.stage.name != first
+            and not status.signalled
+        )
+
+    def _restart(self, status: NodeStatus) -> None:
+        """A new process for a lost node; the loss (with the lost process's last
+        heartbeat stats, for the books) is kept for the report."""
+        status.restarted.append(status.loss(self._t0, restarted=True))
+        log.warning(
+            "restarting %s (restart %d of %d)",
+            status.plan.node.name,
+            len(status.restarted),
+            self.restarts,
+        )
+        status.process = self._spawn(status.plan)
+        status.heartbeat = None
+        status.last_heartbeat_s = None
+        status.exitcode = None
+        status.lost = ""
+        status.lost_at_s = None
+        status.death_handled = False
+        self._write_farm_file("running")
 
     def _signal_stage(self, stage: str) -> None:
         for plan in self.plan.stage_nodes(stage):
@@ -513,6 +628,7 @@ class Farm:
 
     def _stop_in_stages(self) -> None:
         """Stop the source; ``_run_stages`` then drains every later stage in chain order."""
+        self._stopping = True
         self._signal_stage(self.plan.topology.stages[0].name)
 
     def _terminate(self, status: NodeStatus) -> None:
@@ -525,13 +641,17 @@ class Farm:
         name = signal.Signals(signum).name
         self._interrupts += 1
         if self._interrupts == 1:
+            self._stop_signal_s = time.monotonic()
             log.warning("%s: stopping the farm in stages (a second signal kills)", name)
             self._stop_in_stages()
         else:
             log.warning("%s again: killing every node", name)
-            for status in self.statuses.values():
-                if status.process.is_alive():
-                    status.process.kill()
+            self._kill_now()
+
+    def _kill_now(self) -> None:
+        for status in self.statuses.values():
+            if status.process.is_alive():
+                status.process.kill()
 
     def _kill_all(self) -> None:
         for status in self.statuses.values():

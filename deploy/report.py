@@ -3,7 +3,11 @@
 Built from the nodes' final stats files (not from heartbeats, which may miss the end), so
 the accounting is exact: at every node and every stage, in = accepted + rejected +
 dropped (by reason), and on every link the events one stage sent equal the events the
-next stage received. ``report.json`` holds the figures and ``dashboard.png`` plots them.
+next stage received. A lost node wrote no stats file: its books come from its last
+heartbeat, and what it took with it (in its queues and sockets, or taken in after that
+heartbeat) is the difference on its links, counted as ``dropped["node_lost"]`` of its
+stage and marked as an estimate. ``report.json`` holds the figures and ``dashboard.png``
+plots them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 
 from deploy.launcher import FarmPlan, FarmResult
 from deploy.roles import ROLES
+from stream.version import version
 
 
 def _dir_bytes(path: Path) -> int:
@@ -64,6 +69,82 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
     }
 
 
+_SUMMED = ("events_in", "accepted", "rejected", "records_in", "busy_s", "blocked_s", "cpu_s")
+_COUNTED = ("dropped", "events_out", "records_out", "records_lost")
+
+
+def _merge_stats(parts: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """One node's books over its processes (a restarted node had several); the last
+    process gives the rest (latency, worker figures)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    merged = dict(parts[-1])
+    for key in _SUMMED:
+        merged[key] = sum(p.get(key) or 0 for p in parts)
+    for key in _COUNTED:
+        total: Counter[str] = Counter()
+        for part in parts:
+            total.update(part.get(key, {}))
+        merged[key] = dict(total)
+    firsts = [p["first_in_s"] for p in parts if p.get("first_in_s") is not None]
+    lasts = [p["last_in_s"] for p in parts if p.get("last_in_s") is not None]
+    merged["first_in_s"] = min(firsts) if firsts else None
+    merged["last_in_s"] = max(lasts) if lasts else None
+    return merged
+
+
+def _node_stats(name: str, result: FarmResult) -> tuple[dict[str, Any] | None, list[dict]]:
+    """A node's merged stats (final file plus the last heartbeats of its lost processes)
+    and its losses (without their stats)."""
+    losses = result.losses.get(name, [])
+    parts = [loss["stats"] for loss in losses]
+    final = result.stats.get(name)
+    if final is not None:
+        parts.append(final)
+    return _merge_stats(parts), [{k: v for k, v in x.items() if k != "stats"} for x in losses]
+
+
+def _estimate_node_losses(stages: list[dict[str, Any]]) -> None:
+    """Close the books of degraded stages from their links (see the module doc): what a
+    degraded stage was sent and did not account for is ``dropped["node_lost"]``, less
+    what the next stage received beyond what its nodes reported sending (sent after a
+    lost node's last heartbeat: accepted)."""
+    for i, stage in enumerate(stages):
+        if not stage["lost"]:
+            continue
+        port = ROLES[stage["role"]].output_port or ""
+        after = stages[i + 1] if i + 1 < len(stages) else None
+        gap_out = 0
+        if after is not None and not after["lost"]:
+            gap_out = max(0, after["events_in"] - stage["events_out"].get(port, 0))
+            extra_records = max(0, after["records_in"] - stage["records_out"])
+            stage["records_out"] += extra_records
+        if i == 0:
+            gap_in = gap_out  # a lost source made what it sent after its last heartbeat
+        else:
+            sent = stages[i - 1]["events_out"].get(
+                ROLES[stages[i - 1]["role"]].output_port or "", 0
+            )
+            gap_in = sent - stage["events_in"]
+            records_gap = stages[i - 1]["records_out"] - stage["records_in"]
+            if records_gap > 0:
+                stage["records_lost_in_flight"] = records_gap
+        stage["events_in"] += gap_in
+        stage["accepted"] += gap_out
+        if gap_out:
+            stage["events_out"][port] = stage["events_out"].get(port, 0) + gap_out
+        if gap_in - gap_out:
+            stage["dropped"]["node_lost"] = stage["dropped"].get("node_lost", 0) + gap_in - gap_out
+        stage["node_lost_estimated"] = True
+        n_in = stage["events_in"]
+        stage["accept_fraction"] = stage["accepted"] / n_in if n_in else None
+        accounted = stage["accepted"] + stage["rejected"] + sum(stage["dropped"].values())
+        stage["balanced"] = n_in == accounted and all(
+            n["balanced"] for n in stage["nodes"] if not n.get("lost")
+        )
+
+
 def _sum_paths(workers: list[Mapping[str, Any]]) -> dict[str, int]:
     """Events per trigger path, from worker reports that give ``paths`` (HLT) or
     ``fired`` (L1 seeds); an event may fire several paths."""
@@ -81,10 +162,13 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
     """The run report as plain data (see the module doc)."""
     stages = []
     for stage in plan.topology.stages:
-        nodes = [
-            _node_figures(p.node.name, result.stats.get(p.node.name), result.wall_s)
-            for p in plan.stage_nodes(stage.name)
-        ]
+        nodes = []
+        for p in plan.stage_nodes(stage.name):
+            stats, losses = _node_stats(p.node.name, result)
+            figures = _node_figures(p.node.name, stats, result.wall_s)
+            if losses:
+                figures["lost"] = losses
+            nodes.append(figures)
         present = [n for n in nodes if not n.get("missing")]
         dropped: Counter[str] = Counter()
         events_out: Counter[str] = Counter()
@@ -120,9 +204,11 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
                 "latency_p99_s": max(p99s) if p99s else None,
                 "balanced": bool(nodes) and all(n["balanced"] for n in nodes),
                 "curve_refused": sum(n["curve_refused"] for n in present),
+                "lost": [{"node": n["name"], **loss} for n in nodes for loss in n.get("lost", [])],
                 "nodes": nodes,
             }
         )
+    _estimate_node_losses(stages)
     links = []
     for up, down in itertools.pairwise(stages):
         port = ROLES[up["role"]].output_port or ""
@@ -135,7 +221,9 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
                 "received": down["events_in"],
                 "records_sent": up["records_out"],
                 "records_received": down["records_in"],
-                "balanced": sent == down["events_in"] and up["records_out"] == down["records_in"],
+                "records_lost_in_flight": down.get("records_lost_in_flight", 0),
+                "balanced": sent == down["events_in"]
+                and up["records_out"] == down["records_in"] + down.get("records_lost_in_flight", 0),
             }
         )
     archive_bytes = {}
@@ -149,12 +237,17 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
     source = stages[0]
     return {
         "farm": plan.topology.farm.name,
+        "trigfarm_version": version(),
         "topology": plan.topology.path,
         "out_dir": plan.out_dir,
         "wall_s": result.wall_s,
         "interrupted": result.interrupted,
         "exitcodes": result.exitcodes,
-        "lost_nodes": dict(result.lost),
+        "lost_nodes": {
+            name: [{k: v for k, v in loss.items() if k != "stats"} for loss in losses]
+            for name, losses in result.losses.items()
+        },
+        "degraded_stages": [s["stage"] for s in stages if s["lost"]],
         "events_generated": source["accepted"],
         "events_final": stages[-1]["accepted"],
         "archive_bytes": archive_bytes,
@@ -274,8 +367,17 @@ def format_report(report: Mapping[str, Any]) -> str:
                 f"{link['records_sent']} records, received {link['received']} and "
                 f"{link['records_received']}: UNBALANCED"
             )
-    for name, why in report.get("lost_nodes", {}).items():
-        lines.append(f"node {name} LOST ({why}): its in-flight events are not counted")
+    for s in report["stages"]:
+        for loss in s.get("lost", []):
+            at = f" at {loss['at_s']:.1f} s" if loss.get("at_s") is not None else ""
+            then = "restarted" if loss["restarted"] else "taken out"
+            lines.append(f"node {loss['node']} LOST{at} ({loss['reason']}); {then}")
+        if s.get("lost"):
+            lines.append(
+                f"stage {s['stage']} DEGRADED: {s['dropped'].get('node_lost', 0)} events lost "
+                f"with its node(s), {s.get('records_lost_in_flight', 0)} records in flight "
+                "(estimated from the last heartbeats and the links)"
+            )
     archived = sum(report["archive_bytes"].values())
     lines.append(f"archive: {archived:,} bytes")
     verdict = "balanced" if report["accounting"]["balanced"] else "NOT balanced"

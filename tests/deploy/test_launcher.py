@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from deploy.cli import main
 from deploy.launcher import FarmError, plan_farm
+from deploy.report import format_report
 from deploy.roles import ROLES
 from deploy.run import run_farm
 from deploy.topology import TopologyError, load_topology, parse_topology
@@ -158,18 +159,18 @@ def test_each_run_gets_its_own_averaging_rendezvous(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL])
-def test_a_stalled_or_killed_node_ends_the_run_in_bounded_time(
+def test_a_stalled_or_killed_node_costs_only_its_in_flight_events(
     tmp_path: Path, fault: signal.Signals
 ) -> None:
-    """The launcher expires a node whose heartbeats stop, then stops in stages: the other
-    relay drains into the sink and exits cleanly; the run ends on its own."""
-    table = synthetic_table(events=10_000_000, stall_after_s=3.0, heartbeat_interval_s=0.2)
+    """The launcher expires a node whose heartbeats stop; the run goes on to its end with
+    the other relay, the stage is reported degraded, and the books balance with what the
+    lost relay took with it counted as ``node_lost``."""
+    events = 30_000
+    table = synthetic_table(events=events, stall_after_s=3.0, heartbeat_interval_s=0.2)
     table["source"]["config"]["rate_hz"] = 5_000.0
-    statuses: dict = {}
     faulted: list[float] = []
 
     def on_update(current: dict) -> None:
-        statuses.update(current)
         relay = current.get("relay-1")
         if not faulted and relay is not None and relay.heartbeat is not None:
             if relay.heartbeat.state == "running" and relay.heartbeat.stats.get("events_in", 0):
@@ -179,11 +180,21 @@ def test_a_stalled_or_killed_node_ends_the_run_in_bounded_time(
     outcome = run_farm(parse_topology(table), out_dir=tmp_path, on_update=on_update)
     elapsed = time.monotonic() - faulted[0]
     report = outcome.report
-    assert elapsed < 30, elapsed
+    assert elapsed < 40, elapsed
     assert report["exitcodes"]["relay-0"] == 0 and report["exitcodes"]["sink"] == 0
     assert report["exitcodes"]["relay-1"] not in (0, None)
+    (loss,) = report["lost_nodes"]["relay-1"]
     if fault == signal.SIGSTOP:
-        assert "no heartbeat" in report["lost_nodes"]["relay-1"]
-    sink = next(s for s in report["stages"] if s["stage"] == "sink")
-    relay_0 = next(n for n in report["stages"][1]["nodes"] if n["name"] == "relay-0")
-    assert sink["events_in"] >= relay_0["events_in"] > 0  # relay-0 drained into the sink
+        assert "no heartbeat" in loss["reason"]
+    assert loss["at_s"] > 0 and not loss["restarted"]
+    source, relay, sink = report["stages"]
+    assert source["accepted"] == events  # the run went on to its end
+    assert report["degraded_stages"] == ["relay"]
+    assert relay["node_lost_estimated"]
+    lost = relay["dropped"].get("node_lost", 0)
+    # at most what the sockets and queue of one relay hold (HWMs and queue, in batches)
+    farm = parse_topology(table).farm
+    assert 0 <= lost <= (farm.sndhwm + farm.rcvhwm + 4 + 2) * 100
+    assert sink["events_in"] == relay["accepted"] >= events - lost - 100
+    assert report["accounting"]["balanced"], report["accounting"]
+    assert "DEGRADED" in format_report(report)
