@@ -19,7 +19,6 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from stream.batch import Record
 from stream.errors import FrameError
+from stream.version import version
 
 SNAPSHOT_KIND = "flow_snapshot"
 _MAGIC = b"TFSNAP1\n"
@@ -38,11 +38,9 @@ _PRE = "pre/"
 
 
 def code_version() -> str:
-    """The installed trigfarm version (recorded in every snapshot)."""
-    try:
-        return f"trigfarm-{metadata.version('trigfarm')}"
-    except metadata.PackageNotFoundError:
-        return "trigfarm-unknown"
+    """``trigfarm-<version>``, recorded in every snapshot (``stream.version``: from git when
+    installed). A loaded snapshot keeps the version that wrote it."""
+    return f"trigfarm-{version()}"
 
 
 class SnapshotError(FrameError):

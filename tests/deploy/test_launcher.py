@@ -21,6 +21,7 @@ from deploy.report import format_report
 from deploy.roles import ROLES
 from deploy.run import run_farm
 from deploy.topology import TopologyError, load_topology, parse_topology
+from stream.version import version
 from tests.deploy.conftest import synthetic_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +65,7 @@ def test_cli_run_prints_a_balanced_report(tmp_path: Path) -> None:
     assert (tmp_path / "report.json").is_file() and (tmp_path / "dashboard.png").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["events_generated"] == 700
+    assert report["trigfarm_version"] == version()
 
 
 def test_cli_rejects_a_bad_topology(tmp_path: Path) -> None:

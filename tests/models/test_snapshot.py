@@ -3,6 +3,8 @@ corruption and truncation rejected."""
 
 from __future__ import annotations
 
+import dataclasses
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,9 @@ import torch
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from models.snapshot import FlowSnapshot, SnapshotError
 from stream.codec import decode, encode
+from stream.version import version
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 torch.set_num_threads(1)
 
@@ -98,3 +103,13 @@ def test_a_tampered_record_fails_its_content_hash(snapshot: FlowSnapshot) -> Non
     wrong_meta = type(record)(record.kind, {**record.meta, "events_seen": 1}, record.arrays)
     with pytest.raises(SnapshotError, match="hash"):
         FlowSnapshot.from_record(wrong_meta)
+
+
+def test_snapshots_are_stamped_with_the_installed_version(snapshot: FlowSnapshot) -> None:
+    assert snapshot.code_version == f"trigfarm-{metadata.version('trigfarm')}"
+    assert snapshot.code_version == f"trigfarm-{version()}"
+    # A stored snapshot keeps the version that wrote it: its content hash covers it.
+    old = FlowSnapshot.from_bytes((DATA / "flow_snapshot_nflows_v0.1.tfsnap").read_bytes())
+    assert old.code_version == "trigfarm-0.1.0"
+    with pytest.raises(SnapshotError, match="content hash"):
+        dataclasses.replace(old, code_version=snapshot.code_version)
