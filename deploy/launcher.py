@@ -173,10 +173,6 @@ def plan_farm(
                     rcvhwm=farm.rcvhwm,
                     linger_ms=int(farm.linger_s * 1000),
                     curve=keys,
-                    # peers expire as the launcher expires nodes: a stopped reader's
-                    # share of the stream goes to the live ones
-                    peer_heartbeat_ms=int(farm.heartbeat_interval_s * 1000),
-                    peer_timeout_ms=int(farm.stall_after_s * 1000),
                 ),
                 stats_path=f"{out}/nodes/{name}.json",
                 output_peers=downstream.count if outputs and downstream else 0,
