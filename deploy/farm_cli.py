@@ -24,8 +24,10 @@ TOPOLOGY_HELP = (
 
 
 def _topology(path: str | None, *, deep: bool = False) -> Topology:
+    from deploy.roles import ROLES
+
     try:
-        return load_topology(path, deep=deep)
+        return load_topology(path, roles=ROLES, deep=deep)
     except TopologyError as exc:
         raise click.UsageError(str(exc)) from exc
 

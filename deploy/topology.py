@@ -1,10 +1,14 @@
 """The farm topology: which stages run, how many of each, where they listen, and their configs.
 
-A topology is a TOML file validated into frozen dataclasses. ``[farm]`` names the chain of
-stages in order; every stage is a table of its own (``[source]``, ``[l1]``, ``[hlt]``,
-``[archive]``), whose ``config`` sub-table fills the node module's config dataclass
-(``nodes.l1.L1Config(**table)``). Errors name the bad key as a dotted path, e.g.
-``topology.hlt.threads: expected int, got 'x'``.
+A topology is a TOML file validated by pydantic into frozen dataclasses. ``[farm]`` names
+the chain of stages in order; every stage is a table of its own (``[source]``, ``[l1]``,
+``[hlt]``, ``[archive]``), whose ``config`` sub-table fills the node module's config
+dataclass (``nodes.l1.L1Config(**table)``, its types checked by pydantic, its values by the
+dataclass). Values are checked strictly (no "1" for an int) and errors name the bad key as
+a dotted path in one line, e.g. ``topology.hlt.threads: expected int, got 'x'``.
+
+The roles live in ``deploy.roles``, which builds on this module: a caller that wants each
+stage's role checked passes the registry in (``load_topology(path, roles=ROLES)``).
 
 Links are TCP: instance ``i`` of a stage binds ``tcp://<bind>:<port + i>`` and every
 instance of the next stage connects to all of them (PUSH/PULL load-balances). Port 0 means
@@ -14,22 +18,34 @@ Example:
     >>> topo = load_topology(SHIPPED["synthetic"])
     >>> [stage.name for stage in topo.stages]
     ['source', 'relay', 'sink']
+    >>> load_topology("synthetic").with_changes(relay={"count": "2"})
+    Traceback (most recent call last):
+    ...
+    deploy.topology.TopologyError: topology.relay.count: expected int, got '2'
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Protocol
+
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
 TOPOLOGY_DIR = Path(__file__).resolve().parent / "topologies"
 SHIPPED = {p.stem: p for p in sorted(TOPOLOGY_DIR.glob("*.toml"))}
 DEFAULT = SHIPPED["default"]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+#: Values are checked as written, not converted: "1" is no int, 1.5 no int, "yes" no bool
+#: (an int is a float). Unknown keys are errors. TOML arrays arrive as tuples (``_tuples``).
+STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 class TopologyError(ValueError):
@@ -40,7 +56,38 @@ class TopologyError(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
-@dataclass(frozen=True, slots=True)
+class _FieldError(ValueError):
+    """Raised inside validation for a value that is bad together with others: names the
+    field to blame (``_topology_error`` turns it into the dotted key)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(problem)
+
+
+def _port(value: int) -> int:
+    if not 0 <= value < 65536:
+        msg = f"must be in [0, 65535], got {value}"
+        raise ValueError(msg)
+    return value
+
+
+def _chain(chain: tuple[str, ...]) -> tuple[str, ...]:
+    if not chain:
+        raise ValueError("needs at least one stage")
+    if len(set(chain)) != len(chain):
+        msg = f"names a stage twice: {list(chain)}"
+        raise ValueError(msg)
+    return chain
+
+
+Port = Annotated[int, AfterValidator(_port)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=STRICT)
 class FarmSettings:
     """Farm-wide settings (``[farm]``).
 
@@ -53,19 +100,19 @@ class FarmSettings:
     """
 
     name: str
-    chain: tuple[str, ...]
+    chain: Annotated[tuple[str, ...], AfterValidator(_chain)]
     host: str = "127.0.0.1"
-    heartbeat_interval_s: float = 0.5
-    drain_idle_s: float = 0.5
-    stall_after_s: float = 60.0
+    heartbeat_interval_s: PositiveSeconds = 0.5
+    drain_idle_s: PositiveSeconds = 0.5
+    stall_after_s: PositiveSeconds = 60.0
     sndhwm: int = 20
     rcvhwm: int = 20
     control: str = ""
-    peer_wait_s: float = 60.0
-    linger_s: float = 300.0
+    peer_wait_s: PositiveSeconds = 60.0
+    linger_s: PositiveSeconds = 300.0
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=STRICT)
 class SecuritySettings:
     """``[security]``: CURVE on every data link, with key pairs from ``keys_dir``.
 
@@ -77,7 +124,7 @@ class SecuritySettings:
     keys_dir: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=STRICT)
 class MetricsSettings:
     """``[metrics]``: where nodes serve Prometheus metrics (node k gets ``base_port + k``).
 
@@ -87,10 +134,10 @@ class MetricsSettings:
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    base_port: int = 0
+    base_port: Port = 0
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=STRICT)
 class StageSpec:
     """One stage: ``count`` identical nodes of a role.
 
@@ -112,15 +159,25 @@ class StageSpec:
 
     name: str
     role: str
-    count: int = 1
-    threads: int = 1
+    count: AtLeastOne = 1
+    threads: AtLeastOne = 1
     hosts: tuple[str, ...] = ()
     bind: str = ""
-    port: int = 0
+    port: Port = 0
     drop_when_full: bool = False
-    max_queue_batches: int = 4
+    max_queue_batches: AtLeastOne = 4
     config: Mapping[str, Any] = field(default_factory=dict)
     learner: Mapping[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> StageSpec:
+        if self.port + self.count > 65536:
+            msg = f"must leave {self.count} ports below 65536, got {self.port}"
+            raise _FieldError("port", msg)
+        if not self.hosts or len(self.hosts) not in (1, self.count):
+            msg = f"needs 1 or count={self.count} entries, got {len(self.hosts)}"
+            raise _FieldError("hosts", msg)
+        return self
 
     def host(self, index: int) -> str:
         """The host node ``index`` of this stage runs on."""
@@ -175,31 +232,50 @@ class Topology:
         return path
 
     def with_changes(self, **stage_changes: Mapping[str, Any]) -> Topology:
-        """A copy with some stage fields replaced: ``with_changes(hlt={"count": 4})``."""
+        """A copy with some stage fields replaced: ``with_changes(hlt={"count": 4})``.
+
+        Raises:
+            TopologyError: a changed value that is invalid (names the key).
+        """
         stages = []
         for stage in self.stages:
             changes = dict(stage_changes.get(stage.name, {}))
             if "config" in changes:
                 changes["config"] = {**stage.config, **changes["config"]}
-            stages.append(_replace(stage, changes))
+            values = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
+            stages.append(_validate(StageSpec, {**values, **changes}, f"topology.{stage.name}"))
         return Topology(self.farm, tuple(stages), self.security, self.metrics, self.path)
 
 
-def _replace(obj: Any, changes: Mapping[str, Any]) -> Any:
-    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    values.update(changes)
-    return type(obj)(**values)
+class StageRole(Protocol):
+    """What the topology needs to know of a role (``deploy.roles.Role`` is one)."""
+
+    @property
+    def consumes(self) -> bool: ...
+    @property
+    def output_port(self) -> str | None: ...
+    @property
+    def learner(self) -> tuple[str, str, str] | None: ...
+
+    def check(self, stage: StageSpec, where: str, *, deep: bool = False) -> None: ...
 
 
 # -- loading --------------------------------------------------------------------------------
 
 
-def load_topology(path: str | Path | None = None, *, deep: bool = False) -> Topology:
+def load_topology(
+    path: str | Path | None = None,
+    *,
+    roles: Mapping[str, StageRole] | None = None,
+    deep: bool = False,
+) -> Topology:
     """Read and validate a topology file (the shipped default when ``path`` is None).
 
-    A bare name (``"synthetic"``) picks a shipped topology. ``deep`` also imports each
-    role's node module and validates its config tables (the launcher leaves that to each
-    node process, so that it never imports TensorFlow or torch itself).
+    A bare name (``"synthetic"``) picks a shipped topology. ``roles`` is the role registry
+    (``deploy.roles.ROLES``) that each stage's role is checked against; without it only the
+    file's structure and values are checked. ``deep`` also imports each role's node
+    module and validates its config tables (the launcher leaves that to each node process,
+    so that it never imports TensorFlow or torch itself).
 
     Raises:
         TopologyError: a missing, malformed or invalid topology (names the bad key).
@@ -215,35 +291,21 @@ def load_topology(path: str | Path | None = None, *, deep: bool = False) -> Topo
         raise TopologyError(key="topology", problem=f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(key="topology", problem=f"{path} is not valid TOML: {exc}") from exc
-    return parse_topology(table, path=str(path.resolve()), deep=deep)
+    return parse_topology(table, path=str(path.resolve()), roles=roles, deep=deep)
 
 
-def parse_topology(table: Mapping[str, Any], *, path: str = "", deep: bool = False) -> Topology:
-    """Validate a topology given as plain data (a parsed TOML document)."""
-    farm_table = _table(table, "farm", "topology.farm", required=True)
-    farm = _fill(FarmSettings, farm_table, "topology.farm")
-    if not farm.chain:
-        raise TopologyError(key="topology.farm.chain", problem="needs at least one stage")
-    if len(set(farm.chain)) != len(farm.chain):
-        raise TopologyError(
-            key="topology.farm.chain", problem=f"names a stage twice: {list(farm.chain)}"
-        )
-    for key in ("heartbeat_interval_s", "drain_idle_s", "stall_after_s", "peer_wait_s", "linger_s"):
-        if getattr(farm, key) <= 0:
-            raise TopologyError(
-                key=f"topology.farm.{key}", problem=f"must be > 0, got {getattr(farm, key)}"
-            )
-    security = _fill(
-        SecuritySettings, _table(table, "security", "topology.security"), "topology.security"
-    )
-    metrics = _fill(
-        MetricsSettings, _table(table, "metrics", "topology.metrics"), "topology.metrics"
-    )
-    if not 0 <= metrics.base_port < 65536:
-        raise TopologyError(
-            key="topology.metrics.base_port",
-            problem=f"must be in [0, 65535], got {metrics.base_port}",
-        )
+def parse_topology(
+    table: Mapping[str, Any],
+    *,
+    path: str = "",
+    roles: Mapping[str, StageRole] | None = None,
+    deep: bool = False,
+) -> Topology:
+    """Validate a topology given as plain data (a parsed TOML document); ``roles`` and
+    ``deep`` as for ``load_topology``."""
+    farm = _validate(FarmSettings, _table(table, "farm", required=True), "topology.farm")
+    security = _validate(SecuritySettings, _table(table, "security"), "topology.security")
+    metrics = _validate(MetricsSettings, _table(table, "metrics"), "topology.metrics")
     known = {"farm", "security", "metrics", *farm.chain}
     for key in table:
         if key not in known:
@@ -255,46 +317,34 @@ def parse_topology(table: Mapping[str, Any], *, path: str = "", deep: bool = Fal
             raise TopologyError(key=f"topology.{key}", problem=f"unknown key{hint}")
     stages = tuple(_stage(table, name, farm) for name in farm.chain)
     topology = Topology(farm, stages, security, metrics, path)
-    _check_roles(topology, deep=deep)
+    if roles is not None:
+        check_roles(topology, roles, deep=deep)
     return topology
 
 
 def _stage(table: Mapping[str, Any], name: str, farm: FarmSettings) -> StageSpec:
-    where = f"topology.{name}"
-    body = dict(_table(table, name, where, required=True))
+    body = dict(_table(table, name, required=True))
     body.setdefault("role", name)
     if isinstance(body.get("hosts"), str):
         body["hosts"] = [body["hosts"]]
     body.setdefault("hosts", [farm.host])
-    stage = _fill(StageSpec, {"name": name, **body}, where)
-    for key in ("count", "threads", "max_queue_batches"):
-        if getattr(stage, key) < 1:
-            raise TopologyError(
-                key=f"{where}.{key}", problem=f"must be >= 1, got {getattr(stage, key)}"
-            )
-    if not 0 <= stage.port < 65536 or stage.port + stage.count > 65536:
-        raise TopologyError(
-            key=f"{where}.port",
-            problem=f"must leave {stage.count} ports below 65536, got {stage.port}",
-        )
-    if not stage.hosts or len(stage.hosts) not in (1, stage.count):
-        raise TopologyError(
-            key=f"{where}.hosts",
-            problem=f"needs 1 or count={stage.count} entries, got {len(stage.hosts)}",
-        )
-    return stage
+    return _validate(StageSpec, {"name": name, **body}, f"topology.{name}")
 
 
-def _check_roles(topology: Topology, *, deep: bool) -> None:
-    from deploy.roles import ROLES  # the registry imports node modules lazily
+def check_roles(topology: Topology, roles: Mapping[str, StageRole], *, deep: bool) -> None:
+    """Check every stage's role against the registry ``roles`` and its place in the chain;
+    with ``deep``, each role also validates the stage's config tables.
 
+    Raises:
+        TopologyError: an unknown role, or one in the wrong place (names the key).
+    """
     for index, stage in enumerate(topology.stages):
         where = f"topology.{stage.name}"
-        role = ROLES.get(stage.role)
+        role = roles.get(stage.role)
         if role is None:
             raise TopologyError(
                 key=f"{where}.role",
-                problem=f"unknown role {stage.role!r}; known: {sorted(ROLES)}",
+                problem=f"unknown role {stage.role!r}; known: {sorted(roles)}",
             )
         if index == 0 and role.consumes:
             raise TopologyError(
@@ -318,12 +368,8 @@ def _check_roles(topology: Topology, *, deep: bool) -> None:
         role.check(stage, where, deep=deep)
 
 
-# -- typed filling --------------------------------------------------------------------------
-
-
-def _table(
-    table: Mapping[str, Any], key: str, where: str, *, required: bool = False
-) -> Mapping[str, Any]:
+def _table(table: Mapping[str, Any], key: str, *, required: bool = False) -> Mapping[str, Any]:
+    where = f"topology.{key}"
     value = table.get(key)
     if value is None:
         if required:
@@ -334,87 +380,121 @@ def _table(
     return value
 
 
+# -- validation (pydantic) ------------------------------------------------------------------
+
+
 def fill_config(cls: type, table: Mapping[str, Any], where: str) -> Any:
-    """``cls(**table)`` for a config dataclass, with each value checked against its type.
+    """``cls(**table)`` for a config dataclass, each value checked against its annotation
+    first (strictly, as the topology's own tables are).
 
     Raises:
         TopologyError: an unknown or missing key, a value of the wrong type, or the
             dataclass's own ``ValueError`` (prefixed with ``where``).
     """
-    return _fill(cls, table, where)
-
-
-def _fill(cls: type, table: Mapping[str, Any], where: str) -> Any:
-    if not is_dataclass(cls):
-        msg = f"{cls!r} is not a dataclass"
-        raise TypeError(msg)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    for key in table:
-        if key not in names:
-            raise TopologyError(
-                key=f"{where}.{key}", problem=f"unknown key; known: {sorted(names)}"
-            )
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in table:
-            values[f.name] = _coerce(table[f.name], hints[f.name], f"{where}.{f.name}")
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise TopologyError(key=f"{where}.{f.name}", problem="missing")
+    values = _validate(_table_model(cls), table, where)
     try:
-        return cls(**values)
+        return cls(**{key: getattr(values, key) for key in table})
     except ValueError as exc:
         raise TopologyError(key=where, problem=str(exc)) from exc
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+@functools.cache
+def _table_model(cls: type) -> type[pydantic.BaseModel]:
+    """A pydantic model of the dataclass ``cls``'s fields (types only: the dataclass
+    checks its values itself when it is built from the validated table)."""
+    if not dataclasses.is_dataclass(cls):
+        msg = f"{cls!r} is not a dataclass"
+        raise TypeError(msg)
+    hints = typing.get_type_hints(cls)
+    required = (dataclasses.MISSING, dataclasses.MISSING)
+    specs: dict[str, Any] = {
+        f.name: (hints[f.name], ... if (f.default, f.default_factory) == required else None)
+        for f in dataclasses.fields(cls)
+    }
+    model: type[pydantic.BaseModel] = pydantic.create_model(
+        f"{cls.__name__}Table", __config__=STRICT, **specs
+    )
+    return model
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against a simple annotation, converting lists to tuples."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except TopologyError:
-                continue
-        raise TopologyError(
-            key=where,
-            problem=f"expected {' | '.join(_type_name(o) for o in options)}, got {value!r}",
-        )
-    if tp is Any:
-        return value
-    if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise TopologyError(key=where, problem=f"expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if (
-        origin in (dict, Mapping)
-        or tp in (dict, Mapping)
-        or origin is typing.get_origin(Mapping[str, Any])
-    ):
-        if not isinstance(value, dict):
-            raise TopologyError(key=where, problem=f"expected a table, got {value!r}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TopologyError(key=where, problem=f"expected float, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TopologyError(key=where, problem=f"expected int, got {value!r}")
-        return value
-    if tp in (bool, str):
-        if not isinstance(value, tp):
-            raise TopologyError(key=where, problem=f"expected {tp.__name__}, got {value!r}")
-        return value
+_T = typing.TypeVar("_T")
+
+_EXPECTED = {
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "bool",
+    "string_type": "str",
+    "none_required": "None",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "mapping_type": "a table",
+}
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _validate(cls: type[_T], table: Mapping[str, Any], where: str) -> _T:
+    """``cls`` validated from ``table`` (TOML arrays as tuples), or a ``TopologyError``."""
+    try:
+        return cls(**{key: _tuples(value) for key, value in table.items()})
+    except ValidationError as exc:
+        raise _topology_error(exc, table, where, cls) from None
+
+
+def _tuples(value: Any) -> Any:
+    """TOML arrays (lists) as tuples, arrays of arrays too; sub-tables are left as they are
+    (a role's config table is validated when its node is built)."""
+    if isinstance(value, list | tuple):
+        return tuple(_tuples(v) for v in value)
     return value
+
+
+def _topology_error(
+    exc: ValidationError, table: Mapping[str, Any], where: str, cls: type
+) -> TopologyError:
+    """The first failing key of ``exc`` as a one-line ``TopologyError``; the expectations
+    of a union's members are joined (``expected str | int``)."""
+    errors = exc.errors()
+    key, value = _key(errors[0]["loc"], table, where)
+    first = errors[0]
+    error = first.get("ctx", {}).get("error")
+    if isinstance(error, _FieldError):
+        return TopologyError(key=f"{where}.{error.field}", problem=error.problem)
+    kind = first["type"]
+    if kind in _EXPECTED:
+        expected = []
+        for other in errors:
+            if _key(other["loc"], table, where)[0] == key and other["type"] in _EXPECTED:
+                name = _EXPECTED[other["type"]]
+                expected += [name] if name not in expected else []
+        return TopologyError(key=key, problem=f"expected {' | '.join(expected)}, got {value!r}")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = (
+            sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+        )
+        return TopologyError(key=key, problem=f"unknown key; known: {known}")
+    if kind in ("missing", "missing_argument"):
+        return TopologyError(key=key, problem="missing")
+    if error is not None:
+        return TopologyError(key=key, problem=str(error))
+    bound = next((b for b in _BOUNDS if b in first.get("ctx", {})), None)
+    if bound is not None:
+        limit = first["ctx"][bound]
+        return TopologyError(key=key, problem=f"must be {_BOUNDS[bound]} {limit}, got {value!r}")
+    return TopologyError(key=key, problem=f"{first['msg']}, got {value!r}")
+
+
+def _key(loc: tuple[int | str, ...], table: Any, where: str) -> tuple[str, Any]:
+    """The dotted key of a pydantic error location and the value found there; location
+    parts that do not index into the input (a union member's name) are left out."""
+    key, value = where, table
+    for part in loc:
+        if isinstance(part, int) and isinstance(value, list | tuple) and part < len(value):
+            key, value = f"{key}[{part}]", value[part]
+        elif isinstance(part, str) and isinstance(value, Mapping) and part in value:
+            key, value = f"{key}.{part}", value[part]
+        elif isinstance(part, str) and value is table:
+            key, value = f"{key}.{part}", None  # a missing key
+        else:
+            break
+    return key, value

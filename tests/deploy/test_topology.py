@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 
+from deploy.cli import main
+from deploy.roles import ROLES
 from deploy.topology import SHIPPED, TopologyError, load_topology, parse_topology
-from tests.deploy.conftest import synthetic_table
+from tests.deploy.conftest import synthetic_table, write_topology
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -68,11 +71,22 @@ def _mutate(path: tuple[str, ...], value: object) -> dict:
         (("metrics", "base_port"), 70000, "topology.metrics.base_port: must be in [0, 65535]"),
         (("extra",), {"count": 1}, "topology.extra: unknown key; add it to topology.farm.chain"),
         (("relay", "learner"), {}, "topology.relay.learner: role 'relay' takes no learner"),
+        (("relay", "hosts"), ["a", 5], "topology.relay.hosts[1]: expected str, got 5"),
+        (("relay", "hosts"), 5, "topology.relay.hosts: expected a list, got 5"),
+        (("relay", "config"), 5, "topology.relay.config: expected a table, got 5"),
+        (("relay", "drop_when_full"), 1, "topology.relay.drop_when_full: expected bool, got 1"),
+        (("relay", "port"), -1, "topology.relay.port: must be in [0, 65535], got -1"),
+        (("farm", "name"), 3, "topology.farm.name: expected str, got 3"),
+        (("farm", "chain"), [], "topology.farm.chain: needs at least one stage"),
+        (("farm", "chain"), ["source", 1], "topology.farm.chain[1]: expected str, got 1"),
+        (("farm", "sndhwm"), "1", "topology.farm.sndhwm: expected int, got '1'"),
+        (("farm", "colour"), "red", "topology.farm.colour: unknown key; known: ["),
+        (("security",), 1, "topology.security: expected a table, got 1"),
     ],
 )
 def test_errors_name_the_bad_key(path: tuple[str, ...], value: object, message: str) -> None:
     with pytest.raises(TopologyError) as info:
-        parse_topology(_mutate(path, value))
+        parse_topology(_mutate(path, value), roles=ROLES)
     assert str(info.value).startswith(message), str(info.value)
 
 
@@ -84,26 +98,26 @@ def test_missing_stage_table_and_wrong_order() -> None:
     table = synthetic_table()
     table["farm"]["chain"] = ["relay", "source", "sink"]
     with pytest.raises(TopologyError, match=r"^topology\.relay\.role: the first stage"):
-        parse_topology(table)
+        parse_topology(table, roles=ROLES)
 
 
 def test_deep_validation_checks_role_configs() -> None:
     bad_type = _mutate(("source", "config", "batch_size"), "big")
     with pytest.raises(TopologyError, match=r"^topology\.source\.config\.batch_size: expected int"):
-        parse_topology(bad_type, deep=True)
+        parse_topology(bad_type, roles=ROLES, deep=True)
     unknown = _mutate(("source", "config", "colour"), 1)
     with pytest.raises(TopologyError, match=r"^topology\.source\.config\.colour: unknown key"):
-        parse_topology(unknown, deep=True)
+        parse_topology(unknown, roles=ROLES, deep=True)
     bad_value = _mutate(("source", "config", "events"), 0)
     with pytest.raises(TopologyError, match=r"^topology\.source\.config: events and batch_size"):
-        parse_topology(bad_value, deep=True)
-    parse_topology(unknown)  # shallow loading leaves role configs to the node processes
+        parse_topology(bad_value, roles=ROLES, deep=True)
+    # shallow loading leaves role configs to the node processes
+    parse_topology(unknown, roles=ROLES)
 
 
 def test_real_source_config_is_validated() -> None:
     table = load_topology("default")
     assert table.stage("source").config["signal"] == ["wprime"]
-    from deploy.roles import ROLES
 
     with pytest.raises(TopologyError, match=r"signal_fraction must be in \[0, 1\)"):
         ROLES["source"].make_config(
@@ -127,3 +141,79 @@ def test_with_changes_overrides_stage_fields() -> None:
     assert topology.stage("hlt").count == 4
     assert topology.stage("source").config["max_events"] == 10
     assert topology.stage("source").config["signal"] == ["wprime"]
+
+
+def test_values_keep_their_types() -> None:
+    table = synthetic_table()
+    table["farm"]["heartbeat_interval_s"] = 1  # an int is a float
+    farm = parse_topology(table).farm
+    assert farm.heartbeat_interval_s == 1.0 and isinstance(farm.heartbeat_interval_s, float)
+    assert farm.chain == ("source", "relay", "sink")
+
+
+def test_a_missing_farm_key_is_named() -> None:
+    table = synthetic_table()
+    del table["farm"]["name"]
+    with pytest.raises(TopologyError, match=r"^topology\.farm\.name: missing$"):
+        parse_topology(table)
+
+
+def test_roles_are_checked_only_against_the_registry_given() -> None:
+    table = _mutate(("relay", "role"), "l3")
+    assert parse_topology(table).stage("relay").role == "l3"  # the structure alone is fine
+    with pytest.raises(TopologyError, match=r"^topology\.relay\.role: unknown role 'l3'"):
+        parse_topology(table, roles=ROLES)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"tag_thresholds": {"w": "high"}},
+            "topology.hlt.config.tag_thresholds.w: expected float, got 'high'",
+        ),
+        ({"anomaly_threshold": "x"}, "topology.hlt.config.anomaly_threshold: expected float"),
+        ({"batch_size": True}, "topology.hlt.config.batch_size: expected int, got True"),
+    ],
+)
+def test_role_config_errors_name_the_nested_key(table: dict, message: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        ROLES["hlt"].make_config(table, "topology.hlt.config")
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_learner_tables_are_validated_deeply() -> None:
+    table = load_topology("default")
+    hlt = table.stage("hlt")
+    bad = hlt.learner | {"signal_region_gev": [3300.0, "x"]}
+    with pytest.raises(
+        TopologyError, match=r"^topology\.hlt\.learner\.signal_region_gev\[1\]: expected float"
+    ):
+        ROLES["hlt"].check(
+            table.with_changes(hlt={"learner": bad}).stage("hlt"), "topology.hlt", deep=True
+        )
+
+
+def test_with_changes_validates_the_changed_fields() -> None:
+    topology = load_topology("default")
+    with pytest.raises(TopologyError, match=r"^topology\.hlt\.count: must be >= 1, got 0"):
+        topology.with_changes(hlt={"count": 0})
+
+
+@pytest.mark.parametrize("command", [["run", "--topology"], ["node", "relay", "--config"]])
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        (("relay", "count"), "two", "topology.relay.count"),
+        (("farm", "linger_s"), -1.0, "topology.farm.linger_s"),
+        (("relay", "role"), "l3", "topology.relay.role"),
+    ],
+)
+def test_the_cli_prints_one_line_naming_the_key(
+    tmp_path, command: list[str], path: tuple[str, ...], value: object, key: str
+) -> None:
+    topology = write_topology(tmp_path / "t.toml", _mutate(path, value))
+    result = CliRunner().invoke(main, [*command, str(topology)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: {key}: "), result.output
