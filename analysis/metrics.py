@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import auc, roc_curve
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +24,8 @@ class Roc:
 
     @property
     def auc(self) -> float:
-        return float(np.trapz(self.tpr, self.fpr))
+        """The area under the ROC (trapezoids between its points)."""
+        return float(auc(self.fpr, self.tpr))
 
     def sic(self) -> np.ndarray:
         """TPR/√FPR at each threshold (NaN where FPR = 0)."""
@@ -50,18 +52,21 @@ class Roc:
 
 
 def roc(scores: np.ndarray, is_signal: np.ndarray) -> Roc:
-    """The ROC of ``scores`` (higher = more signal-like) against boolean labels."""
+    """The ROC of ``scores`` (higher = more signal-like) against boolean labels: one point
+    per distinct score (ties are passed or cut together), from (0, 0). A score of ±inf
+    ranks first or last, NaN last.
+
+    Example:
+        >>> r = roc(np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, False, True, False]))
+        >>> r.tpr.tolist(), r.fpr.tolist(), r.auc
+        ([0.0, 0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5, 1.0], 0.75)
+    """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(is_signal, dtype=bool)
     if scores.shape != labels.shape or labels.all() or not labels.any():
         msg = "roc needs one score per label and both classes present"
         raise ValueError(msg)
+    # sklearn refuses non-finite scores; only their order matters here.
     scores = np.where(np.isfinite(scores), scores, np.where(scores > 0, 1e300, -1e300))
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    # One point per distinct score: ties are passed or cut together.
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), scores.size - 1]
-    tp = np.cumsum(sorted_labels)[last]
-    fp = np.cumsum(~sorted_labels)[last]
-    n_s, n_b = int(labels.sum()), int((~labels).sum())
-    return Roc(np.r_[0.0, tp / n_s], np.r_[0.0, fp / n_b], n_s, n_b)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return Roc(tpr, fpr, int(labels.sum()), int((~labels).sum()))

@@ -42,6 +42,7 @@ from nflows.transforms import CompositeTransform, ReversePermutation
 from nflows.transforms.autoregressive import (
     MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
 )
+from scipy.special import logsumexp
 
 from models.maf import MAFEnsemble
 from stream.schema import FEATURE_NAMES
@@ -316,10 +317,10 @@ class ConditionalFlow(torch.nn.Module):
         ensemble each row comes from a member drawn uniformly."""
         mjj = np.asarray(mjj_gev, dtype=np.float64).reshape(-1)
         out = np.zeros((mjj.size, self.config.n_features))
-        generator_state = torch.random.get_rng_state()
-        if seed is not None:
-            torch.manual_seed(seed)
-        try:
+        # A seeded draw leaves the global generator as it found it (CPU only: devices=[]).
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
             which = torch.randint(self.config.n_members, (mjj.size,)).numpy()
             for member in range(self.config.n_members):
                 rows = np.flatnonzero(which == member)
@@ -329,9 +330,6 @@ class ConditionalFlow(torch.nn.Module):
                     noise = torch.randn(len(chunk), self.config.n_features)
                     z = self.maf.sample_member(member, noise, context)
                     out[chunk] = self.preprocessing.inverse(z.double()).numpy()
-        finally:
-            if seed is not None:
-                torch.random.set_rng_state(generator_state)
         return out
 
     def parameter_arrays(self) -> dict[str, np.ndarray]:
@@ -368,18 +366,10 @@ class FlowMixture:
         self.weights = w / w.sum()
 
     def log_prob(self, x: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
-        """log Σ w_i p_i(x|m), per row, by log-sum-exp."""
-        with np.errstate(divide="ignore"):
-            terms = np.stack(
-                [
-                    np.log(w) + f.log_prob(x, mjj_gev)
-                    for f, w in zip(self.flows, self.weights, strict=True)
-                ]
-            )
-        top = terms.max(axis=0)
-        safe = np.where(np.isfinite(top), top, 0.0)
-        with np.errstate(divide="ignore"):
-            return safe + np.log(np.exp(terms - safe).sum(axis=0))
+        """log Σ w_i p_i(x|m), per row, by log-sum-exp (-inf where every p_i is 0)."""
+        terms = np.stack([f.log_prob(x, mjj_gev) for f in self.flows])
+        out: np.ndarray = logsumexp(terms, axis=0, b=self.weights[:, None])
+        return out
 
     def sample(self, mjj_gev: np.ndarray, *, seed: int = 0) -> np.ndarray:
         """One sample per mjj: the component is drawn with probability w_i, then x from it."""

@@ -13,7 +13,9 @@ def test_roc_of_a_perfect_and_a_random_score() -> None:
     labels = np.r_[np.ones(100), np.zeros(10_000)].astype(bool)
     perfect = roc(labels.astype(float), labels)
     assert perfect.auc == pytest.approx(1.0)
-    assert perfect.sic_at(0.2) == np.inf or np.isnan(perfect.sic_at(0.2))
+    # The first threshold reaching 20% of the signal passes no background: SIC is undefined.
+    assert perfect.fpr[np.searchsorted(perfect.tpr, 0.2)] == 0
+    assert np.isnan(perfect.sic_at(0.2))
     rng = np.random.default_rng(0)
     random = roc(rng.random(labels.size), labels)
     assert random.auc == pytest.approx(0.5, abs=0.06)
@@ -53,3 +55,18 @@ def test_background_events_behind_sic_at() -> None:
     # eps_S = 0.2 keeps signal scores >= 1.8; background above 1.8: none.
     assert result.background_at(0.2) == 0
     assert result.background_at(1.0) == (np.linspace(0, 1.5, 1000) >= 1.0).sum()
+
+
+def test_roc_matches_a_count_by_hand_with_ties_and_infinities() -> None:
+    scores = np.array([np.inf, 3.0, 3.0, 2.0, 1.0, -np.inf, np.nan])
+    labels = np.array([True, True, False, True, False, True, False])
+    result = roc(scores, labels)
+    # Thresholds: inf, 3 (a tie of one signal and one background), 2, 1, then -inf and NaN
+    # (tied, last).
+    np.testing.assert_allclose(result.tpr, [0, 1 / 4, 2 / 4, 3 / 4, 3 / 4, 1])
+    np.testing.assert_allclose(result.fpr, [0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
+    assert (result.n_signal, result.n_background) == (4, 3)
+    assert result.auc == pytest.approx(np.trapz(result.tpr, result.fpr))
+    assert result.auc == pytest.approx(0.125 + 0.25 + 0.875 / 3)  # the trapezoids by hand
+    with pytest.raises(ValueError, match="both classes"):
+        roc(np.ones(3), np.ones(3, bool))

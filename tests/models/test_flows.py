@@ -81,6 +81,27 @@ def test_mixture_is_normalised_and_weighted_by_events() -> None:
     assert mixture.log_prob(x, m) == pytest.approx(expected, rel=1e-9)
 
 
+def test_mixture_density_is_zero_where_every_flow_is_zero() -> None:
+    a, b = small_flow(1), small_flow(2, lower=(0.0, -3.0), upper=(40.0, 2.0))
+    mixture = FlowMixture([a, b], weights=[1, 0])  # b carries no weight
+    x = np.array([[60.0, 0.0], [35.0, -2.5], [20.0, 0.5]])  # outside both; inside b only; both
+    out = mixture.log_prob(x, np.full(3, 3000.0))
+    assert np.isneginf(out[:2]).all()
+    assert out[2] == pytest.approx(a.log_prob(x[2:], np.array([3000.0]))[0], rel=1e-12)
+
+
+def test_seeded_sampling_leaves_the_global_generator_alone() -> None:
+    flow = small_flow(4)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    flow.sample(np.full(10, 3500.0), seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(123)
+    flow.sample(np.full(10, 3500.0))  # unseeded: draws from the global generator
+    assert not torch.equal(torch.rand(3), expected)
+
+
 def test_mixture_sampling_matches_its_density() -> None:
     """Importance check: E_q[p/q] = 1 with q = samples' own histogram is weak; instead the
     histogram of samples must match the density integrated over each bin."""
