@@ -21,6 +21,7 @@ from analysis import methods
 from analysis.bumphunt import BumpResult, bump_hunt
 from analysis.data import Events, load_events
 from analysis.metrics import Roc, roc
+from analysis.scan import FlowSets, ScanConfig, plot_pvalues, plot_spectra, scan, window_scorer
 from models.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -176,22 +177,41 @@ def analyze(
     *,
     events_specs: Sequence[str] = (),
     config: methods.SearchConfig | None = None,
+    scan_config: ScanConfig | None = None,
 ) -> dict[str, Any]:
-    """``trigfarm analyze METHOD``: load the archive's latest flows, run, report."""
+    """``trigfarm analyze METHOD``: load the archive's latest flows, run, report.
+
+    The significance reported is the scan's (``analysis.scan``): every window of
+    ``scan_config``, on the stored events when given (else the test events), with a global
+    p-value that states its method; ``summary["scan"]`` holds it and every local test.
+    """
     config = config or methods.SearchConfig()
+    scan_config = scan_config or ScanConfig()
     archive = Archive(archive_dir)
-    models = methods.FlowModels.from_snapshots(archive.snapshots(latest_per_node=True))
+    snapshots = archive.snapshots(latest_per_node=True)
+    models = methods.FlowModels.from_snapshots(snapshots)
     stored = load_events(events_specs) if events_specs else None
     test = load_events(test_specs)
     name = "cathode_hybrid" if method == "cathode" and stored is not None else method
     log.info("%s on flows from %s (%d events seen)", name, models.nodes, models.events_seen)
     score = score_method(name, models, config, stored=stored)
-    result = evaluate(name, score, test, config, bump_events=stored or test)
+    result = evaluate(name, score, test, config)
+    data = stored or test
+    scorer = window_scorer(name, FlowSets(snapshots), config, data.features, stored=stored)
+    scanned = scan(data.mjj, scorer, scan_config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_pvalues(scanned, out / "scan_pvalues.png")
+    plot_spectra(scanned, out / "scan_spectra.png")
     extra = {
         "method": name,
         "archive": str(archive_dir),
         "nodes": list(models.nodes),
         "events_seen_by_flows": models.events_seen,
         "storage": archive.storage(),
+        "scan": {
+            "on": "stored events" if stored is not None else "test events",
+            **scanned.summary(),
+        },
     }
-    return write_report([result], Path(out_dir), config, extra, title=f"{name} from {archive_dir}")
+    return write_report([result], out, config, extra, title=f"{name} from {archive_dir}")

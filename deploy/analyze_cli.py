@@ -26,10 +26,10 @@ def _options(function: Any) -> Any:
         click.option(
             "--test",
             "test_specs",
-            required=True,
             multiple=True,
             help="Labelled test events: a trigfarm .h5 cache or "
-            "'lhco-features:<paths>'; repeatable. Never used for training.",
+            "'lhco-features:<paths>'; repeatable. Never used for training. Required "
+            "unless --follow.",
         ),
         click.option(
             "--events",
@@ -65,6 +65,43 @@ def _options(function: Any) -> Any:
             "--epochs", type=click.IntRange(min=1), default=20, help="Epochs per classifier."
         ),
         click.option("--seed", type=int, default=0, help="Seed of sampling and training."),
+        click.option(
+            "--windows",
+            nargs=4,
+            type=float,
+            default=(2700.0, 6000.0, 400.0, 200.0),
+            help="Scanned mjj windows: START STOP WIDTH STEP [GeV] (sliding windows).",
+        ),
+        click.option(
+            "--global-method",
+            type=click.Choice(["trials", "toys"]),
+            default="trials",
+            help="Global p-value: Bonferroni trials factor, or background-only toys.",
+        ),
+        click.option(
+            "--toys", type=click.IntRange(min=1), default=200, help="Toys for --global-method toys."
+        ),
+        click.option(
+            "--follow",
+            is_flag=True,
+            help="Live: re-run the scan on the archive's stored events each time new flow "
+            "snapshots arrive (while the farm runs).",
+        ),
+        click.option(
+            "--poll-s", type=click.FloatRange(min=0), default=5.0, help="--follow: poll period."
+        ),
+        click.option(
+            "--max-updates",
+            type=click.IntRange(min=1),
+            default=None,
+            help="--follow: stop after this many scans (default: until --timeout-s or Ctrl-C).",
+        ),
+        click.option(
+            "--timeout-s",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="--follow: stop after this many seconds.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -83,11 +120,19 @@ def _run(
     ensemble: int,
     epochs: int,
     seed: int,
+    windows: tuple[float, float, float, float],
+    global_method: str,
+    toys: int,
+    follow: bool,
+    poll_s: float,
+    max_updates: int | None,
+    timeout_s: float | None,
 ) -> None:
     # Imported here so that other trigfarm commands do not pay for torch at start-up.
     from analysis.classifier import ClassifierConfig
     from analysis.methods import SearchConfig
     from analysis.report import analyze as run_analysis
+    from analysis.scan import ScanConfig, sliding_windows
 
     config = SearchConfig(
         signal_region_gev=signal_region,
@@ -95,6 +140,20 @@ def _run(
         classifier=ClassifierConfig(n_models=ensemble, epochs=epochs, seed=seed),
         seed=seed,
     )
+    try:
+        scan_config = ScanConfig(
+            windows_gev=sliding_windows(*windows),
+            global_method=global_method,
+            n_toys=toys,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--windows") from exc
+    if follow:
+        _follow(method, archive_dir, out_dir, config, scan_config, poll_s, max_updates, timeout_s)
+        return
+    if not test_specs:
+        raise click.UsageError("--test is required (unless --follow)")
     summary = run_analysis(
         method,
         archive_dir,
@@ -102,6 +161,7 @@ def _run(
         out_dir,
         events_specs=list(events_specs),
         config=config,
+        scan_config=scan_config,
     )
     for name, figures in summary["methods"].items():
         click.echo(
@@ -110,17 +170,86 @@ def _run(
             f"({figures['n_test_signal']} signal / {figures['n_test_background']} background "
             "test events in the SR)"
         )
-        for bump in figures["bump_hunt"]:
-            click.echo(
-                f"  bump hunt eps={bump['efficiency']:g}: observed {bump['observed_sr']}, "
-                f"fit {bump['expected_sr']:.1f}, local Z {bump['local_significance']:.2f}"
-            )
+    click.echo(_scan_line(summary["scan"]))
     click.echo(f"wrote {Path(out_dir) / 'summary.json'}")
     click.echo(
         json.dumps(
-            {"method": summary["method"], **summary["methods"][summary["method"]]}, default=float
+            {
+                "method": summary["method"],
+                **summary["methods"][summary["method"]],
+                "scan": {k: v for k, v in summary["scan"].items() if k != "tests"},
+            },
+            default=float,
         )
     )
+
+
+def _scan_line(scan: dict[str, Any]) -> str:
+    window = scan["best_window_gev"]
+    where = (
+        f"smallest local p {scan['min_local_pvalue']:.2g} (local Z "
+        f"{scan['max_local_significance']:.2f}) in {window[0]:.0f}-{window[1]:.0f} GeV at "
+        f"eps={scan['best_efficiency']:g}"
+        if window
+        else "no valid fit"
+    )
+    return (
+        f"scan of {len(scan['windows_gev'])} windows x {len(scan['efficiencies'])} working "
+        f"points on {scan.get('on', 'the events')} ({scan['events']} in the fit range): {where}; "
+        f"global p {scan['global_pvalue']:.3g}, global Z {scan['global_significance']:.2f} "
+        f"({scan['global_method_text']})"
+    )
+
+
+def _follow(
+    method: str,
+    archive_dir: str,
+    out_dir: str,
+    config: Any,
+    scan_config: Any,
+    poll_s: float,
+    max_updates: int | None,
+    timeout_s: float | None,
+) -> None:
+    from analysis.live import follow, live_scan, plot_history
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    updates = []
+    analyse = live_scan(method, config, scan_config)
+    for update in follow(
+        archive_dir, analyse, poll_s=poll_s, max_updates=max_updates, timeout_s=timeout_s
+    ):
+        updates.append(update)
+        scan = update.scan.summary()
+        click.echo(
+            f"update {update.update} at {update.elapsed_s:.0f} s: flows saw "
+            f"{update.events_seen} events, {update.events_stored} stored; "
+            + _scan_line({**scan, "on": "stored events"})
+        )
+        zs = update.local_z_by_window()
+        click.echo(
+            "  local Z by window: "
+            + ", ".join(f"{w[0]:.0f}-{w[1]:.0f}: {z:+.1f}" for w, z in sorted(zs.items()))
+        )
+        plot_history(updates, out / "live_significance.png", title=f"{method}, live")
+        history = [
+            {
+                "update": u.update,
+                "events_seen": u.events_seen,
+                "events_stored": u.events_stored,
+                "elapsed_s": u.elapsed_s,
+                "local_z_by_window": {
+                    f"{w[0]:.0f}-{w[1]:.0f}": z for w, z in sorted(u.local_z_by_window().items())
+                },
+                "global_pvalue": u.scan.global_pvalue,
+                "global_significance": u.scan.global_significance,
+                "global_method": u.scan.method_text(),
+            }
+            for u in updates
+        ]
+        (out / "live.json").write_text(json.dumps(history, indent=2, default=float))
+    click.echo(f"{len(updates)} updates; wrote {out / 'live.json'}")
 
 
 @analyze.command()
