@@ -55,6 +55,11 @@ class CacheWriter:
     included) it is closed as partial, holding every batch appended before. If nothing
     was written, or finishing fails, the temporary file is removed and nothing appears
     under ``path``.
+
+    Batches are held until they fill a chunk and written a chunk at a time, each write
+    flushed: small batches cost no HDF5 work each (an archive's 25-event batches took
+    67 ms apiece when each was written and flushed), and a killed writer's temporary
+    file holds whole chunks (``recover_partial`` turns it into a partial file).
     """
 
     def __init__(
@@ -73,7 +78,9 @@ class CacheWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: h5py.File | None = h5py.File(self.tmp_path, "w")
         self._chunk_events = chunk_events
-        self.n_events = 0
+        self.n_events = 0  # appended, written or held
+        self._written = 0
+        self._held: list[EventBatch] = []
         root = self._file.attrs
         root["format"] = CACHE_FORMAT
         root["format_version"] = CACHE_FORMAT_VERSION
@@ -101,19 +108,36 @@ class CacheWriter:
             self._file.attrs[key] = _attr_value(value)
 
     def append(self, batch: EventBatch) -> None:
-        """Write a batch at the end of the file; columns must match the first batch."""
-        handle = self._file
-        if handle is None:
+        """Add a batch at the end of the file; columns must match the first batch."""
+        if self._file is None:
             raise ValueError("the cache writer is closed")
+        first = self._held[0] if self._held else None
+        for group, table in (("events", batch.columns), ("truth", batch.truth)):
+            names = set(first.columns if group == "events" else first.truth) if first else None
+            if names is None and self._written:
+                names = set(self._file[group]) if group in self._file else set()
+            if names is not None and names != set(table):
+                msg = (
+                    f"batch {group} columns {sorted(table)} differ from the file's {sorted(names)}"
+                )
+                raise ValueError(msg)
+        self._held.append(batch)
+        self.n_events += len(batch)
+        if self.n_events - self._written >= self._chunk_events:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        handle = self._file
+        assert handle is not None
+        if not self._held:
+            return
+        batch = EventBatch.concat(self._held) if len(self._held) > 1 else self._held[0]
         n = len(batch)
         for group, table, specs in (
             ("events", batch.columns, COLUMNS),
             ("truth", batch.truth, TRUTH_COLUMNS),
         ):
             grp = handle.require_group(group)
-            if self.n_events and set(grp) != set(table):
-                msg = f"batch {group} columns {sorted(table)} differ from the file's {sorted(grp)}"
-                raise ValueError(msg)
             for name, array in table.items():
                 if name not in grp:
                     grp.create_dataset(
@@ -125,10 +149,11 @@ class CacheWriter:
                         compression="lzf",
                     )
                 dataset = grp[name]
-                dataset.resize(self.n_events + n, axis=0)
-                dataset[self.n_events :] = array
-        self.n_events += n
-        handle.attrs["n_events"] = self.n_events
+                dataset.resize(self._written + n, axis=0)
+                dataset[self._written :] = array
+        self._written += n
+        self._held = []
+        handle.attrs["n_events"] = self._written
         handle.flush()  # a killed writer leaves a temporary file whose metadata is whole
 
     def close(self, *, complete: bool = True) -> CacheInfo | None:
@@ -137,15 +162,18 @@ class CacheWriter:
         ``complete=False`` trims to the events fully written and marks the file partial;
         with no event written at all, no file is left and ``None`` is returned.
         """
-        handle, self._file = self._file, None
+        handle = self._file
         if handle is None:
             return None
         if not complete and self.n_events == 0:
+            self._file = None
             handle.close()
             self.tmp_path.unlink(missing_ok=True)
             log.warning("%s: interrupted before any event was written; no file made", self.path)
             return None
         try:
+            self._write_held()
+            self._file = None
             for group in ("events", "truth"):
                 if group in handle:
                     for dataset in handle[group].values():
@@ -155,6 +183,7 @@ class CacheWriter:
             handle.close()
             os.replace(self.tmp_path, self.path)
         except BaseException:
+            self._file = None
             handle.close()
             self.tmp_path.unlink(missing_ok=True)
             log.error("could not finish %s; removed the partial file", self.path)
