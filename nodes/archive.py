@@ -12,6 +12,12 @@ SHA-256; an events file is renamed into place when it is closed (every
 ``events_per_file`` events and at the end), fsynced and indexed with its SHA-256. Readers
 (``models.archive.Archive``) verify the checksum of every file they load.
 
+Restart: ``trigfarm node archive`` (or the launcher, which restarts a lost archive) on
+the same folder continues the events file sequence after the files already there, and
+keeps a killed archive's open file as a partial file holding every chunk it flushed
+(``events_recovered``). Upstream nodes hold what they cannot deliver meanwhile (their
+bounded queues and sockets; back-pressure pauses the stream) and deliver it on return.
+
 A snapshot record that fails its own content hash is counted
 (``archive_records_total{kind,outcome="bad"}``) and not stored; the node carries on.
 ``report()`` gives bytes stored per event seen, for flows and for events.
@@ -29,11 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 from prometheus_client import Counter, Gauge
 
 from models.archive import EVENTS_KIND, connect_index, file_sha256
 from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError, write_durably
-from simulator.cache import CacheWriter
+from simulator.cache import CacheWriter, recover_partial
+from simulator.errors import DataFileError
 from stream.batch import EventBatch, Message, Record
 from stream.node import Emit, Outcome, Processor
 
@@ -97,7 +105,9 @@ class ArchiveNode(Processor):
         self.events_stored = 0
         self.snapshots_stored = 0
         self.bad_records = 0
+        self.events_recovered = 0
         self._events_seen: dict[tuple[str, str], int] = {}
+        self._recover_leftovers()
 
     # -- Processor -----------------------------------------------------------------------
 
@@ -125,6 +135,7 @@ class ArchiveNode(Processor):
             "snapshots_stored": self.snapshots_stored,
             "events_stored": self.events_stored,
             "bad_records": self.bad_records,
+            "events_recovered": self.events_recovered,
             "flow_bytes": self.bytes[SNAPSHOT_KIND],
             "event_bytes": self.bytes[EVENTS_KIND],
             "events_seen_by_flows": seen,
@@ -170,6 +181,48 @@ class ArchiveNode(Processor):
         BYTES.labels(node=self.name, kind=SNAPSHOT_KIND).set(self.bytes[SNAPSHOT_KIND])
 
     # -- events --------------------------------------------------------------------------
+
+    def _recover_leftovers(self) -> None:
+        """A killed archive leaves its open events file under a temporary name: keep the
+        whole chunks it flushed as a partial file, indexed, so a restart loses no batch
+        it had written (one it could not read is set aside as ``*.unreadable``)."""
+        for tmp in sorted((self.root / "events").glob(".run*_*.h5.*.tmp")):
+            final = tmp.with_name(tmp.name[1:].split(".h5.")[0] + ".h5")
+            try:
+                info = recover_partial(tmp, final)
+            except DataFileError as exc:
+                log.error("archive %s: %s; set aside", self.name, exc)
+                tmp.replace(tmp.with_suffix(".unreadable"))
+                continue
+            with h5py.File(info.path, "r") as handle:
+                lumi = handle["events/lumi"][:] if "lumi" in handle["events"] else None
+            run = int(final.stem.split("_")[0].removeprefix("run"))
+            sequence = int(final.stem.rsplit("_", 1)[-1])
+            size = info.path.stat().st_size
+            self._index(
+                EVENTS_KIND,
+                info.path,
+                node=self.name,
+                role=EVENTS_KIND,
+                run=run,
+                lumi=(int(lumi.min()), int(lumi.max()))
+                if lumi is not None and len(lumi)
+                else (0, 0),
+                sequence=sequence,
+                events=info.n_events,
+                size=size,
+                sha256=file_sha256(info.path),
+            )
+            self.events_recovered += info.n_events
+            log.warning(
+                "archive %s: recovered %d events from %s (a killed archive's open file)",
+                self.name,
+                info.n_events,
+                tmp.name,
+            )
+        if self._db is not None:  # connections belong to a thread: reopen where used
+            self._db.close()
+            self._db = None
 
     def _append(self, batch: EventBatch) -> None:
         if self._writer is None:

@@ -193,6 +193,29 @@ class CacheWriter:
         return open_cache(self.path)
 
 
+def recover_partial(tmp_path: str | Path, path: str | Path) -> CacheInfo:
+    """Turn a killed writer's temporary file into a partial cache file at ``path``: the
+    whole chunks it flushed, trimmed to its recorded event count.
+
+    Raises:
+        DataFileError: the temporary file is not a readable cache (names the file).
+    """
+    tmp_path, path = Path(tmp_path), Path(path)
+    try:
+        with h5py.File(tmp_path, "r+") as handle:
+            if handle.attrs.get("format") != CACHE_FORMAT:
+                raise DataFileError(tmp_path, "not a trigfarm event cache")
+            n_events = int(handle.attrs["n_events"])
+            for group in ("events", "truth"):
+                for dataset in handle[group].values() if group in handle else ():
+                    dataset.resize(n_events, axis=0)
+            handle.attrs["complete"] = False
+    except (OSError, KeyError) as exc:
+        raise DataFileError(tmp_path, f"not a readable event cache ({exc})") from exc
+    os.replace(tmp_path, path)
+    return open_cache(path)
+
+
 def _attr_value(value: Any) -> Any:
     """HDF5 attributes hold numbers and strings; anything nested is stored as JSON."""
     if isinstance(value, str | int | float | bool | np.integer | np.floating):

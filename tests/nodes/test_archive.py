@@ -3,6 +3,8 @@ and the node over real ZeroMQ with the Node runtime."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from nodes.archive import ArchiveConfig, build
 from stream.batch import EventBatch, Record
 from stream.node import Emit, Node, NodeConfig, Outcome, Producer
 from stream.testing import free_tcp_port, stats_of, synthetic_batch
+
+REPO = Path(__file__).resolve().parents[2]
 
 torch.set_num_threads(1)
 
@@ -92,6 +96,34 @@ def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None
     assert [e.sequence for e in events] == [1, 2, 4]
     assert [e.events for e in events] == [200, 200, 100]
     assert len(archive.event_features()) == 500
+
+
+def test_a_restarted_archive_keeps_what_a_killed_one_had_flushed(tmp_path: Path) -> None:
+    """kill -9 of an archive mid-file: the restarted one indexes the whole chunks the dead
+    one flushed as a partial file, sets an unreadable leftover aside, and goes on."""
+    code = (
+        "from nodes.archive import ArchiveConfig, build\n"
+        "from stream.testing import synthetic_batch\n"
+        f"a = build(ArchiveConfig(out_dir={str(tmp_path)!r}, chunk_events=64), name='archive')\n"
+        "for i in range(10):\n"
+        "    a.process(synthetic_batch(50, first_event=i * 50))\n"
+        "print('written', flush=True)\n"
+        "import time; time.sleep(120)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO) as writer:
+        assert writer.stdout is not None and writer.stdout.readline() == b"written\n"
+        writer.kill()
+    (tmp_path / "events" / ".run000001_0002.h5.999.tmp").write_bytes(b"not hdf5")
+    again = build(ArchiveConfig(out_dir=str(tmp_path)), name="archive")
+    assert again.events_recovered == 500  # every chunk was flushed: 10 x 50 events
+    assert again.process(synthetic_batch(20, first_event=900)).accepted == 20
+    again.finish()
+    archive = Archive(tmp_path)
+    assert archive.verify() == []
+    assert [(e.sequence, e.events) for e in archive.entries(kind="events")] == [(1, 500), (3, 20)]
+    stored = np.concatenate([b["event"] for b in archive.events()])
+    assert stored.tolist() == [*range(500), *range(900, 920)]
+    assert (tmp_path / "events" / ".run000001_0002.h5.999.unreadable").is_file()
 
 
 def test_corrupted_and_partial_files_are_detected_not_loaded(tmp_path: Path) -> None:
