@@ -1,0 +1,362 @@
+"""The bump hunt on LHCO R&D 100k: no-signal controls and injected-signal rows.
+
+Every row runs the farm's learning path of ``benchmarks.ephemeral_lhco.stream_once`` (the
+real source, two HLT flow learners averaging their flows, the archive), then the scan
+(``analysis.scan``: 16 sliding windows of 400 GeV from 2.7 to 6 TeV, working points
+ε = 1, 0.2, 0.05, 0.01, Poisson-likelihood dijet fits, profile-likelihood local Z with the
+fit uncertainty, Bonferroni global p-value) for each method:
+
+- ``anode``: the ANODE ratio at the window's centre mass (the fix for sculpting);
+- ``anode_event_mass``: the ratio at each event's own mass (the old score, which sculpts);
+- ``cathode``: CATHODE from flows (sideband-flow samples vs all-data-flow samples);
+- ``cwola``: CWoLa from flows (all-data flow at window vs sideband mjj), every window.
+
+ANODE and CATHODE need a sideband flow that never saw the window: the learners train one,
+for 3.3-3.7 TeV, so those methods cut only in that window (elsewhere ε = 1 only). CWoLa
+from flows uses the all-data flow alone and cuts in every window.
+
+No-signal pseudo-experiments (what they are, honestly): ``--controls K`` flow trainings,
+each on its own stream of a random half of the 90,941 LHCO background events (no signal);
+for each, ``--datasets J`` bump-hunt datasets, each a random half of the same background
+(so any two share about half their events, and a dataset shares about half its events
+with the stream its flows learned). The classifiers are trained on flow samples only, so
+one training serves its J datasets. K x J pseudo-experiments in all; they are correlated
+through the shared events, so the false-positive rates below carry more spread than K x J
+independent experiments would.
+
+Injected rows: the ephemeral_lhco stream (background bkg01-06, W'->XY from sig01-03 at the
+target S/B in 3.3-3.7 TeV) for each ``--seeds``; the bump hunt runs on the stored events
+(the stream itself), as ``trigfarm analyze --events`` does.
+
+    python -m benchmarks.bump_hunt [--controls 4 --datasets 5] [--sb 0.02 0.05] [--seeds 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from analysis.classifier import ClassifierConfig
+from analysis.data import load_events
+from analysis.methods import SearchConfig
+from analysis.scan import (
+    FlowSets,
+    ScanConfig,
+    ScanResult,
+    Window,
+    plot_pvalues,
+    plot_spectra,
+    scan,
+    window_scorer,
+)
+from benchmarks.ephemeral_lhco import (
+    DATA,
+    SR,
+    Dataset,
+    files,
+    lhco_dataset,
+    sr_fraction,
+    stream_once,
+)
+from models.archive import Archive
+from nodes.learner import FlowLearnerConfig
+from simulator.cache import CacheWriter
+from simulator.replay import expand_paths, reader_for
+from stream.batch import EventBatch
+
+METHODS = ("anode", "anode_event_mass", "cathode", "cwola")
+
+
+def all_background() -> EventBatch:
+    paths = expand_paths(files("bkg", range(1, 11)))
+    return EventBatch.concat(
+        reader_for("lhco-features")(paths, chunk_size=65_536, skip_bad_rows=True)
+    )
+
+
+def half_of(background: EventBatch, rng: np.random.Generator) -> EventBatch:
+    rows = np.sort(rng.choice(len(background), len(background) // 2, replace=False))
+    return background.select(rows)
+
+
+def train(
+    dataset: Dataset,
+    sb: float,
+    seed: int,
+    learner_config: FlowLearnerConfig,
+    tmp: Path,
+) -> tuple[dict[str, Any], Archive]:
+    stream_bkg = load_events([dataset.stream_background])
+    injected = load_events([dataset.injected_signal])
+    stream = stream_once(
+        sb,
+        dataset,
+        n_nodes=2,
+        learner_config=learner_config,
+        archive_dir=tmp / "archive",
+        seed=seed,
+        p_bkg_sr=sr_fraction(stream_bkg),
+        p_sig_sr=sr_fraction(injected),
+        n_background=len(stream_bkg),
+    )
+    return stream, Archive(tmp / "archive")
+
+
+def cached_scorers(
+    flows: FlowSets, search: SearchConfig, features: np.ndarray, windows: tuple[Window, ...]
+) -> dict[str, dict[Window, np.ndarray | None]]:
+    """Each method's scores of ``features`` in every window (each classifier trained once)."""
+    out: dict[str, dict[Window, np.ndarray | None]] = {}
+    for method in METHODS:
+        scorer = window_scorer(method, flows, search, features)
+        out[method] = {w: scorer(w) for w in windows}
+    return out
+
+
+def scan_rows(
+    scores: dict[str, dict[Window, np.ndarray | None]],
+    mjj: np.ndarray,
+    rows: np.ndarray | slice,
+    config: ScanConfig,
+) -> dict[str, ScanResult]:
+    results = {}
+    for method, by_window in scores.items():
+
+        def scorer(window: Window, by_window: Any = by_window) -> np.ndarray | None:
+            s = by_window[window]
+            return None if s is None else s[rows]
+
+        results[method] = scan(mjj[rows], scorer, config)
+    return results
+
+
+def record(result: ScanResult) -> dict[str, Any]:
+    return {
+        "global_pvalue": result.global_pvalue,
+        "global_z": result.global_significance,
+        "n_trials": result.n_trials,
+        "tests": [
+            [b.window_gev[0], b.window_gev[1], b.efficiency, b.significance, b.pvalue]
+            for b in result.bumps
+        ],
+    }
+
+
+def control_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """False-positive rates of one method over the no-signal pseudo-experiments."""
+    z = np.array([[t[3] for t in r["tests"]] for r in runs])  # (experiments, tests)
+    cells = [tuple(t[:3]) for t in runs[0]["tests"]]
+    cut = np.array([c[2] < 1 for c in cells])
+    finite = np.isfinite(z)
+    exceed = np.where(finite, np.abs(z) >= 2, False)
+    pass_rate = 1 - exceed.mean(axis=0)
+    worst = int(np.argmin(pass_rate))
+    global_p = np.array([r["global_pvalue"] for r in runs])
+    return {
+        "experiments": len(runs),
+        "tests_per_experiment": len(cells),
+        "failed_fits": int((~finite).sum()),
+        "local_abs_z_ge_2_rate": float(exceed[finite].mean()) if finite.any() else None,
+        "local_abs_z_ge_2_rate_cuts_only": float(exceed[:, cut][finite[:, cut]].mean())
+        if cut.any()
+        else None,
+        "local_z_ge_2_rate": float(np.where(finite, z >= 2, False)[finite].mean()),
+        "mean_local_z_cuts_only": float(np.nanmean(z[:, cut])) if cut.any() else None,
+        "max_abs_local_z": float(np.nanmax(np.abs(z))),
+        "cells_below_95pct": int((pass_rate < 0.95).sum()),
+        "cells": len(cells),
+        "worst_cell": {"window_eff": cells[worst], "pass_rate": float(pass_rate[worst])},
+        "experiments_all_abs_z_lt_2": float((~exceed).all(axis=1).mean()),
+        "global_p_lt_0.05_rate": float(np.mean(global_p < 0.05)),
+        "global_z_ge_2_rate": float(np.mean([r["global_z"] >= 2 for r in runs])),
+        "median_global_p": float(np.median(global_p)),
+    }
+
+
+def signal_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Local Z in the signal window 3.3-3.7 TeV (largest over cuts) and global Z."""
+    local = []
+    for r in runs:
+        zs = [t[3] for t in r["tests"] if (t[0], t[1]) == SR and t[2] < 1 and np.isfinite(t[3])]
+        local.append(max(zs) if zs else float("nan"))
+    glob = [r["global_z"] for r in runs]
+    return {
+        "seeds": len(runs),
+        "local_z_sr": local,
+        "median_local_z_sr": float(np.nanmedian(local)),
+        "mean_local_z_sr": float(np.nanmean(local)),
+        "std_local_z_sr": float(np.nanstd(local)),
+        "global_z": glob,
+        "median_global_z": float(np.nanmedian(glob)),
+        "mean_global_z": float(np.nanmean(glob)),
+        "std_global_z": float(np.nanstd(glob)),
+        "global_p_lt_0.05": float(np.mean([r["global_pvalue"] < 0.05 for r in runs])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--controls", type=int, default=4, help="no-signal flow trainings")
+    parser.add_argument("--datasets", type=int, default=5, help="bump-hunt datasets per training")
+    parser.add_argument("--sb", type=float, nargs="*", default=[0.02, 0.05])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--members", type=int, default=5, help="MAFs per flow")
+    parser.add_argument("--samples", type=int, default=10_000, help="flow samples per class")
+    parser.add_argument("--out", default="out/bump_hunt")
+    args = parser.parse_args(argv)
+    if not DATA.exists():
+        print(f"no data at {DATA} (see ../shared/data/README.md)")
+        return 1
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = ScanConfig()
+    learner_config = FlowLearnerConfig(
+        n_transforms=4,
+        n_members=args.members,
+        calibration_events=2000,
+        snapshot_every_events=20_000,
+        signal_region_gev=SR,
+        average_every_steps=10,
+    )
+    t_start = time.perf_counter()
+    controls: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    background = all_background()
+    print(f"{len(background)} LHCO background events; {len(config.windows_gev)} windows")
+    for k in range(args.controls):
+        seed = 100 + k
+        rng = np.random.default_rng(seed)
+        tmp = Path(tempfile.mkdtemp(prefix="bumphunt-"))
+        stream_path = tmp / "stream.h5"
+        with CacheWriter(stream_path) as writer:
+            writer.append(half_of(background, rng))
+        base = lhco_dataset(quick=False)
+        dataset = Dataset("LHCO background half", f"cache:{stream_path}", *_rest(base))
+        print(f"control {k}: flows on a random half of the background (seed {seed})")
+        t0 = time.perf_counter()
+        _, archive = train(dataset, 0.0, seed, _seeded(learner_config, seed), tmp)
+        flows = FlowSets(archive.snapshots(latest_per_node=True))
+        datasets = [half_of(background, rng) for _ in range(args.datasets)]
+        features = np.concatenate([np.asarray(d["features"], np.float64) for d in datasets])
+        bounds = np.cumsum([0] + [len(d) for d in datasets])
+        t1 = time.perf_counter()
+        scores = cached_scorers(flows, _search(args.samples, seed), features, config.windows_gev)
+        print(f"  stream {t1 - t0:.0f} s, scores {time.perf_counter() - t1:.0f} s", flush=True)
+        for j in range(args.datasets):
+            rows = slice(bounds[j], bounds[j + 1])
+            results = scan_rows(scores, features[:, 0], rows, config)
+            for method, result in results.items():
+                controls[method].append(record(result))
+                if k == 0 and j == 0:
+                    plot_pvalues(result, out / f"control_{method}_pvalues.png")
+                    plot_spectra(result, out / f"control_{method}_spectra.png")
+            worst = {
+                m: np.nanmax(np.abs([t[3] for t in controls[m][-1]["tests"]])) for m in METHODS
+            }
+            print(
+                f"  dataset {j}: max |local Z| "
+                + ", ".join(f"{m} {z:.2f}" for m, z in worst.items())
+                + "; global p "
+                + ", ".join(f"{m} {controls[m][-1]['global_pvalue']:.2f}" for m in METHODS),
+                flush=True,
+            )
+        shutil.rmtree(tmp)
+    injected: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for sb in args.sb:
+        injected[f"{sb:g}"] = {m: [] for m in METHODS}
+        for seed in args.seeds:
+            tmp = Path(tempfile.mkdtemp(prefix="bumphunt-"))
+            print(f"S/B {sb:g}, seed {seed}")
+            t0 = time.perf_counter()
+            stream, archive = train(
+                lhco_dataset(quick=False), sb, seed, _seeded(learner_config, seed), tmp
+            )
+            flows = FlowSets(archive.snapshots(latest_per_node=True))
+            stored = archive.event_features().astype(np.float64)
+            t1 = time.perf_counter()
+            scores = cached_scorers(flows, _search(args.samples, seed), stored, config.windows_gev)
+            print(f"  stream {t1 - t0:.0f} s, scores {time.perf_counter() - t1:.0f} s", flush=True)
+            results = scan_rows(scores, stored[:, 0], slice(None), config)
+            for method, result in results.items():
+                injected[f"{sb:g}"][method].append(
+                    {**record(result), "sr_signal": stream["sr_signal"]}
+                )
+                if seed == args.seeds[0]:
+                    plot_pvalues(result, out / f"sb_{sb:g}_{method}_pvalues.png")
+                    plot_spectra(result, out / f"sb_{sb:g}_{method}_spectra.png")
+                best = result.best()
+                print(
+                    f"  {method:18s} SR signal {stream['sr_signal']}: best local Z "
+                    f"{best.significance if best else float('nan'):.2f} in "
+                    f"{best.window_gev if best else None} eps {best.efficiency if best else None}"
+                    f"; global p {result.global_pvalue:.3g} (Z {result.global_significance:.2f})",
+                    flush=True,
+                )
+            shutil.rmtree(tmp)
+    summary = {
+        "benchmark": "bump_hunt",
+        "windows": len(config.windows_gev),
+        "efficiencies": list(config.efficiencies),
+        "global_method": "Bonferroni trials factor (windows x working points with a valid fit)",
+        "controls": {m: control_summary(runs) for m, runs in controls.items() if runs},
+        "injected": {
+            sb: {m: signal_summary(runs) for m, runs in by_method.items() if runs}
+            for sb, by_method in injected.items()
+        },
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
+        "total_s": time.perf_counter() - t_start,
+    }
+    print("\nno-signal controls (local |Z| >= 2 expected in 4.6% of tests if calibrated):")
+    for method, c in summary["controls"].items():
+        print(
+            f"  {method:18s} {c['experiments']} experiments: |Z|>=2 in "
+            f"{100 * c['local_abs_z_ge_2_rate']:.1f}% of tests "
+            f"({100 * (c['local_abs_z_ge_2_rate_cuts_only'] or 0):.1f}% of those after cuts), "
+            f"max |Z| {c['max_abs_local_z']:.2f}; cells below 95%: {c['cells_below_95pct']}"
+            f"/{c['cells']}; global p<0.05 in {100 * c['global_p_lt_0.05_rate']:.0f}%"
+        )
+    for sb, by_method in summary["injected"].items():
+        print(f"S/B {sb}:")
+        for method, s in by_method.items():
+            print(
+                f"  {method:18s} local Z in 3.3-3.7 TeV {s['mean_local_z_sr']:.2f} ± "
+                f"{s['std_local_z_sr']:.2f} (median {s['median_local_z_sr']:.2f}); global Z "
+                f"{s['mean_global_z']:.2f} ± {s['std_global_z']:.2f} "
+                f"(median {s['median_global_z']:.2f})"
+            )
+    raw = {"controls": controls, "injected": injected}
+    (out / "results.json").write_text(json.dumps({**summary, "raw": raw}, default=float))
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+def _rest(base: Dataset) -> tuple[str, str, tuple[str, ...]]:
+    return base.injected_signal, base.idealised_background, base.test
+
+
+def _seeded(config: FlowLearnerConfig, seed: int) -> FlowLearnerConfig:
+    from dataclasses import replace
+
+    return replace(config, seed=seed)
+
+
+def _search(samples: int, seed: int) -> SearchConfig:
+    return SearchConfig(
+        signal_region_gev=SR,
+        n_samples=samples,
+        classifier=ClassifierConfig(n_models=1, epochs=8, seed=seed),
+        seed=seed,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
