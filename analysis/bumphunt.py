@@ -308,6 +308,11 @@ def profile_significance(n: float, b: float, sigma_b: float = 0.0) -> float:
     return math.copysign(math.sqrt(max(q0, 0.0)), n - b)
 
 
+def poisson_significance(n: float, b: float) -> float:
+    """Signed Z of n against an exactly known b: √(2 (n ln(n/b) - (n - b)))."""
+    return profile_significance(n, b, 0.0)
+
+
 def local_pvalue(z: float) -> float:
     """One-sided p-value of an excess: Φ(-Z)."""
     return float(stats.norm.sf(z)) if math.isfinite(z) else float("nan")

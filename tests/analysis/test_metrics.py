@@ -43,7 +43,11 @@ def test_bump_hunt_finds_a_planted_bump_and_not_a_fake_one() -> None:
     mjj = np.r_[background, signal]
     scores = np.r_[rng.random(background.size), 0.9 + 0.1 * rng.random(signal.size)]
     results = bump_hunt(mjj, scores, signal_region_gev=(3300, 3700), efficiencies=(1.0, 0.02))
-    assert results[1].significance > 5
+    # The fit's uncertainty (σ_b ≈ 17 on b ≈ 240 here) costs significance against the
+    # plain Poisson Z of the same counts.
+    tight = results[1]
+    assert tight.significance > 4
+    assert tight.significance < poisson_significance(tight.observed_sr, tight.expected_sr)
     fake = bump_hunt(background, rng.random(background.size), signal_region_gev=(3300, 3700))
     assert all(abs(r.significance) < 3.5 for r in fake), [r.significance for r in fake]
 
