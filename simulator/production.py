@@ -106,13 +106,18 @@ _WORKER: EventGenerator | None = None
 
 
 def init_worker(
-    recipe: Recipe, seed: int, detector: DetectorModel, jets: JetConfig, level: int
+    recipe: Recipe,
+    seed: int,
+    detector: DetectorModel,
+    jets: JetConfig,
+    level: int,
+    layout: str = "full",
 ) -> None:
     """Set up a worker process: its own ``EventGenerator`` (the parent handles SIGINT)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level)
     global _WORKER
-    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets)
+    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets, layout=layout)
 
 
 def run_block(
@@ -164,11 +169,16 @@ def _results(
 
 
 def _init_worker_inline(
-    recipe: Recipe, seed: int, detector: DetectorModel, jets: JetConfig, level: int
+    recipe: Recipe,
+    seed: int,
+    detector: DetectorModel,
+    jets: JetConfig,
+    level: int,
+    layout: str = "full",
 ) -> None:
     del level
     global _WORKER
-    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets)
+    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets, layout=layout)
 
 
 @contextmanager

@@ -28,10 +28,10 @@ from simulator.cache import read_cache
 from simulator.cms_l1ad import read_cms_l1ad
 from simulator.errors import DataFileError, exception_summary
 from simulator.lhco_features import read_lhco_features
-from simulator.lhco_raw import read_lhco_raw
-from simulator.root_objects import read_root_objects
-from simulator.top_landscape import read_top_landscape
 from stream.batch import EventBatch
+
+# The readers that cluster (FastJet) or read ROOT (uproot) or pandas tables import their
+# modules when first called, so that importing this module stays light.
 
 
 class ReaderFunction(Protocol):
@@ -56,6 +56,8 @@ def _lhco_features(
 def _lhco_raw(
     paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
 ) -> Iterator[EventBatch]:
+    from simulator.lhco_raw import read_lhco_raw
+
     return read_lhco_raw(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
 
 
@@ -68,10 +70,14 @@ def _cms_l1ad(
 def _top_landscape(
     paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool
 ) -> Iterator[EventBatch]:
+    from simulator.top_landscape import read_top_landscape
+
     return read_top_landscape(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
 
 
 def _root(paths: Sequence[Path], *, chunk_size: int, skip_bad_rows: bool) -> Iterator[EventBatch]:
+    from simulator.root_objects import read_root_objects
+
     return read_root_objects(paths, chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
 
 

@@ -45,12 +45,12 @@ def test_top_jet_mass_peaks_near_173_gev() -> None:
     assert 155 <= peak(mj1, 0, 500, 10) <= 195
 
 
-def test_qcd_tau21_is_higher_and_broader_than_signal() -> None:
+def test_qcd_tau21_is_higher_than_signal() -> None:
+    # LHCO R&D (scalars_*01): median 0.51 vs 0.18, and 36% vs 7% of jets above 0.6.
     qcd = sample("qcd")["features"][:, COL["tau21_j1"]]
     sig = sample("wprime")["features"][:, COL["tau21_j1"]]
     assert np.median(qcd) > np.median(sig) + 0.1
-    iqr = [np.subtract(*np.percentile(x, [75, 25])) for x in (qcd, sig)]
-    assert iqr[0] > iqr[1]
+    assert np.mean(qcd > 0.6) > 2 * np.mean(sig > 0.6)
 
 
 def test_three_prong_signal_has_lower_tau32() -> None:
