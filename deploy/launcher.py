@@ -137,6 +137,7 @@ def plan_farm(
     for stage in topology.stages:
         role = ROLES[stage.role]
         rendezvous = _rendezvous(stage, fixed=fixed_ports)
+        _check_averaging_timeout(stage, farm.stall_after_s)
         upstream = topology.upstream(stage.name)
         downstream = topology.downstream(stage.name)
         keys = _keys(topology, stage, upstream)
@@ -188,6 +189,19 @@ def plan_farm(
             )
             plans.append(NodePlan(stage, node, launch, stage.threads, allowed, log_level))
     return FarmPlan(topology, tuple(plans), out, control)
+
+
+def _check_averaging_timeout(stage: StageSpec, stall_after_s: float) -> None:
+    """A failed averaging round holds a learning node's event loop for up to about
+    ``average_timeout_s``: the launcher must not expire the survivors for it."""
+    learner = stage.learner or {}
+    timeout_s = learner.get("average_timeout_s")
+    if learner.get("average_every_steps") and timeout_s and timeout_s > stall_after_s:
+        raise TopologyError(
+            key=f"topology.{stage.name}.learner.average_timeout_s",
+            problem=f"must be at most farm.stall_after_s ({stall_after_s:g} s), or a "
+            "failed averaging round could get live nodes expired",
+        )
 
 
 def _rendezvous(stage: StageSpec, *, fixed: bool) -> str:
@@ -494,16 +508,22 @@ class Farm:
         return True
 
     def _expire_silent_nodes(self) -> None:
-        """Kill a node whose heartbeats stopped ``stall_after_s`` ago (stalled, e.g.
-        SIGSTOP): no wait of the launcher is unbounded."""
+        """Kill a node whose heartbeats stopped ``stall_after_s`` ago (stopped, e.g.
+        SIGSTOP, or hung), or whose event loop has been held in one call for three times
+        that (its heartbeats then come from its keepalive thread): no wait of the
+        launcher is unbounded."""
         limit_s = self.plan.topology.farm.stall_after_s
         now = time.monotonic()
         for name, status in self.statuses.items():
             last = status.last_heartbeat_s
             if status.lost or last is None or not status.process.is_alive():
                 continue
+            loop_age_s = status.heartbeat.stats.get("loop_age_s", 0.0) if status.heartbeat else 0
             if now - last > limit_s:
                 status.lost = f"no heartbeat for {now - last:.0f} s; killed"
+            elif loop_age_s > 3 * limit_s:
+                status.lost = f"event loop held for {loop_age_s:.0f} s; killed"
+            if status.lost:
                 status.lost_at_s = now
                 log.error("node %s lost: %s", name, status.lost)
                 status.process.kill()

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import prometheus_client
 import zmq
@@ -43,7 +44,7 @@ from stream import metrics
 from stream.batch import EventBatch, Message
 from stream.codec import decode
 from stream.errors import FrameError
-from stream.protocol import Heartbeat
+from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
 from stream.transport import (
     Endpoint,
     HandshakeWatch,
@@ -382,6 +383,7 @@ class Node:
                 endpoint = Endpoint.parse(cfg.control, bind=False)
                 control_options = SocketOptions(sndhwm=100, rcvhwm=100, linger_ms=500)
                 sockets.control = open_socket(ctx, zmq.PUB, [endpoint], control_options)
+                sockets.keepalive = _Keepalive(ctx, endpoint, cfg.heartbeat_interval_s)
         except zmq.ZMQError:
             sockets.close()
             raise
@@ -699,10 +701,13 @@ class Node:
             stats=self.snapshot(),
             metrics_port=self.metrics_port,
         )
+        frames = beat.to_frames()
         try:
-            sockets.control.send_multipart(beat.to_frames(), zmq.NOBLOCK)
+            sockets.control.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             log.debug("%s: heartbeat dropped (control queue full)", self.config.name)
+        if sockets.keepalive is not None:
+            sockets.keepalive.update(frames[1])
 
     def _write_stats(self) -> None:
         if self.config.stats_path is None:
@@ -730,11 +735,55 @@ class Node:
         log.log(level if first else logging.DEBUG, fmt, *args, exc_info=exc_info)
 
 
+class _Keepalive:
+    """Repeats a node's last heartbeat, from its own thread and socket, while the event
+    loop is held in one long call (a flow-averaging round waiting out a dead peer, say):
+    heartbeats then stop only when the process stops or dies. The repeats carry
+    ``stats["loop_age_s"]``, the time since the loop's own last heartbeat."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: Endpoint, interval_s: float) -> None:
+        options = SocketOptions(sndhwm=10, rcvhwm=10, linger_ms=0)
+        self._sock = open_socket(ctx, zmq.PUB, [endpoint], options)
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._body: bytes | None = None
+        self._sent_s = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keepalive", daemon=True)
+        self._thread.start()
+
+    def update(self, body: bytes) -> None:
+        """The loop sent a heartbeat (its msgpack body)."""
+        with self._lock:
+            self._body, self._sent_s = body, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            with self._lock:
+                body, sent_s = self._body, self._sent_s
+            age_s = time.monotonic() - sent_s
+            if body is None or age_s < 1.5 * self._interval_s:
+                continue
+            beat = msgpack.unpackb(body, raw=False)
+            beat["uptime_s"] += age_s
+            beat["stats"]["loop_age_s"] = age_s
+            try:
+                self._sock.send_multipart([HEARTBEAT_TOPIC, msgpack.packb(beat)], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+
 @dataclass(slots=True)
 class _Sockets:
     inputs: zmq.Socket | None = None
     outputs: dict[str, zmq.Socket] = field(default_factory=dict)
     control: zmq.Socket | None = None
+    keepalive: _Keepalive | None = None
     monitors: dict[str, HandshakeWatch] = field(default_factory=dict)
     peers: Counter[str] = field(default_factory=Counter)
 
@@ -762,3 +811,5 @@ class _Sockets:
             sock.close()
         if self.control is not None:
             self.control.close()
+        if self.keepalive is not None:
+            self.keepalive.close()

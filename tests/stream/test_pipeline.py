@@ -10,16 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from stream import NodeConfig
+from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
 from stream.testing import FakeNodeSpec, free_tcp_port, run_fake_node, stats_of
 
 SPAWN = mp.get_context("spawn")
 
 
-def start_pipeline(tmp_path: Path, source_params: dict) -> dict[str, mp.Process]:
+def start_pipeline(
+    tmp_path: Path, source_params: dict, *, control: str | None = None
+) -> dict[str, mp.Process]:
     src_port, sink_port = free_tcp_port(), free_tcp_port()
-    common = {"drain_idle_s": 1.0, "heartbeat_interval_s": 0.2}
+    common = {"drain_idle_s": 1.0, "heartbeat_interval_s": 0.2, "control": control}
     specs = {
         "source": FakeNodeSpec(
             NodeConfig(
@@ -66,6 +70,22 @@ def start_pipeline(tmp_path: Path, source_params: dict) -> dict[str, mp.Process]
     return procs
 
 
+def wait_until_streaming(control: zmq.Socket, names: list[str], timeout_s: float = 60) -> None:
+    """Heartbeats say every node runs and the source has sent events (no fixed sleep)."""
+    running: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not control.poll(200):
+            continue
+        beat = Heartbeat.from_frames(control.recv_multipart())
+        if beat.state == "running":
+            running.add(beat.name)
+        sent = beat.stats.get("events_out", {}).get("out", 0) if beat.name == "source" else 0
+        if running >= set(names) and sent > 0:
+            return
+    raise AssertionError(f"only {sorted(running)} of {names} ran within {timeout_s} s")
+
+
 def stop(procs: dict[str, mp.Process], names: list[str], timeout_s: float = 30) -> None:
     for name in names:
         os.kill(procs[name].pid, signal.SIGTERM)
@@ -103,8 +123,15 @@ def test_every_event_arrives_exactly_once(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_graceful_stop_mid_stream_loses_nothing(tmp_path: Path) -> None:
-    procs = start_pipeline(tmp_path, {"n_batches": 100_000, "batch_size": 64, "rate_hz": 200.0})
-    time.sleep(2.0)
+    with zmq.Context.instance().socket(zmq.SUB) as control:
+        control.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
+        port = control.bind_to_random_port("tcp://127.0.0.1")
+        procs = start_pipeline(
+            tmp_path,
+            {"n_batches": 100_000, "batch_size": 64, "rate_hz": 200.0},
+            control=f"tcp://127.0.0.1:{port}",
+        )
+        wait_until_streaming(control, list(procs))
     assert procs["source"].is_alive(), "source should still be running"
     stop(procs, list(procs))  # SIGTERM to every node at once
     stats, _ = check_books(tmp_path)
