@@ -218,6 +218,7 @@ def simulate_to_file(
     overwrite: bool = False,
     progress: bool = True,
     command: str = "",
+    layout: str = "full",
 ) -> Production:
     """Generate ``n_events`` of a process into the cache file ``out``.
 
@@ -228,6 +229,7 @@ def simulate_to_file(
         block_size: events per block (the unit of work and of reproducibility).
         progress: show a tqdm progress bar on stderr.
         command: the command line, recorded in the file.
+        layout: the columns, ``"full"`` or ``"features"`` (see ``simulator.generator``).
 
     Returns:
         The file's description, the time taken, generator statistics and whether it was
@@ -255,6 +257,7 @@ def simulate_to_file(
         "jets": dataclasses.asdict(jets),
         "seed": seed,
         "block_size": block_size,
+        "layout": layout,
         "workers": workers,
         "n_requested": n_events,
         "versions": package_versions(),
@@ -265,7 +268,7 @@ def simulate_to_file(
     interrupted = False
     t0 = time.perf_counter()
     level = logging.getLogger().getEffectiveLevel()
-    init_args = (recipe, seed, detector, jets, level)
+    init_args = (recipe, seed, detector, jets, level, layout)
     writer = CacheWriter(out, attrs, overwrite=overwrite)
     bar = tqdm(total=n_events, unit="ev", desc=recipe.name, disable=not progress, smoothing=0.1)
     try:
