@@ -105,8 +105,8 @@ class FarmSettings:
     heartbeat_interval_s: PositiveSeconds = 0.5
     drain_idle_s: PositiveSeconds = 0.5
     stall_after_s: PositiveSeconds = 60.0
-    sndhwm: int = 20
-    rcvhwm: int = 20
+    sndhwm: Annotated[int, pydantic.Field(ge=0)] = 20
+    rcvhwm: Annotated[int, pydantic.Field(ge=0)] = 20
     control: str = ""
     peer_wait_s: PositiveSeconds = 60.0
     linger_s: PositiveSeconds = 300.0

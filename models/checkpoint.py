@@ -11,6 +11,7 @@ its validation figures.
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,12 +116,28 @@ def load_checkpoint(directory: str | Path = DEFAULT_CHECKPOINT) -> Tagger:
         if not needed.is_file():
             msg = f"checkpoint {path} lacks {needed.name}"
             raise FileNotFoundError(msg)
-    card = json.loads(card_path.read_text())
-    if card.get("format") != CARD_FORMAT:
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        msg = f"{card_path} is not a readable model card ({exc})"
+        raise ValueError(msg) from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         msg = f"{card_path} is not a {CARD_FORMAT} card (format={card.get('format')!r})"
         raise ValueError(msg)
     config = ParticleNetConfig(**card["architecture"])
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refused it: a pickle of arbitrary objects, never loaded here
+        msg = f"{weights_path} holds objects other than tensors; refused (not a trigfarm model)"
+        raise ValueError(msg) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).split(". ")[0]
+        msg = f"{weights_path} is not a readable torch file (truncated or corrupted: {reason})"
+        raise ValueError(msg) from None
+    if not isinstance(state, dict):
+        msg = f"{weights_path} holds a {type(state).__name__}, not a trigfarm state dict"
+        raise ValueError(msg)
     model = ParticleNet(config)
     mahalanobis = Mahalanobis(config.n_classes, config.fc_channels)
     try:

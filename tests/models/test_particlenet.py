@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -206,10 +205,23 @@ def test_loading_refuses_pickled_code(tmp_path: Path) -> None:
     model = ParticleNet(PARTICLENET_LITE)
     save_checkpoint(tmp_path, model, Mahalanobis(2, 128), ("a", "b"), {})
     torch.save({"model": _Payload(), "mahalanobis": {}}, tmp_path / "model.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"model\.pt holds objects other than tensors") as info:
         load_checkpoint(tmp_path)
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match=r"lacks model\.json"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_a_truncated_or_garbled_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, ParticleNet(PARTICLENET_LITE), Mahalanobis(2, 128), ("a", "b"), {})
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.pt is not a readable torch file") as info:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model\.json is not a readable model card"):
+        load_checkpoint(tmp_path)
 
 
 def test_bad_configs() -> None:
