@@ -132,6 +132,11 @@ class EventGenerator:
         self._visible: dict[int, bool] = {}
         log.info("generator %s ready (seed %d)", self.recipe.name, self.seed)
 
+    @property
+    def cross_section_mb(self) -> float:
+        """Pythia's estimate of the generated cross section so far (mb), before the filter."""
+        return float(self._pythia.infoPython().sigmaGen())
+
     def block(self, index: int, n_events: int, *, first_event: int = 0, run: int = 1) -> EventBatch:
         """Block ``index`` of ``n_events`` kept events, reproducible from (seed, index, n)."""
         if n_events < 1:
