@@ -92,6 +92,7 @@ def _run_and_print(
     duration: float,
     out: Path | None,
     quiet: bool,
+    faults: tuple[int, float],
     *,
     skip_bad_files: bool = False,
 ) -> None:
@@ -111,6 +112,8 @@ def _run_and_print(
                 duration_s=duration,
                 log_level=_log_level(),
                 on_update=None if quiet else view.update,
+                restarts=faults[0],
+                stop_deadline_s=faults[1],
             )
         except (FarmError, TopologyError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -154,6 +157,19 @@ _out_option = click.option(
     help="Run folder (report, stats, archive); default runs/<farm>-<time> (env TRIGFARM_OUT).",
 )
 _quiet_option = click.option("--quiet", is_flag=True, help="No live progress view.")
+_restarts_option = click.option(
+    "--restarts",
+    type=click.IntRange(min=0),
+    default=2,
+    help="Restarts of a node whose stage would otherwise have none left (the archive, say); "
+    "a lost node of a stage with others is taken out instead.",
+)
+_stop_deadline_option = click.option(
+    "--stop-deadline",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Kill every node this many seconds after a stop signal (0: only a second signal).",
+)
 
 
 @click.command(context_settings={"show_default": True})
@@ -162,15 +178,26 @@ _quiet_option = click.option("--quiet", is_flag=True, help="No live progress vie
 @_duration_option
 @_out_option
 @_quiet_option
+@_restarts_option
+@_stop_deadline_option
 def run(
-    topology_path: str | None, events: int, duration: float, out: Path | None, quiet: bool
+    topology_path: str | None,
+    events: int,
+    duration: float,
+    out: Path | None,
+    quiet: bool,
+    restarts: int,
+    stop_deadline: float,
 ) -> None:
     """Run the whole farm on this host, every node its own process, and report.
 
-    Stops when the source is done (or on Ctrl-C): each stage drains in turn, the archive
-    flushes last, then the report (JSON + PNG) is written and summarised here.
+    Stops when the source is done (or on Ctrl-C or SIGTERM): each stage drains in turn,
+    the archive flushes last, then the report (JSON + PNG) is written and summarised
+    here. A node that dies or stops heartbeating is taken out (or restarted, if its
+    stage has no other); the report counts what it took with it.
     """
-    _run_and_print(_topology(topology_path), events, duration, out, quiet)
+    faults = (restarts, stop_deadline)
+    _run_and_print(_topology(topology_path), events, duration, out, quiet, faults)
 
 
 @click.command(context_settings={"show_default": True})
@@ -195,6 +222,8 @@ def run(
 @_duration_option
 @_out_option
 @_quiet_option
+@_restarts_option
+@_stop_deadline_option
 def replay(
     dataset: tuple[str, ...],
     layout: str,
@@ -207,6 +236,8 @@ def replay(
     duration: float,
     out: Path | None,
     quiet: bool,
+    restarts: int,
+    stop_deadline: float,
 ) -> None:
     """Run the farm with a source replaying DATASET files (paths or globs).
 
@@ -240,7 +271,8 @@ def replay(
     topology = _topology(topology_path)
     first = topology.stages[0].name
     topology = topology.with_changes(**{first: {"config": source}})
-    _run_and_print(topology, events, duration, out, quiet, skip_bad_files=skip_bad_files)
+    faults = (restarts, stop_deadline)
+    _run_and_print(topology, events, duration, out, quiet, faults, skip_bad_files=skip_bad_files)
 
 
 @click.command(context_settings={"show_default": True})
@@ -282,6 +314,11 @@ def node(
     Every link is the TCP endpoint the topology gives (fixed ports needed); with
     security.curve on, the stage's key pair comes from security.keys_dir. SIGTERM or
     Ctrl-C drains the node and writes <out>/nodes/<name>.json.
+
+    Restart a node by running the same command again. Upstream nodes hold what they
+    cannot deliver meanwhile (back-pressure pauses the stream; nothing is dropped). An
+    archive restarted on the same --out continues its file sequence and keeps, as a
+    partial file, every chunk a killed archive had flushed.
     """
     from deploy.launcher import plan_farm, run_node
 

@@ -39,11 +39,14 @@ def run_farm(
     log_level: int = logging.WARNING,
     on_update: Callable[[Mapping[str, NodeStatus]], None] | None = None,
     start_timeout_s: float = 180.0,
+    restarts: int = 2,
+    stop_deadline_s: float = 0.0,
 ) -> RunOutcome:
     """Run every node of ``topology`` as its own process until the source is done.
 
     ``events`` > 0 overrides the source's event budget; ``duration_s`` > 0 stops the
-    source after that long. Returns once every node has drained and exited.
+    source after that long; ``restarts`` and ``stop_deadline_s`` as in ``Farm``. Returns
+    once every node has drained and exited.
 
     Raises:
         FarmError: ``out_dir`` holds an earlier run, or a node failed to start.
@@ -55,7 +58,14 @@ def run_farm(
     out.mkdir(parents=True, exist_ok=True)
     control = f"tcp://127.0.0.1:{free_tcp_port()}"
     plan = plan_farm(topology, out_dir=out, events=events, control=control, log_level=log_level)
-    farm = Farm(plan, duration_s=duration_s, on_update=on_update, start_timeout_s=start_timeout_s)
+    farm = Farm(
+        plan,
+        duration_s=duration_s,
+        on_update=on_update,
+        start_timeout_s=start_timeout_s,
+        restarts=restarts,
+        stop_deadline_s=stop_deadline_s,
+    )
     result = farm.run()
     report = build_report(plan, result)
     json_path, png_path = write_report(report, out)

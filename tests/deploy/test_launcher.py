@@ -122,6 +122,38 @@ def test_ctrl_c_or_sigterm_stops_in_stages_and_still_balances(
     assert report["stages"][-1]["events_in"] == report["events_generated"]
 
 
+@pytest.mark.slow
+def test_the_stop_deadline_kills_a_farm_that_cannot_drain(tmp_path: Path) -> None:
+    """A relay paused (SIGSTOP) cannot drain; with --stop-deadline the launcher kills
+    every node that long after SIGTERM instead of waiting for the stall expiry, and
+    farm.json says stopped."""
+    table = synthetic_table(events=10_000_000, stall_after_s=600.0)
+    table["source"]["config"]["rate_hz"] = 5_000.0
+    path = tmp_path / "t.toml"
+    from tests.deploy.conftest import write_topology
+
+    write_topology(path, table)
+    cmd = [sys.executable, "-m", "deploy", "run", "--topology", str(path), "--quiet"]
+    cmd += ["--out", str(tmp_path / "run"), "--stop-deadline", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    farm_json = tmp_path / "run" / "farm.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if farm_json.is_file() and json.loads(farm_json.read_text())["state"] == "running":
+            break
+        time.sleep(0.2)
+    relay = next(n for n in json.loads(farm_json.read_text())["nodes"] if n["name"] == "relay-1")
+    os.kill(relay["pid"], signal.SIGSTOP)
+    proc.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    proc.communicate(timeout=90)
+    assert time.monotonic() - stopped_at < 45
+    assert json.loads(farm_json.read_text())["state"] == "stopped"
+    with pytest.raises(ProcessLookupError):
+        os.kill(relay["pid"], 0)
+
+
 def test_a_node_that_cannot_start_stops_the_farm(tmp_path: Path) -> None:
     table = synthetic_table()
     table["sink"]["config"] = {"colour": "red"}  # not a SinkConfig field: the node fails to build
