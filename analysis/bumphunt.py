@@ -288,9 +288,9 @@ def profile_significance(n: float, b: float, sigma_b: float = 0.0) -> float:
 
     Example:
         >>> round(profile_significance(150, 100.0), 3)
-        4.676
+        4.652
         >>> round(profile_significance(150, 100.0, 10.0), 3)
-        3.366
+        3.289
     """
     if not (b > 0 and math.isfinite(b)) or sigma_b < 0:
         return float("nan")
