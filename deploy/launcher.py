@@ -174,6 +174,7 @@ def plan_farm(
                     rcvhwm=farm.rcvhwm,
                     linger_ms=int(farm.linger_s * 1000),
                     curve=keys,
+                    kernel_buffer_bytes=farm.socket_buffer_kib * 1024,
                 ),
                 stats_path=f"{out}/nodes/{name}.json",
                 output_peers=downstream.count if outputs and downstream else 0,

@@ -96,7 +96,9 @@ class FarmSettings:
     before it starts sending. ``linger_s`` is how long a stopping node keeps trying to
     deliver batches still queued on its outputs: the next stage is still running then
     (staged stop), so this only runs out if it died; what is lost then shows up as an
-    unbalanced link in the report.
+    unbalanced link in the report. ``socket_buffer_kib`` caps the kernel's TCP buffers of
+    every data socket (0: the OS's autotuned ones, up to tens of MB on loopback): with
+    the high-water marks it bounds what a stopped or dead reader takes with it.
     """
 
     name: str
@@ -110,6 +112,7 @@ class FarmSettings:
     control: str = ""
     peer_wait_s: PositiveSeconds = 60.0
     linger_s: PositiveSeconds = 300.0
+    socket_buffer_kib: Annotated[int, Field(ge=0)] = 256
 
 
 @pydantic.dataclasses.dataclass(frozen=True, slots=True, config=STRICT)

@@ -61,28 +61,20 @@ class CurveKeys:
 
 @dataclass(frozen=True, slots=True)
 class SocketOptions:
-    """High-water marks, linger, peer expiry and optional CURVE security for one socket.
-
-    ``peer_heartbeat_ms`` > 0 turns on ZMTP heartbeats: every connection is pinged that
-    often, and one whose peer does not answer within ``peer_timeout_ms`` (a dead or
-    stopped process) is closed, so a PUSH socket routes to its live peers only.
-    """
+    """High-water marks, linger, kernel buffer sizes and optional CURVE security for one
+    socket (``kernel_buffer_bytes`` 0: the OS's own, autotuned)."""
 
     sndhwm: int = 100
     rcvhwm: int = 100
     linger_ms: int = 5000
     curve: CurveKeys | None = None
-    peer_heartbeat_ms: int = 0
-    peer_timeout_ms: int = 0
+    kernel_buffer_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.sndhwm < 0 or self.rcvhwm < 0:
-            msg = f"high-water marks must be >= 0, got {self.sndhwm}, {self.rcvhwm}"
-            raise ValueError(msg)
-        if self.peer_heartbeat_ms < 0 or self.peer_timeout_ms < 0:
+        if self.sndhwm < 0 or self.rcvhwm < 0 or self.kernel_buffer_bytes < 0:
             msg = (
-                "peer_heartbeat_ms and peer_timeout_ms must be >= 0, got "
-                f"{self.peer_heartbeat_ms}, {self.peer_timeout_ms}"
+                "high-water marks and kernel_buffer_bytes must be >= 0, got "
+                f"{self.sndhwm}, {self.rcvhwm}, {self.kernel_buffer_bytes}"
             )
             raise ValueError(msg)
 
@@ -104,9 +96,9 @@ def open_socket(
     sock.setsockopt(zmq.SNDHWM, options.sndhwm)
     sock.setsockopt(zmq.RCVHWM, options.rcvhwm)
     sock.setsockopt(zmq.LINGER, options.linger_ms)
-    if options.peer_heartbeat_ms:
-        sock.setsockopt(zmq.HEARTBEAT_IVL, options.peer_heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.peer_timeout_ms or options.peer_heartbeat_ms)
+    if options.kernel_buffer_bytes:
+        sock.setsockopt(zmq.SNDBUF, options.kernel_buffer_bytes)
+        sock.setsockopt(zmq.RCVBUF, options.kernel_buffer_bytes)
     if options.curve is not None:
         try:
             _set_curve(sock, options.curve, endpoints)

@@ -80,11 +80,12 @@ def learning_farm(events: int = 9_000, rate_hz: float = 2_500.0) -> dict[str, An
 
 
 def in_flight_bound(table: dict[str, Any]) -> int:
-    """Events one lost node can take with it: its input queue and both socket buffers,
-    plus the batches it takes in between two heartbeats while busy learning."""
+    """Events one lost node can take with it: its input queue, both high-water marks, the
+    batch it was on and one taken in after its last heartbeat, and what the kernel TCP
+    buffers of its input link hold (``socket_buffer_kib`` each end, >= 80 B an event)."""
     farm = table["farm"]
-    batches = farm["sndhwm"] + farm["rcvhwm"] + 4 + 1
-    return 2 * batches * BATCH
+    batches = farm["sndhwm"] + farm["rcvhwm"] + 4 + 2
+    return batches * BATCH + 2 * 256 * 1024 // 80
 
 
 def fault_when(
