@@ -194,6 +194,9 @@ class ArchiveNode(Processor):
                 log.error("archive %s: %s; set aside", self.name, exc)
                 tmp.replace(tmp.with_suffix(".unreadable"))
                 continue
+            if info is None:
+                log.info("archive %s: %s held no whole chunk; removed", self.name, tmp.name)
+                continue
             with h5py.File(info.path, "r") as handle:
                 lumi = handle["events/lumi"][:] if "lumi" in handle["events"] else None
             run = int(final.stem.split("_")[0].removeprefix("run"))

@@ -89,6 +89,7 @@ class CacheWriter:
         root["n_events"] = 0
         for key, value in (attrs or {}).items():
             root[key] = _attr_value(value)
+        self._file.flush()  # a writer killed before its first chunk leaves a readable file
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -193,9 +194,10 @@ class CacheWriter:
         return open_cache(self.path)
 
 
-def recover_partial(tmp_path: str | Path, path: str | Path) -> CacheInfo:
+def recover_partial(tmp_path: str | Path, path: str | Path) -> CacheInfo | None:
     """Turn a killed writer's temporary file into a partial cache file at ``path``: the
-    whole chunks it flushed, trimmed to its recorded event count.
+    whole chunks it flushed, trimmed to its recorded event count (``None``, and the
+    temporary file removed, if it had flushed none).
 
     Raises:
         DataFileError: the temporary file is not a readable cache (names the file).
@@ -212,6 +214,9 @@ def recover_partial(tmp_path: str | Path, path: str | Path) -> CacheInfo:
             handle.attrs["complete"] = False
     except (OSError, KeyError) as exc:
         raise DataFileError(tmp_path, f"not a readable event cache ({exc})") from exc
+    if n_events == 0:
+        tmp_path.unlink()
+        return None
     os.replace(tmp_path, path)
     return open_cache(path)
 

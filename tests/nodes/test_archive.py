@@ -100,13 +100,16 @@ def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None
 
 def test_a_restarted_archive_keeps_what_a_killed_one_had_flushed(tmp_path: Path) -> None:
     """kill -9 of an archive mid-file: the restarted one indexes the whole chunks the dead
-    one flushed as a partial file, sets an unreadable leftover aside, and goes on."""
+    one flushed as a partial file, removes a leftover with none, sets an unreadable one
+    aside, and goes on."""
     code = (
         "from nodes.archive import ArchiveConfig, build\n"
         "from stream.testing import synthetic_batch\n"
         f"a = build(ArchiveConfig(out_dir={str(tmp_path)!r}, chunk_events=64), name='archive')\n"
         "for i in range(10):\n"
         "    a.process(synthetic_batch(50, first_event=i * 50))\n"
+        "from simulator.cache import CacheWriter\n"
+        f"w = CacheWriter({str(tmp_path / 'events' / 'run000001_0004.h5')!r})  # no chunk yet\n"
         "print('written', flush=True)\n"
         "import time; time.sleep(120)\n"
     )
@@ -120,7 +123,8 @@ def test_a_restarted_archive_keeps_what_a_killed_one_had_flushed(tmp_path: Path)
     again.finish()
     archive = Archive(tmp_path)
     assert archive.verify() == []
-    assert [(e.sequence, e.events) for e in archive.entries(kind="events")] == [(1, 500), (3, 20)]
+    assert [(e.sequence, e.events) for e in archive.entries(kind="events")] == [(1, 500), (5, 20)]
+    assert not list((tmp_path / "events").glob("*.tmp"))  # the chunkless leftover is gone
     stored = np.concatenate([b["event"] for b in archive.events()])
     assert stored.tolist() == [*range(500), *range(900, 920)]
     assert (tmp_path / "events" / ".run000001_0002.h5.999.unreadable").is_file()
