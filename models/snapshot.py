@@ -4,21 +4,25 @@ A ``FlowSnapshot`` holds the flow's parameters and preprocessing, the events it 
 mjj range and histogram of those events, the training loss, who made it (node id, role,
 run and lumi range) and the code version. ``content_hash`` (SHA-256) covers all of it.
 
-It travels as a stream ``Record`` of kind ``"flow_snapshot"`` and is stored as a file:
-magic, a msgpack header, the raw array bytes, and a SHA-256 trailer over everything
-before it. Reading checks the magic, the lengths, the trailer and the content hash, and
-raises ``SnapshotError`` (a ``FrameError``) for anything wrong: a corrupted or partial
-snapshot is never loaded silently.
+It travels as a stream ``Record`` of kind ``"flow_snapshot"`` and is stored as a file
+holding that record's wire frames (``stream.codec``): magic, the frame count, each frame
+with its length, and a SHA-256 trailer over everything before it. Reading checks the
+magic, the lengths and the trailer, decodes the frames with the codec (its dtype, shape
+and size checks), then checks the content hash; anything wrong raises ``SnapshotError``
+(a ``FrameError``): a corrupted or partial snapshot is never loaded silently. Files of
+the first format (one msgpack header, then the arrays back to back) still load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -28,11 +32,14 @@ import numpy as np
 
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from stream.batch import Record
+from stream.codec import decode, encode
 from stream.errors import FrameError
+from stream.schema import SCHEMA_VERSION
 from stream.version import version
 
 SNAPSHOT_KIND = "flow_snapshot"
-_MAGIC = b"TFSNAP1\n"
+_MAGIC = b"TFSNAP2\n"  # the record's wire frames
+_MAGIC_V1 = b"TFSNAP1\n"  # one header and the arrays back to back (read only)
 _PARAM = "param/"
 _PRE = "pre/"
 
@@ -167,45 +174,35 @@ class FlowSnapshot:
     # -- files ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """The file format: magic, header length, msgpack header, raw arrays, SHA-256."""
-        specs, blobs = [], []
-        for name in sorted(self.arrays):
-            array = np.ascontiguousarray(self.arrays[name])
-            specs.append([name, array.dtype.str, list(array.shape)])
-            blobs.append(array.tobytes())
-        header = msgpack.packb({"meta": self.meta(), "arrays": specs})
-        body = _MAGIC + struct.pack("<Q", len(header)) + header + b"".join(blobs)
+        """The file format: magic, frame count, the record's frames (each with its length),
+        SHA-256 of everything before."""
+        frames = [memoryview(f).cast("B") for f in encode(self.to_record())]
+        parts: list[bytes | memoryview] = [_MAGIC, struct.pack("<I", len(frames))]
+        for frame in frames:
+            parts += [struct.pack("<Q", frame.nbytes), frame]
+        body = b"".join(parts)
         return body + hashlib.sha256(body).digest()
 
     @staticmethod
     def from_bytes(data: bytes, *, source: str = "<bytes>") -> FlowSnapshot:
-        """Parse ``to_bytes`` output, checking magic, lengths, checksum and content hash."""
-        if len(data) < len(_MAGIC) + 8 + 32 or not data.startswith(_MAGIC):
+        """Parse ``to_bytes`` output (or the first format), checking magic, lengths,
+        checksum, the codec's array checks and the content hash."""
+        magic = data[: len(_MAGIC)]
+        if len(data) < len(_MAGIC) + 4 + 32 or magic not in (_MAGIC, _MAGIC_V1):
             raise SnapshotError("truncated", f"{source}: not a snapshot file or truncated")
-        body, trailer = data[:-32], data[-32:]
+        body, trailer = memoryview(data)[:-32], data[-32:]
         if hashlib.sha256(body).digest() != trailer:
             raise SnapshotError("checksum", f"{source}: checksum mismatch (corrupted or partial)")
-        (n_header,) = struct.unpack_from("<Q", body, len(_MAGIC))
-        start = len(_MAGIC) + 8
         try:
-            header = msgpack.unpackb(body[start : start + n_header], raw=False)
-            arrays = {}
-            offset = start + n_header
-            for name, dtype, shape in header["arrays"]:
-                dt = np.dtype(dtype)
-                size = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-                if offset + size > len(body):
-                    raise SnapshotError("truncated", f"{source}: array {name} runs past the end")
-                arrays[name] = np.frombuffer(
-                    body, dt, count=size // dt.itemsize, offset=offset
-                ).reshape(shape)
-                offset += size
-            meta = header["meta"]
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
-            raise SnapshotError("decode_error", f"{source}: bad header ({exc})") from exc
-        if offset != len(body):
-            raise SnapshotError("decode_error", f"{source}: {len(body) - offset} trailing bytes")
-        return _from_parts(meta, arrays)
+            frames = _frames(body) if magic == _MAGIC else _frames_v1(body)
+            record = decode(frames)
+        except SnapshotError as exc:
+            raise SnapshotError(exc.reason, f"{source}: {exc.detail}") from None
+        except FrameError as exc:
+            raise SnapshotError(exc.reason, f"{source}: {exc.detail}") from exc
+        if not isinstance(record, Record):
+            raise SnapshotError("kind", f"{source}: holds an event batch, not a snapshot")
+        return FlowSnapshot.from_record(record)
 
     def write(self, path: str | Path) -> int:
         """Write durably (temporary file, fsync, rename, fsync of the folder); returns bytes."""
@@ -239,6 +236,43 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def _frames(body: memoryview) -> list[memoryview]:
+    """Split a file body into the frames it holds (each preceded by its length)."""
+    offset = len(_MAGIC) + 4
+    (count,) = struct.unpack_from("<I", body, len(_MAGIC))
+    frames = []
+    for _ in range(count):
+        if offset + 8 > len(body):
+            raise SnapshotError("truncated", "frame lengths run past the end")
+        (size,) = struct.unpack_from("<Q", body, offset)
+        offset += 8
+        if offset + size > len(body):
+            raise SnapshotError("truncated", "a frame runs past the end")
+        frames.append(body[offset : offset + size])
+        offset += size
+    if offset != len(body):
+        raise SnapshotError("decode_error", f"{len(body) - offset} trailing bytes")
+    return frames
+
+
+def _frames_v1(body: memoryview) -> list[Any]:
+    """The first format's header and arrays as the frames of the record they stand for."""
+    (n_header,) = struct.unpack_from("<Q", body, len(_MAGIC_V1))
+    start = len(_MAGIC_V1) + 8
+    try:
+        header = msgpack.unpackb(body[start : start + n_header], raw=False)
+        specs, meta = header["arrays"], header["meta"]
+        sizes = [np.dtype(dtype).itemsize * prod(shape) for _, dtype, shape in specs]
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise SnapshotError("decode_error", f"bad header ({exc})") from exc
+    offsets = np.cumsum([start + n_header, *sizes])
+    if offsets[-1] != len(body):
+        raise SnapshotError("truncated", "arrays do not fill the file")
+    record = {"v": SCHEMA_VERSION, "kind": "record", "type": SNAPSHOT_KIND}
+    frames: list[Any] = [msgpack.packb({**record, "arrays": specs, "meta": meta})]
+    return frames + [body[a:b] for a, b in itertools.pairwise(offsets)]
 
 
 def _from_parts(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> FlowSnapshot:
