@@ -125,7 +125,8 @@ class Archive:
         role: str | None = None,
     ) -> list[ArchiveEntry]:
         """Indexed files matching every given filter (``lumi`` inside the file's range),
-        ordered by node, role and sequence."""
+        ordered by node, role and the order they were stored (a restarted node numbers
+        its snapshots from 1 again: storage order, not sequence, says which is latest)."""
         clauses, values = [], []
         for column, value in (("kind", kind), ("run", run), ("node", node), ("role", role)):
             if value is not None:
@@ -137,7 +138,7 @@ class Archive:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         query = (
             "SELECT kind, path, node, role, run, lumi_first, lumi_last, sequence, events, bytes,"
-            f" sha256 FROM files {where} ORDER BY node, role, sequence"
+            f" sha256 FROM files {where} ORDER BY node, role, id"
         )
         db = sqlite3.connect(f"file:{self._index_path}?mode=ro", uri=True)
         try:
@@ -171,13 +172,8 @@ class Archive:
     ) -> list[FlowSnapshot]:
         """Verified snapshots; with ``latest_per_node`` only the last of each (node, role)."""
         entries = self.entries(kind=SNAPSHOT_KIND, role=role, run=run, node=node)
-        if latest_per_node:
-            latest: dict[tuple[str, str], ArchiveEntry] = {}
-            for entry in entries:
-                key = (entry.node, entry.role)
-                if key not in latest or entry.sequence > latest[key].sequence:
-                    latest[key] = entry
-            entries = list(latest.values())
+        if latest_per_node:  # entries come in storage order: the last of each wins
+            entries = list({(e.node, e.role): e for e in entries}.values())
         return [self.load_snapshot(e) for e in entries]
 
     def events(

@@ -130,6 +130,18 @@ def test_a_restarted_archive_keeps_what_a_killed_one_had_flushed(tmp_path: Path)
     assert (tmp_path / "events" / ".run000001_0002.h5.999.unreadable").is_file()
 
 
+def test_the_latest_snapshot_of_a_restarted_node_is_the_last_stored(tmp_path: Path) -> None:
+    """A restarted HLT node numbers its snapshots from 1 again: the latest is the one
+    stored last, not the one with the highest sequence."""
+    node = build(ArchiveConfig(out_dir=str(tmp_path)), name="archive")
+    for seq in (1, 2, 3):  # the first process, then it dies
+        node.process(snapshot_record("hlt-0", "all", seq, (1, 1)))
+    node.process(snapshot_record("hlt-0", "all", 1, (2, 2)))  # the restarted one
+    node.finish()
+    (latest,) = Archive(tmp_path).snapshots(latest_per_node=True)
+    assert (latest.sequence, latest.lumi_first) == (1, 2)
+
+
 def test_corrupted_and_partial_files_are_detected_not_loaded(tmp_path: Path) -> None:
     fill(tmp_path)
     archive = Archive(tmp_path)
