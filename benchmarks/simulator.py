@@ -10,6 +10,7 @@
    wall time per core depends on the neighbours); rates with 2 workers use wall time.
    ``ratio_vs_bare_pythia`` = Pythia events processed per CPU-second by the
    ``lhco-like`` background production / bare Pythia's events per CPU-second.
+   Every process's rate with every column and the replay readers' rates follow at the end.
 2. Turn-on: QCD in pT-hat windows below 1 TeV, each event through the detector and the
    selection; weighted by Pythia's cross sections, the share of selected events that a
    pT-hat cut would lose, and the cost (Pythia events per selected event) of each cut.
@@ -49,7 +50,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.stats import ks_2samp
 
-from simulator import EventGenerator, JetConfig, make_pythia, make_recipe
+from simulator import PROCESSES, EventGenerator, JetConfig, make_pythia, make_recipe
 from simulator.cache import read_cache
 from simulator.dataset import (
     LHCO_FATJET_PT_MIN_GEV,
@@ -76,6 +77,44 @@ OBSERVABLES = {
     "tau32_j1": ("tau32(J1)", (0, 1.2)),
 }
 PTHAT_WINDOWS = ((700.0, 800.0), (800.0, 900.0), (900.0, 1000.0), (1000.0, -1.0))
+
+
+def generation_rates(n_events: int, seed: int) -> dict[str, dict[str, float]]:
+    """Every process, every column, one core: events per CPU-second after initialisation."""
+    out: dict[str, dict[str, float]] = {}
+    for name in sorted(PROCESSES):
+        t0 = time.process_time()
+        generator = EventGenerator(name, seed=seed)
+        init_s = time.process_time() - t0
+        t1 = time.process_time()
+        batch = generator.block(0, n_events)
+        rate = len(batch) / (time.process_time() - t1)
+        out[name] = {
+            "events_per_s": rate,
+            "init_s": init_s,
+            "filter_efficiency": generator.stats.filter_efficiency,
+        }
+        print(f"  {name:10s} {rate:8.1f} ev/CPU-s   init {init_s:5.2f} s")
+    return out
+
+
+def replay_rates(lhco_dir: Path, raw_dir: Path, seed: int) -> dict[str, float]:
+    """Events per second reading a cache file, the LHCO features and the raw LHCO events."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "q.h5"
+        simulate_to_file("qcd", 2000, cache, seed=seed, progress=False)
+        sources = {
+            "cache": ([cache], 1024),
+            "lhco-features": (sorted(lhco_dir.glob("scalars_bkg*.h5")), 4096),
+            "lhco-raw": (sorted(raw_dir.glob("*.h5")), 256),
+        }
+        rates = {}
+        for kind, (paths, chunk) in sources.items():
+            t0 = time.perf_counter()
+            n = sum(len(b) for b in replay(kind, paths, chunk_size=chunk))
+            rates[kind] = n / (time.perf_counter() - t0)
+            print(f"  replay {kind:14s} {rates[kind]:12,.0f} ev/s")
+    return rates
 
 
 def component(recipe: DatasetRecipe, name: str, n_events: int) -> DatasetRecipe:
@@ -235,6 +274,8 @@ def main() -> None:
     parser.add_argument("--validation-events", type=int, default=6000)
     parser.add_argument("--turn-on-events", type=int, default=3000, help="per pT-hat window")
     parser.add_argument("--pthat-check-events", type=int, default=2000)
+    parser.add_argument("--process-events", type=int, default=100, help="0: skip")
+    parser.add_argument("--lhco-raw", type=Path, default=SHARED / "lhco-rnd-raw-1k")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "out" / "benchmarks")
     parser.add_argument("--lhco-dir", type=Path, default=SHARED / "lhco-rnd-100k")
@@ -337,6 +378,13 @@ def main() -> None:
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
 
+    generation: dict[str, Any] = {}
+    replays: dict[str, float] = {}
+    if args.process_events:
+        print(f"every process, every column, {args.process_events} events, one core:")
+        generation = generation_rates(args.process_events, args.seed)
+        replays = replay_rates(args.lhco_dir, args.lhco_raw, args.seed)
+
     n_bkg, n_sig = (c.n_events for c in lhco.components)
     full_run_s = n_bkg / two["kept_per_s_wall"] + n_sig / (signal["kept_per_s_wall"] * scaling)
     print(
@@ -357,6 +405,8 @@ def main() -> None:
         "scaling_2_workers": scaling,
         "scaling_2_workers_cpu": cpu_scaling,
         "turn_on": onset,
+        "generation_per_process": generation,
+        "replay_events_per_s": replays,
         "validation": {
             "lhco_tau_convention": table,
             "fastjet_tau_convention": table_default,
