@@ -8,6 +8,13 @@ heartbeat, and what it took with it (in its queues and sockets, or taken in afte
 heartbeat) is the difference on its links, counted as ``dropped["node_lost"]`` of its
 stage and marked as an estimate. ``report.json`` holds the figures and ``dashboard.png``
 plots them.
+
+Rates in Hz stand beside the exact counts: every node sums its events' truth weights
+(``NodeStats.weight_in``/``weight_out``) and the L1 and HLT workers those of each trigger
+path. With the source's ``hz_per_weight`` (L x 1e-27 cm^2/mb for cross-section weights,
+the crossing rate for unit weights; see ``nodes.source``) and the N events it emitted, a
+stage's input and output rates and each path's rate are ``hz_per_weight * sum(w) / N``,
+with the statistical error ``hz_per_weight * sqrt(sum(w^2)) / N``.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
         "blocked_fraction": stats.get("blocked_s", 0.0) / wall_s if wall_s > 0 else 0.0,
         # The node's own count (every refusal, by reason), not the ZAP guard's share of it.
         "curve_refused": sum(stats.get("curve_refused", {}).values()),
+        "weight_in": list(stats.get("weight_in", [0.0, 0.0])),
+        "weight_out": {k: list(v) for k, v in stats.get("weight_out", {}).items()},
         "worker": stats.get("worker", {}),
     }
 
@@ -87,6 +96,12 @@ def _merge_stats(parts: list[Mapping[str, Any]]) -> dict[str, Any] | None:
         for part in parts:
             total.update(part.get(key, {}))
         merged[key] = dict(total)
+    merged["weight_in"] = _sum_pairs([p.get("weight_in", [0.0, 0.0]) for p in parts])
+    ports = {port for p in parts for port in p.get("weight_out", {})}
+    merged["weight_out"] = {
+        port: _sum_pairs([p.get("weight_out", {}).get(port, [0.0, 0.0]) for p in parts])
+        for port in ports
+    }
     firsts = [p["first_in_s"] for p in parts if p.get("first_in_s") is not None]
     lasts = [p["last_in_s"] for p in parts if p.get("last_in_s") is not None]
     merged["first_in_s"] = min(firsts) if firsts else None
@@ -143,6 +158,57 @@ def _estimate_node_losses(stages: list[dict[str, Any]]) -> None:
         stage["balanced"] = n_in == accounted and all(
             n["balanced"] for n in stage["nodes"] if not n.get("lost")
         )
+
+
+def _sum_pairs(pairs: list[Any]) -> list[float]:
+    """Element-wise sum of [sum w, sum w^2] pairs."""
+    return [float(sum(p[0] for p in pairs)), float(sum(p[1] for p in pairs))]
+
+
+def _sum_path_weights(workers: list[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """[sum w, sum w^2] per trigger path, from worker reports that give ``paths_weight``
+    (HLT) or ``fired_weight`` (L1)."""
+    total: dict[str, list[float]] = {}
+    for worker in workers:
+        paths = worker.get("paths_weight") or worker.get("fired_weight") or {}
+        for key, pair in paths.items():
+            total[str(key)] = _sum_pairs([total.get(str(key), [0.0, 0.0]), pair])
+    return total
+
+
+def rate_normalisation(source_worker: Mapping[str, Any], n_source: int) -> dict[str, Any]:
+    """How weights become Hz in this run: ``hz_per_weight`` over the source's N events
+    (unit weights at 40 MHz when the source reports nothing, as an old one would)."""
+    return {
+        "weighting": source_worker.get("weighting", "unit"),
+        "hz_per_weight": float(source_worker.get("hz_per_weight", 40e6)),
+        "luminosity_cm2s": source_worker.get("luminosity_cm2s"),
+        "crossing_rate_hz": source_worker.get("crossing_rate_hz", 40e6),
+        "source_events": n_source,
+    }
+
+
+def weighted_rate(pair: list[float], norm: Mapping[str, Any]) -> dict[str, float]:
+    """Rate and statistical error in Hz of [sum w, sum w^2] (see the module doc)."""
+    n = norm["source_events"]
+    if not n:
+        return {"rate_hz": 0.0, "error_hz": 0.0}
+    k = norm["hz_per_weight"] / n
+    return {"rate_hz": k * pair[0], "error_hz": k * float(np.sqrt(pair[1]))}
+
+
+def _add_rates(stages: list[dict[str, Any]], norm: Mapping[str, Any]) -> None:
+    for stage in stages:
+        present = [n for n in stage["nodes"] if not n.get("missing")]
+        weight_in = _sum_pairs([n["weight_in"] for n in present])
+        port = ROLES[stage["role"]].output_port or ""
+        weight_out = _sum_pairs([n["weight_out"].get(port, [0.0, 0.0]) for n in present])
+        stage["weight_in"], stage["weight_out"] = weight_in, weight_out
+        stage["rate_in"] = weighted_rate(weight_in, norm)
+        stage["rate_out"] = weighted_rate(weight_out, norm)
+        path_weights = _sum_path_weights([n["worker"] for n in present])
+        stage["path_weights"] = path_weights
+        stage["path_rates"] = {p: weighted_rate(w, norm) for p, w in path_weights.items()}
 
 
 def _sum_paths(workers: list[Mapping[str, Any]]) -> dict[str, int]:
@@ -209,6 +275,9 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
             }
         )
     _estimate_node_losses(stages)
+    source_workers = [n["worker"] for n in stages[0]["nodes"] if not n.get("missing")]
+    norm = rate_normalisation(source_workers[0] if source_workers else {}, stages[0]["accepted"])
+    _add_rates(stages, norm)
     links = []
     for up, down in itertools.pairwise(stages):
         port = ROLES[up["role"]].output_port or ""
@@ -250,6 +319,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
         "degraded_stages": [s["stage"] for s in stages if s["lost"]],
         "events_generated": source["accepted"],
         "events_final": stages[-1]["accepted"],
+        "rates": norm,
         "archive_bytes": archive_bytes,
         "accounting": {
             "balanced": balanced,
@@ -378,8 +448,45 @@ def format_report(report: Mapping[str, Any]) -> str:
                 f"with its node(s), {s.get('records_lost_in_flight', 0)} records in flight "
                 "(estimated from the last heartbeats and the links)"
             )
+    lines.extend(format_rates(report))
     archived = sum(report["archive_bytes"].values())
     lines.append(f"archive: {archived:,} bytes")
     verdict = "balanced" if report["accounting"]["balanced"] else "NOT balanced"
     lines.append(f"accounting (in = accepted + rejected + dropped, sent = received): {verdict}")
     return "\n".join(lines)
+
+
+def _hz(rate: Mapping[str, float]) -> str:
+    return f"{_si(rate['rate_hz'])} +- {_si(rate['error_hz'])}"
+
+
+def _si(value_hz: float) -> str:
+    for scale, unit in ((1e9, "GHz"), (1e6, "MHz"), (1e3, "kHz")):
+        if abs(value_hz) >= scale:
+            return f"{value_hz / scale:.3g} {unit}"
+    return f"{value_hz:.3g} Hz"
+
+
+def format_rates(report: Mapping[str, Any]) -> list[str]:
+    """The rate table: each stage's input and output and each path's rate with its error."""
+    norm = report.get("rates")
+    if not norm:
+        return []
+    if norm["weighting"] == "cross_section":
+        basis = f"at L = {norm['luminosity_cm2s']:.3g} cm^-2 s^-1 (cross-section weights)"
+    else:
+        basis = f"at {_si(norm['crossing_rate_hz'])} of crossings (one event per crossing)"
+    lines = [
+        f"rates {basis}, from {norm['source_events']} source events:",
+        f"{'stage':<10}{'in':>24}{'out':>24}{'reduction':>11}",
+    ]
+    for s in report["stages"]:
+        rate_in, rate_out = s.get("rate_in"), s.get("rate_out")
+        if rate_in is None or rate_out is None:
+            continue
+        ratio = rate_in["rate_hz"] / rate_out["rate_hz"] if rate_out["rate_hz"] > 0 else None
+        reduction = f"{ratio:.3g}" if ratio is not None else "-"
+        lines.append(f"{s['stage']:<10}{_hz(rate_in):>24}{_hz(rate_out):>24}{reduction:>11}")
+        for path, rate in s.get("path_rates", {}).items():
+            lines.append(f"{'':<10}{'path ' + path:>24}{_hz(rate):>24}")
+    return lines

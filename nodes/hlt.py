@@ -22,6 +22,11 @@ replay such as the LHCO features) or a jet with no constituents. Such a jet's ta
 NaN; an event with no taggable jet has ``hlt_score`` NaN, so only the prescale path can
 accept it. It still goes to the learner. Counted in ``hlt_jets_untagged_total{reason}``.
 
+Rates: the node sums the weights of the events each path fires on (``paths_weight`` in its
+report: sum of w and of w^2) and publishes each path's rate per closed lumi block
+(``nodes.rate_control``; with several HLT nodes each publishes its share). A
+``"threshold_change"`` record from the L1 is forwarded to the archive.
+
 Bad input: events with NaN or infinity in a column the schema marks finite are dropped
 (``dropped{reason="nonfinite"}``), the rest of the batch carries on.
 """
@@ -42,6 +47,7 @@ from models.anomaly import ANOMALY_SCORES
 from models.checkpoint import DEFAULT_CHECKPOINT, Tagger, load_checkpoint
 from models.jet_inputs import jet_inputs
 from nodes.learning import Learner
+from nodes.rate_control import THRESHOLD_RECORD_KIND, LumiRates, batch_weights
 from stream.batch import EventBatch, Message
 from stream.node import Emit, Outcome, Processor
 from stream.schema import COLUMNS, N_FATJETS
@@ -153,6 +159,8 @@ class HLT(Processor):
         }
         self._seen = 0
         self._path_counts = dict.fromkeys(self.paths, 0)
+        self._path_weights = {path: [0.0, 0.0] for path in self.paths}
+        self.rates = LumiRates(name)
         self._untagged: dict[str, int] = {"no_constituents_column": 0, "empty_jet": 0}
         self._inference_s = 0.0
         self._jets_tagged = 0
@@ -162,6 +170,8 @@ class HLT(Processor):
 
     def process(self, message: Message) -> Outcome:
         if not isinstance(message, EventBatch):
+            if message.kind == THRESHOLD_RECORD_KIND:
+                return Outcome(emits=(Emit("archive", message),))
             log.debug("%s: ignoring a %s record", self.name, message.kind)
             return Outcome()
         ok = _finite_rows(message)
@@ -172,6 +182,7 @@ class HLT(Processor):
             return Outcome(dropped=dropped)
         tags, scores = self._tag(batch)
         bits = self._menu(tags, scores)
+        self._count_weights(batch, bits)
         batch = batch.with_columns(hlt_score=scores, hlt_tags=tags, hlt_bits=bits)
         emits: list[Emit] = []
         accepted = bits != 0
@@ -188,6 +199,7 @@ class HLT(Processor):
         )
 
     def finish(self) -> Sequence[Emit]:
+        self.rates.close_all()
         if self.learner is None:
             return ()
         return self._records(self.learner.finish())
@@ -196,6 +208,7 @@ class HLT(Processor):
         out: dict[str, Any] = {
             "events_seen": self._seen,
             "paths": dict(self._path_counts),
+            "paths_weight": {k: list(v) for k, v in self._path_weights.items()},
             "bits": dict(self.paths),
             "jets_tagged": self._jets_tagged,
             "jets_untagged": dict(self._untagged),
@@ -281,6 +294,17 @@ class HLT(Processor):
             self._path_counts[path] += count
             HLT_PATH_ACCEPTS.labels(node=self.name, path=path).inc(count)
         return bits
+
+    def _count_weights(self, batch: EventBatch, bits: np.ndarray) -> None:
+        weights = np.nan_to_num(batch_weights(batch))
+        fired = {}
+        for path, bit in self.paths.items():
+            mask = ((bits >> bit) & 1).astype(bool)
+            if mask.any():
+                self._path_weights[path][0] += float(weights[mask].sum())
+                self._path_weights[path][1] += float(np.square(weights[mask]).sum())
+            fired[path] = mask
+        self.rates.add(batch, fired)
 
     def _count_untagged(self, reason: str, n: int) -> None:
         if n:

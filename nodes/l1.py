@@ -23,6 +23,15 @@ The anomaly score is computed on the host from the emulator's exact (mu, log sig
 (``firmware.scores``). The emulator is loaded from its compiled cache; only a cache miss
 imports TensorFlow (see ``firmware.emulate``).
 
+Rates and rate control: the node counts the weights of the events each path fires on
+(``fired_weight`` in its report: sum of w and of w^2) and publishes each path's rate in
+Hz per closed lumi block (``nodes.rate_control.LumiRates``). ``rate_targets_hz`` puts
+paths under a ``RateController``: after each lumi block the path's threshold (R_z for
+``anomaly``, the seed's threshold otherwise) moves to hold the target rate, from the next
+block on; a batch that spans two blocks is decided block by block. Each change is logged,
+exported, kept in the report's ``threshold_changes`` and sent on ``out`` as a
+``"threshold_change"`` record (the HLT forwards it to the archive).
+
 Prometheus: ``l1_seed_accepts_total{node, seed}`` counts events on which each path fired
 (an event can fire several), ``l1_score_rz{node}`` is the R_z histogram.
 """
@@ -30,7 +39,8 @@ Prometheus: ``l1_seed_accepts_total{node, seed}`` counts events on which each pa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +50,13 @@ from firmware.emulate import Emulator, load_emulator
 from firmware.inputs import FIXED_SCALING, InputScaling
 from firmware.model import DEFAULT_MODEL_DIR, load_model
 from firmware.scores import r_z
+from nodes.rate_control import (
+    LumiRates,
+    RateControlConfig,
+    RateController,
+    batch_weights,
+    rate_factor,
+)
 from stream.batch import EventBatch, Message
 from stream.node import Emit, Outcome, Processor
 from stream.schema import L1_SLOTS
@@ -57,6 +74,16 @@ SEED_BITS: dict[str, int] = {
     "fatjet_pt": 6,
 }
 SEEDS = tuple(name for name in SEED_BITS if name != "anomaly")
+_CONTROL_KEYS = {
+    "kp",
+    "ki",
+    "kf",
+    "drift_smoothing",
+    "max_step",
+    "max_error",
+    "min_slope",
+    "max_slope",
+}
 
 RZ_BUCKETS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 1e5)
 
@@ -79,6 +106,9 @@ class L1Config:
         emulator_threads: OpenMP threads the emulator splits each batch over.
         single_jet_pt_gev, ht_gev, ht_jet_pt_gev, ht_jet_abs_eta, single_egamma_pt_gev,
         single_muon_pt_gev, met_gev, fatjet_pt_gev: seed thresholds (see module doc).
+        rate_targets_hz: path -> rate to hold (Hz); those paths' thresholds are controlled.
+        rate_control: controller settings shared by the controlled paths (``kp``, ``ki``,
+            ``max_step``; see ``RateControlConfig``).
     """
 
     model_dir: str = str(DEFAULT_MODEL_DIR)
@@ -95,10 +125,25 @@ class L1Config:
     single_muon_pt_gev: float = 22.0
     met_gev: float = 100.0
     fatjet_pt_gev: float = 400.0
+    rate_targets_hz: Mapping[str, float] = field(default_factory=dict)
+    rate_control: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         seeds = (self.seeds,) if isinstance(self.seeds, str) else tuple(self.seeds)
         object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "rate_targets_hz", dict(self.rate_targets_hz))
+        object.__setattr__(self, "rate_control", dict(self.rate_control))
+        enabled = {*seeds, *(("anomaly",) if self.anomaly else ())}
+        off = set(self.rate_targets_hz) - enabled
+        if off:
+            msg = f"rate_targets_hz names path(s) {sorted(off)} that are not enabled"
+            raise ValueError(msg)
+        for path, target in self.rate_targets_hz.items():
+            RateControlConfig(path=path, target_hz=target, initial_threshold=1.0)
+        unknown_gains = set(self.rate_control) - _CONTROL_KEYS
+        if unknown_gains:
+            msg = f"rate_control has unknown key(s) {sorted(unknown_gains)}; use {_CONTROL_KEYS}"
+            raise ValueError(msg)
         unknown = set(seeds) - set(SEEDS)
         if unknown:
             msg = f"unknown seed(s) {sorted(unknown)}; choose from {SEEDS}"
@@ -128,36 +173,53 @@ def _leading_pt(objects: np.ndarray, slot: slice) -> np.ndarray:
     return np.asarray(objects[:, slot, 0].max(axis=1))
 
 
-def seed_decisions(config: L1Config, batch: EventBatch) -> dict[str, np.ndarray]:
-    """Boolean decision per enabled seed for every event of ``batch``."""
+#: The config field that holds each seed's threshold.
+SEED_THRESHOLDS: dict[str, str] = {
+    "single_jet": "single_jet_pt_gev",
+    "ht": "ht_gev",
+    "single_egamma": "single_egamma_pt_gev",
+    "single_muon": "single_muon_pt_gev",
+    "met": "met_gev",
+    "fatjet_pt": "fatjet_pt_gev",
+}
+
+
+def seed_observables(config: L1Config, batch: EventBatch) -> dict[str, np.ndarray]:
+    """The quantity each enabled seed cuts on, per event (-inf where it cannot be made)."""
     n = len(batch)
     out: dict[str, np.ndarray] = {}
     objects = batch["l1_objects"] if "l1_objects" in batch else None
     for seed in config.seeds:
         if seed == "fatjet_pt":
-            fired = (
-                batch["fatjets"][:, :, 0].max(axis=1) > config.fatjet_pt_gev
-                if "fatjets" in batch
-                else np.zeros(n, bool)
+            value = (
+                batch["fatjets"][:, :, 0].max(axis=1) if "fatjets" in batch else np.full(n, -np.inf)
             )
         elif objects is None:
-            fired = np.zeros(n, bool)
+            value = np.full(n, -np.inf)
         elif seed == "single_jet":
-            fired = _leading_pt(objects, L1_SLOTS["jet"]) > config.single_jet_pt_gev
+            value = _leading_pt(objects, L1_SLOTS["jet"])
         elif seed == "ht":
             jets = objects[:, L1_SLOTS["jet"]]
             use = (jets[:, :, 0] > config.ht_jet_pt_gev) & (
                 np.abs(jets[:, :, 1]) < config.ht_jet_abs_eta
             )
-            fired = (jets[:, :, 0] * use).sum(axis=1) > config.ht_gev
+            value = (jets[:, :, 0] * use).sum(axis=1)
         elif seed == "single_egamma":
-            fired = _leading_pt(objects, L1_SLOTS["egamma"]) > config.single_egamma_pt_gev
+            value = _leading_pt(objects, L1_SLOTS["egamma"])
         elif seed == "single_muon":
-            fired = _leading_pt(objects, L1_SLOTS["muon"]) > config.single_muon_pt_gev
+            value = _leading_pt(objects, L1_SLOTS["muon"])
         else:  # met
-            fired = objects[:, L1_SLOTS["met"].start, 0] > config.met_gev
-        out[seed] = np.asarray(fired, bool)
+            value = objects[:, L1_SLOTS["met"].start, 0]
+        out[seed] = np.asarray(value, np.float64)
     return out
+
+
+def seed_decisions(config: L1Config, batch: EventBatch) -> dict[str, np.ndarray]:
+    """Boolean decision per enabled seed for every event of ``batch``."""
+    return {
+        seed: value > getattr(config, SEED_THRESHOLDS[seed])
+        for seed, value in seed_observables(config, batch).items()
+    }
 
 
 def _observe_many(histogram: Histogram, values: np.ndarray) -> None:
@@ -196,10 +258,31 @@ class L1Trigger(Processor):
         self.emulator = emulator
         self.threshold = threshold
         self.fired = dict.fromkeys(SEED_BITS, 0)
+        self.fired_weight = {seed: [0.0, 0.0] for seed in SEED_BITS}
         self.scored = 0
         self.unscored = 0
         self._histogram = L1_SCORE.labels(node=name)
         self._counters = {seed: L1_SEED_ACCEPTS.labels(node=name, seed=seed) for seed in SEED_BITS}
+        self.thresholds = {
+            "anomaly": threshold,
+            **{seed: float(getattr(config, SEED_THRESHOLDS[seed])) for seed in config.seeds},
+        }
+        self.rates = LumiRates(name)
+        self.controllers: dict[str, RateController] = {
+            path: RateControlConfig(
+                path=path,
+                target_hz=target,
+                initial_threshold=self.thresholds[path],
+                **config.rate_control,  # type: ignore[arg-type]
+            ).build(node=name)
+            for path, target in config.rate_targets_hz.items()
+        }
+        # The open lumi block of the controlled paths: its number, observables and weights.
+        self._block: int | None = None
+        self._block_values: dict[str, list[np.ndarray]] = {p: [] for p in self.controllers}
+        self._block_weights: list[np.ndarray] = []
+        self._hz_per_event: float | None = None
+        self._pending: list[Emit] = []
 
     def process(self, message: Message) -> Outcome:
         if not isinstance(message, EventBatch):
@@ -215,38 +298,104 @@ class L1Trigger(Processor):
             batch = batch.select(good)
         n = len(batch)
         scores = np.full(n, np.nan, np.float32)
-        bits = np.zeros(n, np.uint16)
+        values = seed_observables(self.config, batch)
         if self.config.anomaly and "l1_objects" in batch and n:
             mu, log_var = self.emulator.encode(self.scaling.apply(batch["l1_objects"]))
             rz = r_z(mu, log_var)
             scores = rz.astype(np.float32)
-            bits |= (rz > self.threshold).astype(np.uint16) << np.uint16(SEED_BITS["anomaly"])
+            values["anomaly"] = np.asarray(rz, np.float64)
             _observe_many(self._histogram, rz)
             self.scored += n
         else:
             self.unscored += n
-        for seed, fired in seed_decisions(self.config, batch).items():
-            bits |= fired.astype(np.uint16) << np.uint16(SEED_BITS[seed])
+        factor = rate_factor(batch)
+        if factor is not None:
+            self._hz_per_event = factor
+        weights = batch_weights(batch)
+        lumi = np.asarray(batch["lumi"], np.int64) if "lumi" in batch else np.zeros(n, np.int64)
+        bits = np.zeros(n, np.uint16)
+        for block in np.unique(lumi).tolist() if self.controllers else [None]:
+            rows = slice(None) if block is None else lumi == block
+            if block is not None:
+                self._enter_block(int(block))
+            for path, value in values.items():
+                fired = value[rows] > self.thresholds[path]
+                bits[rows] |= fired.astype(np.uint16) << np.uint16(SEED_BITS[path])
+            if block is not None:
+                for path in self.controllers:
+                    self._block_values[path].append(values.get(path, np.full(n, -np.inf))[rows])
+                self._block_weights.append(weights[rows])
+        fired_masks = {}
         for seed, bit in SEED_BITS.items():
-            count = int(((bits >> bit) & 1).sum())
+            mask = ((bits >> bit) & 1).astype(bool)
+            count = int(mask.sum())
             if count:
                 self.fired[seed] += count
                 self._counters[seed].inc(count)
+                w = np.nan_to_num(weights[mask])
+                self.fired_weight[seed][0] += float(w.sum())
+                self.fired_weight[seed][1] += float(np.square(w).sum())
+            if seed in values:
+                fired_masks[seed] = mask
+        self.rates.add(batch, fired_masks)
         accept = bits != 0
         n_accept = int(accept.sum())
-        emits: tuple[Emit, ...] = ()
+        emits: list[Emit] = self._pending
+        self._pending = []
         if n_accept:
             out = batch.select(accept).with_columns(l1_score=scores[accept], l1_bits=bits[accept])
-            emits = (Emit("out", out),)
+            emits.append(Emit("out", out))
         dropped = {"nonfinite": n_bad} if n_bad else {}
-        return Outcome(emits=emits, accepted=n_accept, rejected=n - n_accept, dropped=dropped)
+        return Outcome(
+            emits=tuple(emits), accepted=n_accept, rejected=n - n_accept, dropped=dropped
+        )
+
+    def _enter_block(self, block: int) -> None:
+        """Close the controlled paths' open block if ``block`` is a later one."""
+        if self._block is None:
+            self._block = block
+        if block <= self._block:
+            return
+        self._close_block()
+        self._block = block
+
+    def _close_block(self) -> None:
+        if self._block is None or not self._block_weights:
+            return
+        weights = np.concatenate(self._block_weights)
+        self._block_weights = []
+        for path, controller in self.controllers.items():
+            values = np.concatenate(self._block_values[path])
+            self._block_values[path] = []
+            if self._hz_per_event is None:
+                log.warning(
+                    "%s: batches carry no rate normalisation; %s not controlled", self.name, path
+                )
+                continue
+            change = controller.update(
+                self._block, values, weights, hz_per_event=self._hz_per_event
+            )
+            self.thresholds[path] = change.new_threshold
+            if path == "anomaly":
+                self.threshold = change.new_threshold
+            self._pending.append(Emit("out", change.as_record()))
+
+    def finish(self) -> Sequence[Emit]:
+        self.rates.close_all()
+        pending, self._pending = self._pending, []
+        return pending
 
     def report(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
+            "thresholds": dict(self.thresholds),
             "fired": dict(self.fired),
+            "fired_weight": {k: list(v) for k, v in self.fired_weight.items()},
             "scored": self.scored,
             "unscored": self.unscored,
+            "threshold_changes": [
+                asdict(c) for controller in self.controllers.values() for c in controller.history
+            ],
         }
 
 

@@ -20,6 +20,23 @@ Replay the LHCO R&D features with 1% signal, looping the files:
         loop=True,
     )
 
+Weights and rates in Hz: with ``weighting = "cross_section"`` every event's truth
+``weight`` is the cross section it stands for, in mb, so that the stream's mean weight is
+the total cross section of what it mixes: a generator component's events carry Pythia's
+cross section (``EventGenerator.block(cross_section_weights=True)``: ``sigmaGen`` times
+the filter efficiency, Pythia's own event weights included when a recipe biases its
+sampling) divided by the component's share of the stream. A selection of the stream then
+has the rate ``R = L * sum(w) / N`` over the N events the source emitted (``L`` in
+cm^-2 s^-1, 1 mb = 1e-27 cm^2), with the error ``L * sqrt(sum(w^2)) / N``. Use pT-hat
+slices as components (``"qcd?pthat_min_gev=200&pthat_max_gev=400"``): each slice keeps
+its own cross section and a constant weight, and ``background_weights`` choose how many
+events each slice gets without changing the rates. With ``weighting = "unit"`` (the
+default, and the only choice for replayed files, which carry no cross section) each
+event is one bunch crossing and ``R = crossing_rate_hz * sum(w) / N``. Either way the
+factor in front of ``sum(w) / N`` is ``hz_per_weight``; the source writes it and
+``events_per_lumi`` into every batch's metadata, so that downstream nodes can turn their
+own weighted counts into rates per lumi block.
+
 Pacing: ``rate_hz`` > 0 emits batches so that the average is ``rate_hz`` events per second
 (it falls behind, never bursts more than one second's worth, when production is slower);
 0 runs as fast as the outputs take the batches. The achieved rate is the Prometheus gauge
@@ -35,6 +52,7 @@ event.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -53,7 +71,6 @@ from simulator.detector import DetectorModel
 from simulator.errors import DataFileError
 from simulator.generator import EventGenerator, derived_seed
 from simulator.jets import JetConfig
-from simulator.production import init_worker, run_block
 from simulator.recipes import PROCESSES, Recipe, make_recipe, parse_parameter
 from simulator.replay import READERS, expand_paths, reader_for
 from stream.batch import EventBatch
@@ -71,6 +88,10 @@ SOURCE_EVENTS = Counter("source_events", "Events emitted, by stream", ["node", "
 SOURCE_BAD_INPUT = Counter(
     "source_bad_input", "Unreadable files and rows skipped by the source", ["node", "reason"]
 )
+
+WEIGHTINGS = ("unit", "cross_section")
+#: 1 mb in cm^2.
+MB_CM2 = 1e-27
 
 _SEQUENCE_FIELDS = ("background", "background_weights", "signal", "signal_weights")
 
@@ -97,6 +118,9 @@ class SourceConfig:
         generator_workers: processes per generator component; 0 generates in the node's
             own process (simple, but the node is busy for a whole block at a time).
         generator_block: events per generator block.
+        weighting: ``"unit"`` or ``"cross_section"`` (see the module doc).
+        luminosity_cm2s: instantaneous luminosity for rates in Hz (cross-section weights).
+        crossing_rate_hz: bunch-crossing rate (the rate of a unit-weight stream).
     """
 
     background: tuple[str, ...] = ("qcd",)
@@ -115,6 +139,9 @@ class SourceConfig:
     chunk_size: int = 4096
     generator_workers: int = 0
     generator_block: int = 64
+    weighting: str = "unit"
+    luminosity_cm2s: float = 2e34
+    crossing_rate_hz: float = 40e6
 
     def __post_init__(self) -> None:
         for key in _SEQUENCE_FIELDS:
@@ -142,6 +169,18 @@ class SourceConfig:
         for key in ("batch_size", "events_per_lumi", "chunk_size", "generator_block"):
             if getattr(self, key) < 1:
                 msg = f"{key} must be >= 1, got {getattr(self, key)}"
+                raise ValueError(msg)
+        if self.weighting not in WEIGHTINGS:
+            msg = f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
+            raise ValueError(msg)
+        if self.weighting == "cross_section":
+            replays = [s for s in (*self.background, *self.signal) if parse_component(s).layout]
+            if replays:
+                msg = f"weighting 'cross_section' needs generator components, not {replays}"
+                raise ValueError(msg)
+        for key in ("luminosity_cm2s", "crossing_rate_hz"):
+            if not getattr(self, key) > 0:
+                msg = f"{key} must be > 0, got {getattr(self, key)}"
                 raise ValueError(msg)
         for key in ("rate_hz", "max_events", "generator_workers", "run", "first_event"):
             if getattr(self, key) < 0:
@@ -293,9 +332,11 @@ class GeneratorComponent(Component):
         workers: int,
         detector: DetectorModel | None = None,
         jets: JetConfig | None = None,
+        cross_section_weights: bool = False,
     ) -> None:
         super().__init__(spec)
         assert spec.recipe is not None
+        self._weighted = cross_section_weights
         self._seed = seed
         self._block = block
         self._next_index = 0
@@ -310,7 +351,7 @@ class GeneratorComponent(Component):
             self._pool = ProcessPoolExecutor(
                 workers,
                 mp_context=get_context("spawn"),
-                initializer=init_worker,
+                initializer=_init_worker,
                 initargs=(spec.recipe, seed, detector, jets, level),
             )
             self._prefetch = 2 * workers
@@ -319,8 +360,8 @@ class GeneratorComponent(Component):
     def _top_up(self) -> None:
         assert self._pool is not None
         while len(self._futures) < self._prefetch:
-            task = (self._next_index, self._block, 0)
-            self._futures.append(self._pool.submit(run_block, task))
+            task = (self._next_index, self._block, self._weighted)
+            self._futures.append(self._pool.submit(_run_block, task))
             self._next_index += 1
 
     def ready(self, n: int) -> bool:
@@ -335,11 +376,14 @@ class GeneratorComponent(Component):
 
     def _fill(self) -> None:
         if self._generator is not None:
-            self._push(self._generator.block(self._next_index, self._block))
+            block = self._generator.block(
+                self._next_index, self._block, cross_section_weights=self._weighted
+            )
+            self._push(block)
             self._next_index += 1
             return
         self._top_up()
-        columns, truth, _ = self._futures.popleft().result()
+        columns, truth = self._futures.popleft().result()
         self._push(EventBatch(columns, truth, {"source": self.spec.text}))
         self._top_up()
 
@@ -349,6 +393,28 @@ class GeneratorComponent(Component):
                 future.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+_WORKER: EventGenerator | None = None
+
+
+def _init_worker(
+    recipe: Recipe, seed: int, detector: DetectorModel, jets: JetConfig, level: int
+) -> None:
+    """Set up a generator worker process (the node handles SIGINT, not its workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=level)
+    global _WORKER
+    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets)
+
+
+def _run_block(task: tuple[int, int, bool]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Worker side: block ``index`` of ``n_events``, as plain dicts (mapping proxies do not
+    pickle)."""
+    index, n_events, weighted = task
+    assert _WORKER is not None, "worker not initialised"
+    batch = _WORKER.block(index, n_events, cross_section_weights=weighted)
+    return dict(batch.columns), dict(batch.truth)
 
 
 def _apportion(weights: np.ndarray, done: np.ndarray, n: int) -> np.ndarray:
@@ -371,6 +437,11 @@ class _Stream:
     components: list[Component]
     weights: np.ndarray
     done: np.ndarray
+    fraction: float = 1.0  # the stream's share of all events
+
+    def share(self, index: int) -> float:
+        """Component ``index``'s share of all events the source emits."""
+        return self.fraction * float(self.weights[index] / self.weights.sum())
 
 
 class Source(Producer):
@@ -410,6 +481,7 @@ class Source(Producer):
                             workers=config.generator_workers,
                             detector=detector,
                             jets=jets,
+                            cross_section_weights=config.weighting == "cross_section",
                         )
                     )
                 index += 1
@@ -421,6 +493,18 @@ class Source(Producer):
                     np.zeros(len(components), np.int64),
                 )
             )
+        f = config.signal_fraction
+        self._streams[0].fraction, self._streams[1].fraction = 1.0 - f, f
+        self.hz_per_weight = (
+            config.luminosity_cm2s * MB_CM2
+            if config.weighting == "cross_section"
+            else config.crossing_rate_hz
+        )
+        n_components = sum(len(s.components) for s in self._streams)
+        # Per component: the weight it came with (cross section in mb, or Pythia's) summed.
+        self._generated_weight = np.zeros(n_components)
+        self.weight_sum = 0.0
+        self.weight2_sum = 0.0
         self.emitted = 0
         self.signal_emitted = 0
         self._dropped_bad_rows = 0
@@ -489,6 +573,7 @@ class Source(Producer):
         parts: list[EventBatch] = []
         short = False
         n_signal = 0
+        offset = 0
         for stream, shares in zip(self._streams, plan, strict=True):
             for i, (component, k) in enumerate(zip(stream.components, shares, strict=True)):
                 if k == 0:
@@ -502,7 +587,14 @@ class Source(Producer):
                     pieces = [_mark(p, 1) for p in pieces]
                 elif isinstance(component, GeneratorComponent):
                     pieces = [_mark(p, 0) for p in pieces]
-                parts.extend(_with_truth(p) for p in pieces)
+                pieces = [_with_truth(p) for p in pieces]
+                self._generated_weight[offset + i] += sum(
+                    float(p.truth["weight"].astype(np.float64).sum()) for p in pieces
+                )
+                if self.config.weighting == "cross_section":
+                    pieces = [_scale_weight(p, 1.0 / stream.share(i)) for p in pieces]
+                parts.extend(pieces)
+            offset += len(stream.components)
         dropped = self._collect_bad_input()
         if short:
             self._done = True
@@ -511,6 +603,9 @@ class Source(Producer):
             return Outcome(dropped={"bad_input": dropped}) if dropped else None
         batch = self._number(self._concat(parts))
         n = len(batch)
+        weight = batch.truth["weight"].astype(np.float64)
+        self.weight_sum += float(weight.sum())
+        self.weight2_sum += float(np.square(weight).sum())
         self.emitted += n
         self.signal_emitted += n_signal
         SOURCE_EVENTS.labels(node=self.name, stream="background").inc(n - n_signal)
@@ -530,10 +625,30 @@ class Source(Producer):
         return ()
 
     def report(self) -> dict[str, Any]:
+        done = {
+            c.spec.text: (int(s.done[i]), s.share(i))
+            for s in self._streams
+            for i, c in enumerate(s.components)
+        }
+        mean_weight = {
+            text: float(total / n) if n else None
+            for (text, (n, _)), total in zip(done.items(), self._generated_weight, strict=True)
+        }
         return {
             "emitted": self.emitted,
             "signal_emitted": self.signal_emitted,
             "rate_hz": self.rate_hz,
+            "weighting": self.config.weighting,
+            "hz_per_weight": self.hz_per_weight,
+            "luminosity_cm2s": self.config.luminosity_cm2s,
+            "crossing_rate_hz": self.config.crossing_rate_hz,
+            "events_per_lumi": self.config.events_per_lumi,
+            "weight_sum": self.weight_sum,
+            "weight2_sum": self.weight2_sum,
+            # Cross-section weights: each component's cross section estimate (mb), the mean
+            # weight its events came with; unit weights: their mean weight.
+            "component_mean_weight": mean_weight,
+            "component_share": {text: share for text, (_, share) in done.items()},
             "components": {
                 c.spec.text: int(s.done[i])
                 for s in self._streams
@@ -587,7 +702,11 @@ class Source(Producer):
                 "event": (cfg.first_event + index).astype("<u8"),
             },
             batch.truth,
-            {"source": self.name},
+            {
+                "source": self.name,
+                "hz_per_weight": self.hz_per_weight,
+                "events_per_lumi": cfg.events_per_lumi,
+            },
         )
 
     def _update_rate(self, n: int) -> None:
@@ -619,6 +738,11 @@ def _with_truth(batch: EventBatch) -> EventBatch:
     if set(defaults) <= set(batch.truth):
         return batch
     return EventBatch(batch.columns, {**defaults, **batch.truth}, batch.meta)
+
+
+def _scale_weight(batch: EventBatch, factor: float) -> EventBatch:
+    weight = (batch.truth["weight"].astype(np.float64) * factor).astype("<f4")
+    return EventBatch(batch.columns, {**batch.truth, "weight": weight}, batch.meta)
 
 
 def build(config: SourceConfig, *, name: str) -> Source:

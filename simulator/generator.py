@@ -130,6 +130,8 @@ class EventGenerator:
         self._rng = np.random.default_rng(self.seed)
         self._charge: dict[int, float] = {}
         self._visible: dict[int, bool] = {}
+        # Pythia's weights and the filter's decisions for the last round's events.
+        self._last_raw: tuple[np.ndarray, np.ndarray] = (np.zeros(0, "<f4"), np.zeros(0, bool))
         log.info("generator %s ready (seed %d)", self.recipe.name, self.seed)
 
     @property
@@ -137,8 +139,26 @@ class EventGenerator:
         """Pythia's estimate of the generated cross section so far (mb), before the filter."""
         return float(self._pythia.infoPython().sigmaGen())
 
-    def block(self, index: int, n_events: int, *, first_event: int = 0, run: int = 1) -> EventBatch:
-        """Block ``index`` of ``n_events`` kept events, reproducible from (seed, index, n)."""
+    def block(
+        self,
+        index: int,
+        n_events: int,
+        *,
+        first_event: int = 0,
+        run: int = 1,
+        cross_section_weights: bool = False,
+    ) -> EventBatch:
+        """Block ``index`` of ``n_events`` kept events, reproducible from (seed, index, n).
+
+        Truth ``weight`` is Pythia's event weight (1 unless the recipe biases the
+        sampling). With ``cross_section_weights`` it is the event's share of the cross
+        section instead, in mb, scaled so that the block's mean weight is its estimate of
+        the filtered cross section: ``w_i = sigmaGen * n_events * p_i / sum(p)``, where
+        ``p`` are Pythia's weights of every event Pythia produced for this block up to the
+        last one kept (filtered ones included, aborted ones not) and ``sigmaGen`` is
+        Pythia's running estimate (it converges as the generator runs; the events stay
+        reproducible, the weights only to within that estimate).
+        """
         if n_events < 1:
             msg = f"n_events must be >= 1, got {n_events}"
             raise ValueError(msg)
@@ -148,6 +168,7 @@ class EventGenerator:
         self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, 12, index]))
         parts: list[EventBatch] = []
         kept = tried = 0
+        passed_weight = 0.0
         while kept < n_events:
             want = n_events - kept
             # Size each round from this block's own efficiency only, so that the block's
@@ -158,11 +179,21 @@ class EventGenerator:
                 ask = int(min(max(want / max(efficiency, 0.01), 8), 4 * n_events + 64))
             tried += ask
             batch = self._one_batch(ask)
+            raw_weights, raw_keep = self._last_raw
+            if batch is not None and len(batch) > want:
+                # Events Pythia made after the last one used belong to no block.
+                last = int(np.flatnonzero(raw_keep)[want - 1])
+                raw_weights = raw_weights[: last + 1]
+            passed_weight += float(raw_weights.astype(np.float64).sum())
             if batch is not None:
                 batch = batch.select(slice(0, want))
                 parts.append(batch)
                 kept += len(batch)
         merged = EventBatch.concat(parts)
+        if cross_section_weights:
+            share = merged.truth["weight"].astype(np.float64) / max(passed_weight, 1e-300)
+            weight = (self.cross_section_mb * n_events * share).astype("<f4")
+            merged = EventBatch(merged.columns, {**merged.truth, "weight": weight}, merged.meta)
         return merged.with_columns(
             run=np.full(n_events, run, "<u4"),
             lumi=np.zeros(n_events, "<u4"),
@@ -175,6 +206,7 @@ class EventGenerator:
         self.stats.tried += n_try
         self.stats.aborted += n_try - n_ok
         self.stats.pythia_errors = int(self._pythia.logger.errorTotalNumber())
+        self._last_raw = (np.zeros(0, "<f4"), np.zeros(0, bool))
         if n_ok == 0:
             return None
         particles = self._final_state(raw)
@@ -205,6 +237,7 @@ class EventGenerator:
             keep |= clustered.leading_pt > flt.fatjet_pt_gev
             events = keep
         n_kept = int(keep.sum())
+        self._last_raw = (weights, keep)
         self.stats.filtered += n_ok - n_kept
         self.stats.kept += n_kept
         if n_kept == 0:

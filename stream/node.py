@@ -205,9 +205,26 @@ class LatencyReservoir:
         return {"count": self._count, "mean_s": kept.mean(), "p50_s": p50, "p99_s": p99}
 
 
+def weight_sums(batch: EventBatch) -> tuple[float, float]:
+    """Sum of the events' truth weights and of their squares (no ``weight``: 1 each;
+    non-finite weights count as 0)."""
+    weight = batch.truth.get("weight")
+    if weight is None:
+        return float(len(batch)), float(len(batch))
+    w = weight.astype(np.float64)
+    w = w[np.isfinite(w)]
+    return float(w.sum()), float(np.square(w).sum())
+
+
 @dataclass(slots=True)
 class NodeStats:
-    """Plain counters mirrored into Prometheus; the source of truth for accounting."""
+    """Plain counters mirrored into Prometheus; the source of truth for accounting.
+
+    Beside the exact event counts, ``weight_in`` and ``weight_out[port]`` hold (sum of w,
+    sum of w^2) of the events received (for a source: made) and sent, from their truth
+    ``weight`` (1 where a batch has none); rates in Hz follow from them (see
+    ``nodes.source``). They never enter the accounting.
+    """
 
     events_in: int = 0
     batches_in: int = 0
@@ -225,6 +242,13 @@ class NodeStats:
     blocked_s: float = 0.0
     first_in_s: float | None = None
     last_in_s: float | None = None
+    weight_in: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    weight_out: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_weight_out(self, port: str, sums: tuple[float, float]) -> None:
+        total = self.weight_out.setdefault(port, [0.0, 0.0])
+        total[0] += sums[0]
+        total[1] += sums[1]
 
     @property
     def balanced(self) -> bool:
@@ -249,6 +273,8 @@ class NodeStats:
             "blocked_s": self.blocked_s,
             "first_in_s": self.first_in_s,
             "last_in_s": self.last_in_s,
+            "weight_in": list(self.weight_in),
+            "weight_out": {port: list(sums) for port, sums in self.weight_out.items()},
             "balanced": self.balanced,
         }
 
@@ -505,6 +531,11 @@ class Node:
             if outcome is None:
                 log.info("%s: producer exhausted", cfg.name)
                 return
+            for emit in outcome.emits:
+                if isinstance(emit.message, EventBatch):
+                    w_made = weight_sums(emit.message)
+                    self.stats.weight_in[0] += w_made[0]
+                    self.stats.weight_in[1] += w_made[1]
             self._account(outcome, n_in=outcome.accounted, t0=t0, sockets=sockets)
 
     # -- one message ---------------------------------------------------------------------
@@ -523,6 +554,9 @@ class Node:
             self._account(outcome, n_in=0, t0=t0, sockets=sockets)
             return
         n = len(message)
+        w_in = weight_sums(message)
+        self.stats.weight_in[0] += w_in[0]
+        self.stats.weight_in[1] += w_in[1]
         self.stats.batches_in += 1
         metrics.BATCHES_IN.labels(**self._labels).inc()
         # One event with NaN/inf costs that event only: the rest of the batch (truth rows
@@ -658,6 +692,7 @@ class Node:
         metrics.NODE_HEALTHY.labels(**self._labels).set(1)
         if isinstance(emit.message, EventBatch):
             n = len(emit.message)
+            self.stats.add_weight_out(emit.port, weight_sums(emit.message))
             self.stats.events_out[emit.port] += n
             self.stats.batches_out[emit.port] += 1
             metrics.EVENTS_OUT.labels(**self._labels, port=emit.port).inc(n)
