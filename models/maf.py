@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import spline_kernel
+
 MIN_BIN_WIDTH = 1e-3  # nflows' defaults, part of the function the parameters define
 MIN_BIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
@@ -513,12 +515,46 @@ def _softmax_backward(g_sizes: torch.Tensor, probs: torch.Tensor, scale: float) 
     return probs * (g - (probs * g).sum(-1, keepdim=True))
 
 
+class _RQSplineKernel(torch.autograd.Function):
+    """``rq_spline`` by the fused C++ kernel (``models.spline_kernel``): one call forward,
+    one backward (from the softmax and derivatives the forward left in a workspace)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        params: torch.Tensor,
+        n_bins: int,
+        bound: float,
+        kernel: spline_kernel.SplineKernel,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y, log_det, workspace = kernel.forward(x, params, n_bins, bound)
+        ctx.save_for_backward(x, workspace)
+        ctx.n_bins, ctx.bound, ctx.kernel = n_bins, bound, kernel
+        return y, log_det
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: torch.Tensor, grad_log_det: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        x, workspace = ctx.saved_tensors
+        kernel: spline_kernel.SplineKernel = ctx.kernel
+        grad_x, grad_params = kernel.backward(
+            x, workspace, grad_y, grad_log_det, ctx.n_bins, ctx.bound
+        )
+        return grad_x, grad_params, None, None, None
+
+
 def rq_spline(
     x: torch.Tensor, params: torch.Tensor, n_bins: int, bound: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The monotone rational-quadratic spline on [-bound, bound], identity outside; returns
     y and log|dy/dx| elementwise. x (..., F); params (..., F·(3K-1)), the MADE's outputs
-    grouped by kind (``spline_columns``)."""
+    grouped by kind (``spline_columns``). Runs the fused C++ kernel when it is available
+    (``models.spline_kernel``), else whole-tensor torch operations: the same function."""
+    kernel = spline_kernel.kernel()
+    if kernel is not None and kernel.supports(x, params, n_bins):
+        return _RQSplineKernel.apply(x, params, n_bins, bound, kernel)  # type: ignore[no-any-return]
     return _RQSpline.apply(x, params, n_bins, bound)  # type: ignore[no-any-return]
 
 

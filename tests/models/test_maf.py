@@ -5,6 +5,7 @@ same sampling distribution; snapshots written with the nflows modules still load
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
+from models import spline_kernel
 from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, FlowConfig, Preprocessing
+from models.maf import rq_spline
 from models.online import OnlineConfig, OnlineFlow
 from models.snapshot import FlowSnapshot
 
@@ -156,3 +159,119 @@ def test_a_snapshot_written_with_nflows_modules_loads_with_the_same_density() ->
     flow = snapshot.flow()
     got = flow.log_prob(np.array(recorded["x"]), np.array(recorded["mjj_gev"]))
     np.testing.assert_allclose(got, recorded["log_prob"], atol=1e-4)
+
+
+# -- the fused C++ spline (models/spline_kernel.cpp) against the torch path -----------------
+
+
+def _spline_and_grads(
+    x: torch.Tensor, params: torch.Tensor, n_bins: int, bound: float, *, kernel: bool
+) -> list[torch.Tensor]:
+    """y, log|dy/dx| and the gradients of x and params of a fixed random linear loss."""
+    x, params = x.clone().requires_grad_(), params.clone().requires_grad_()
+    if kernel:
+        y, log_det = rq_spline(x, params, n_bins, bound)
+    else:
+        with spline_kernel.disabled():
+            y, log_det = rq_spline(x, params, n_bins, bound)
+    weights = torch.Generator().manual_seed(7)
+    grad_y = torch.randn(y.shape, generator=weights, dtype=torch.float64).to(y.dtype)
+    grad_log_det = torch.randn(y.shape, generator=weights, dtype=torch.float64).to(y.dtype)
+    ((y * grad_y).sum() + (log_det * grad_log_det).sum()).backward()
+    assert x.grad is not None and params.grad is not None
+    return [y.detach(), log_det.detach(), x.grad, params.grad]
+
+
+def _spline_inputs(
+    n_bins: int, bound: float, dtype: torch.dtype, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(members, rows, features) inputs over and beyond the bound, with exact edge values
+    (±bound, just inside and outside, 0) and knots; params spread by ``scale``."""
+    generator = torch.Generator().manual_seed(11)
+    m, n, f = 3, 200, 4
+    x = 1.5 * bound * (2 * torch.rand(m, n, f, generator=generator, dtype=torch.float64) - 1)
+    edges = torch.tensor([bound, -bound, bound * (1 - 1e-6), -bound * (1 + 1e-6), 0.0, 50.0])
+    x[:, : len(edges)] = edges[:, None].to(torch.float64)
+    params = scale * torch.randn(m, n, f * (3 * n_bins - 1), generator=generator)
+    return x.to(dtype), params.to(dtype)
+
+
+@pytest.fixture
+def kernel() -> spline_kernel.SplineKernel:
+    compiled = spline_kernel.kernel()
+    if compiled is None:
+        pytest.skip("the spline kernel could not be built here (no g++?)")
+    return compiled
+
+
+@pytest.mark.parametrize(
+    ("n_bins", "bound", "scale"), [(8, 4.0, 1.0), (8, 4.0, 4.0), (3, 1.5, 2.0)]
+)
+def test_spline_kernel_matches_the_torch_path(
+    kernel: spline_kernel.SplineKernel, n_bins: int, bound: float, scale: float
+) -> None:
+    """In float64 both compute the same function: values and gradients agree to 1e-5
+    (relative to 1 + |value|), inside, outside and exactly on the spline's bound."""
+    x, params = _spline_inputs(n_bins, bound, torch.float64, scale)
+    assert kernel.supports(x, params, n_bins)
+    ours = _spline_and_grads(x, params, n_bins, bound, kernel=True)
+    reference = _spline_and_grads(x, params, n_bins, bound, kernel=False)
+    for name, got, expected in zip(
+        ("y", "log_det", "grad x", "grad params"), ours, reference, strict=True
+    ):
+        np.testing.assert_allclose(
+            got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5, err_msg=name
+        )
+    outside = x.abs() > bound
+    assert torch.equal(ours[0][outside], x[outside])  # identity tails, exactly
+    assert torch.all(ours[1][outside] == 0)
+
+
+def test_spline_kernel_in_float32_is_as_close_to_float64_as_the_torch_path(
+    kernel: spline_kernel.SplineKernel,
+) -> None:
+    x, params = _spline_inputs(8, 4.0, torch.float64, 1.0)
+    truth = _spline_and_grads(x, params, 8, 4.0, kernel=False)
+    ours = _spline_and_grads(x.float(), params.float(), 8, 4.0, kernel=True)
+    torch_path = _spline_and_grads(x.float(), params.float(), 8, 4.0, kernel=False)
+    for got, reference, exact in zip(ours, torch_path, truth, strict=True):
+        ours_error = float(((got.double() - exact).abs() / (1 + exact.abs())).max())
+        torch_error = float(((reference.double() - exact).abs() / (1 + exact.abs())).max())
+        assert ours_error <= max(2 * torch_error, 1e-5)
+
+
+def test_spline_kernel_refuses_what_it_does_not_take(kernel: spline_kernel.SplineKernel) -> None:
+    x, params = _spline_inputs(8, 4.0, torch.float32, 1.0)
+    assert not kernel.supports(x, params.double(), 8)
+    assert not kernel.supports(x, params[..., :-1], 8)
+    assert not kernel.supports(x.half(), params.half(), 8)
+    with pytest.raises(ValueError, match="spline kernel takes"):
+        kernel.forward(x, params, 7, 4.0)
+
+
+def test_without_a_compiler_the_torch_path_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(spline_kernel, "COMMAND", ["no-such-compiler-trigfarm", "-O3"])
+    with pytest.raises(RuntimeError, match="not on PATH"):
+        spline_kernel.build(tmp_path)
+    monkeypatch.setattr(spline_kernel, "default_cache_dir", lambda: tmp_path)
+    spline_kernel._load.cache_clear()
+    try:
+        assert spline_kernel.kernel() is None
+        assert "using the torch path" in caplog.text
+        x, params = _spline_inputs(8, 4.0, torch.float64, 1.0)
+        y, _ = rq_spline(x, params, 8, 4.0)  # still computed, by torch
+        assert y.shape == x.shape
+    finally:
+        spline_kernel._load.cache_clear()
+
+
+def test_the_kernel_is_built_once_per_cache_folder(tmp_path: Path) -> None:
+    if shutil.which(spline_kernel.COMMAND[0]) is None:
+        pytest.skip("no C++ compiler")
+    library = spline_kernel.build(tmp_path)
+    stamp = library.stat().st_mtime_ns
+    assert spline_kernel.build(tmp_path) == library
+    assert library.stat().st_mtime_ns == stamp
+    assert spline_kernel.SplineKernel(library).max_bins >= 8
