@@ -188,6 +188,22 @@ def _call_bounded(fn: Callable[[], _T], budget_s: float, what: str) -> _T:
     return result[0]
 
 
+def _await_listener(host: str, port: int, timeout_s: float) -> None:
+    """Wait until something listens at host:port, raising ``ConnectionError`` after
+    ``timeout_s``. A store client is made only then: c10d's own connect loop, abandoned
+    by ``_call_bounded`` when rank 0 is dead, later corrupted the heap (malloc abort)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                msg = f"nothing listens at {host}:{port} after {timeout_s:.0f} s ({exc})"
+                raise ConnectionError(msg) from None
+            time.sleep(0.2)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
@@ -416,6 +432,7 @@ class ParameterAverager:
         cfg = self.config
         timeout = timedelta(seconds=cfg.timeout_s)
         if cfg.rank != 0:
+            _await_listener(cfg.host, cfg.port, cfg.timeout_s)
             return TCPStore(cfg.host, cfg.port, None, False, timeout)
         # Listen on init_method's address only (TCPStore alone would listen on every one).
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
