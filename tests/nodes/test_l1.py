@@ -219,3 +219,31 @@ def test_l1_node_over_zeromq_with_prometheus(emulator: Emulator) -> None:
     assert f'l1_seed_accepts_total{{node="l1-zmq",seed="anomaly"}} {anomaly:.1f}' in scraped
     assert 'l1_score_rz_count{node="l1-zmq"} 1000.0' in scraped
     assert 'l1_score_rz_bucket{le="+Inf",node="l1-zmq"} 1000.0' in scraped
+
+
+def test_rate_controlled_seed_moves_its_threshold_per_lumi_block(emulator: Emulator) -> None:
+    from nodes.l1 import L1Trigger
+    from nodes.rate_control import THRESHOLD_RECORD_KIND
+
+    config = L1Config(threshold=1e9, anomaly=False, seeds=("ht",), rate_targets_hz={"ht": 4e6})
+    l1 = L1Trigger(config, name="l1-ctl", emulator=emulator, threshold=1e9)
+    per_lumi = 2000
+    meta = {"hz_per_weight": 40e6, "events_per_lumi": per_lumi}
+    fractions, records = [], []
+    for lumi in range(1, 13):
+        # One batch per block: the block closes (and the threshold moves) when the next arrives.
+        batch = l1_batch(per_lumi, seed=lumi, first_event=lumi * per_lumi)
+        batch = batch.with_columns(lumi=np.full(per_lumi, lumi, "<u4")).with_meta(**meta)
+        outcome = l1.process(batch)
+        for emit in outcome.emits:
+            if not isinstance(emit.message, EventBatch):
+                records.append(emit.message)
+        fractions.append(outcome.accepted / per_lumi)
+    # The first block ran at the configured 360 GeV; later blocks at the controlled one.
+    changes = l1.report()["threshold_changes"]
+    assert [c["lumi"] for c in changes] == list(range(1, 12))
+    assert changes[0]["old_threshold"] == config.ht_gev
+    assert l1.thresholds["ht"] == changes[-1]["new_threshold"] != config.ht_gev
+    assert all(r.kind == THRESHOLD_RECORD_KIND for r in records) and len(records) == 11
+    # 4 MHz of 40 MHz: 10% of crossings fire once the controller has settled.
+    assert np.mean(fractions[6:]) == pytest.approx(0.10, abs=0.02), fractions
