@@ -41,6 +41,7 @@ import zmq
 from deploy import security
 from deploy.roles import ROLES, LaunchContext
 from deploy.topology import StageSpec, Topology, TopologyError
+from stream.durable import write_durably
 from stream.errors import FrameError
 from stream.node import Node, NodeConfig
 from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
@@ -711,6 +712,4 @@ class Farm:
             if n["metrics"]
         ]
         for name, content in (("farm.json", body), ("targets.json", targets)):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(json.dumps(content, indent=2))
-            tmp.replace(out / name)
+            write_durably(out / name, json.dumps(content, indent=2).encode())

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 
 from firmware.config import QuantizationConfig, VAEConfig
 from firmware.inputs import InputScaling
+from stream.durable import write_durably
 
 CARD_NAME = "model_card.json"
 WEIGHTS_NAME = "weights.npz"
@@ -115,14 +114,9 @@ def load_model(path: str | Path | None = None) -> L1Model:
 
 def write_card(path: str | Path, card: dict[str, Any]) -> Path:
     """Write (atomically) the model card of the directory ``path``."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=root, delete=False, suffix=".tmp") as tmp:
-        json.dump(card, tmp, indent=2, sort_keys=False, default=_plain)
-        tmp.write("\n")
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, root / CARD_NAME)
-    return root / CARD_NAME
+    target = Path(path) / CARD_NAME
+    write_durably(target, (json.dumps(card, indent=2, default=_plain) + "\n").encode())
+    return target
 
 
 def _plain(value: Any) -> Any:

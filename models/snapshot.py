@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from stream.batch import Record
 from stream.codec import decode, encode
+from stream.durable import write_durably
 from stream.errors import FrameError
 from stream.schema import SCHEMA_VERSION
 from stream.version import version
@@ -219,23 +219,6 @@ class FlowSnapshot:
         except OSError as exc:
             raise SnapshotError("unreadable", f"{path}: {exc}") from exc
         return FlowSnapshot.from_bytes(data, source=str(path))
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the whole
-    new one: a temporary file in the same folder, fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _frames(body: memoryview) -> list[memoryview]:

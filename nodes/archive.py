@@ -39,10 +39,11 @@ import h5py
 from prometheus_client import Counter, Gauge
 
 from models.archive import EVENTS_KIND, connect_index, file_sha256
-from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError, write_durably
+from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError
 from simulator.cache import CacheWriter, recover_partial
 from simulator.errors import DataFileError
 from stream.batch import EventBatch, Message, Record
+from stream.durable import write_durably
 from stream.node import Emit, Outcome, Processor
 
 log = logging.getLogger(__name__)

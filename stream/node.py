@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -32,7 +30,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -43,6 +40,7 @@ import zmq
 from stream import metrics
 from stream.batch import EventBatch, Message
 from stream.codec import decode
+from stream.durable import write_durably
 from stream.errors import FrameError
 from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
 from stream.transport import (
@@ -747,14 +745,8 @@ class Node:
     def _write_stats(self) -> None:
         if self.config.stats_path is None:
             return
-        path = Path(self.config.stats_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         body = {"name": self.config.name, "role": self.config.role, **self.snapshot()}
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-            json.dump(body, tmp, indent=2, default=float)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+        write_durably(self.config.stats_path, json.dumps(body, indent=2, default=float).encode())
 
     def _log_once(
         self,
