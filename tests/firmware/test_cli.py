@@ -20,6 +20,8 @@ from simulator.cache import CacheWriter
 from stream import EventBatch
 from tests.firmware.conftest import l1_like_objects
 
+pytestmark = pytest.mark.slow  # trains, calibrates and builds with hls4ml
+
 
 def write_l1_cache(path: Path, n: int, seed: int) -> Path:
     batch = EventBatch(

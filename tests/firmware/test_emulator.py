@@ -15,6 +15,8 @@ from firmware.inputs import round_to_fixed
 from firmware.model import L1Model
 from tests.firmware.conftest import l1_like_objects
 
+pytestmark = pytest.mark.slow  # hls4ml compiles the model
+
 N_EVENTS = 10_000  # the bit-exactness check: 10k events
 
 

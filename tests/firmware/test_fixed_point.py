@@ -23,6 +23,8 @@ from firmware.inputs import N_INPUTS, scale_l1_objects
 from stream.schema import L1_SLOTS
 from tests.conftest import shared_data
 
+pytestmark = pytest.mark.slow  # compiles hls4ml's C++
+
 N_REAL = 12_000
 
 
