@@ -182,8 +182,9 @@ class StreamTrainer:
         self.config = config
         torch.manual_seed(seed)
         self.flow = ConditionalFlow(config.flow_config(), preprocessing)
+        # fused: one kernel for the whole update (about half the time of foreach=True here)
         self.optimizer = torch.optim.Adam(
-            self.flow.parameters(), lr=config.learning_rate, foreach=True
+            self.flow.parameters(), lr=config.learning_rate, fused=True
         )
         self._average = AveragedModel(self.flow, avg_fn=self._polyak)
         self.stats = TrainerStats()
