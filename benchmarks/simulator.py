@@ -21,6 +21,8 @@
    LHCO events), so that the comparison is like for like; the shipped default (FastJet
    contrib's definition) is compared too. Overlay plots go to ``--out-dir``. A sample
    with pT-hat > 900 GeV checks whether LHCO's own sample lacks the turn-on too.
+   ``--detector-scan N`` first runs the same N Pythia events through each tuning step
+   of the detector (``--only-scan``: nothing else).
 
     python -m benchmarks.simulator [--bare-events 2000] [--events 2000]
         [--validation-events 6000] [--out-dir out/benchmarks]
@@ -50,7 +52,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.stats import ks_2samp
 
-from simulator import PROCESSES, EventGenerator, JetConfig, make_pythia, make_recipe
+from simulator import (
+    PROCESSES,
+    DetectorModel,
+    EventGenerator,
+    JetConfig,
+    generate,
+    make_pythia,
+    make_recipe,
+)
 from simulator.cache import read_cache
 from simulator.dataset import (
     LHCO_FATJET_PT_MIN_GEV,
@@ -216,6 +226,59 @@ def turn_on(n_per_window: int, seed: int) -> dict[str, Any]:
     return {"windows": windows, "cuts": cuts}
 
 
+def detector_variants() -> dict[str, DetectorModel]:
+    """The tuning steps of ``simulator/detector.py``, from the old model to the options."""
+    shipped = DetectorModel()
+
+    def cells(model: DetectorModel, position: str) -> DetectorModel:
+        return dataclasses.replace(
+            model,
+            ecal=dataclasses.replace(model.ecal, position=position),
+            hcal=dataclasses.replace(model.hcal, position=position),
+            forward=dataclasses.replace(model.forward, position=position),
+        )
+
+    flow = dataclasses.replace(
+        shipped,
+        particle_flow=True,
+        hcal=dataclasses.replace(shipped.hcal, significance_min=1.0),
+    )
+    return {
+        "before: centroid cells, all tracks found": cells(
+            dataclasses.replace(shipped, track_efficiency=1.0), "centroid"
+        ),
+        "cells anywhere inside (uniform)": dataclasses.replace(shipped, track_efficiency=1.0),
+        "+ 95% tracking efficiency (shipped)": shipped,
+        "+ particle flow (excess > 1 sigma)": flow,
+        "+ particle flow, HCAL 150%/sqrt(E)": dataclasses.replace(
+            flow, hcal=dataclasses.replace(flow.hcal, stochastic=1.5)
+        ),
+    }
+
+
+def detector_scan(n_events: int, seed: int, real: np.ndarray) -> dict[str, dict[str, float]]:
+    """The same Pythia events (no filter, so every variant sees all of them) through each
+    detector variant, then the selection; KS distances to LHCO, LHCO tau convention."""
+    jets = JetConfig(tau_convention="lhco-features")
+    out = {}
+    for name, detector in detector_variants().items():
+        batches = list(
+            generate("qcd", n_events, seed=seed, batch_size=500, detector=detector, jets=jets,
+                     layout="features")
+        )  # fmt: skip
+        batch = EventBatch.concat(batches)
+        selected = batch["features"][batch["fatjets"][:, :, 0].max(axis=1) > LHCO_FATJET_PT_MIN_GEV]
+        table = compare(selected, real)
+        out[name] = {k: table[k]["ks_distance"] for k in ("tau21_j1", "tau21_j2", "mj1", "mjj")}
+        out[name]["selected"] = len(selected)
+        row = out[name]
+        print(
+            f"  {name:42s} tau21 J1 {row['tau21_j1']:.3f}  J2 {row['tau21_j2']:.3f}  "
+            f"mJ1 {row['mj1']:.3f}  mjj {row['mjj']:.3f}  ({len(selected)} selected)"
+        )
+    return out
+
+
 def features_of(path: Path, name: str) -> np.ndarray:
     batches = list(read_cache(dataset_files(path, name), columns=["features"]))
     return EventBatch.concat(batches)["features"]
@@ -275,6 +338,10 @@ def main() -> None:
     parser.add_argument("--turn-on-events", type=int, default=3000, help="per pT-hat window")
     parser.add_argument("--pthat-check-events", type=int, default=2000)
     parser.add_argument("--process-events", type=int, default=100, help="0: skip")
+    parser.add_argument(
+        "--detector-scan", type=int, default=0, help="Pythia events per detector variant"
+    )
+    parser.add_argument("--only-scan", action="store_true", help="run the detector scan only")
     parser.add_argument("--lhco-raw", type=Path, default=SHARED / "lhco-rnd-raw-1k")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "out" / "benchmarks")
@@ -283,6 +350,14 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     lhco = lhco_like()
     load_before = os.getloadavg()[0]
+    if args.detector_scan:
+        files = [args.lhco_dir / f"scalars_bkg{i:02d}.h5" for i in range(1, 9)]
+        real = EventBatch.concat(list(replay("lhco-features", files)))["features"]
+        print(f"detector variants, {args.detector_scan} QCD events each:", flush=True)
+        scan = detector_scan(args.detector_scan, args.seed, real)
+        if args.only_scan:
+            print(json.dumps({"benchmark": "simulator-detector-scan", "scan": scan}))
+            return
     made: list[Path] = []
 
     print("speed, side by side (same Pythia settings) ...", flush=True)
