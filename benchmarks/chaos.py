@@ -234,8 +234,7 @@ def analyse(
     )
     lost_nodes = {s["stage"]: len(s["lost"]) for s in report["stages"]}
     bounds = {
-        name: lost_nodes[name] * in_flight_bound(stage, farm)
-        for name, stage in stages.items()
+        name: lost_nodes[name] * in_flight_bound(stage, farm) for name, stage in stages.items()
     }
     records_lost = sum(
         s["records_lost"] + s.get("records_lost_in_flight", 0) for s in report["stages"]
