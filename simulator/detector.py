@@ -28,19 +28,19 @@ hadrons outside the tracker (or below 0.5 GeV) deposit in the calorimeters. Unde
 pi0 and eta mesons (with hadron decays off) deposit in the ECAL like their photons.
 Pileup, noise and shower spread across cells are not modelled.
 
-Tuning against LHCO R&D (Pythia 8 + Delphes 3.4.1; ``benchmarks/simulator.py``). The
-first version (every cell at its deposits' centroid, every charged hadron tracked) gave
-jets whose tau21 was lower than LHCO's (KS 0.074 for the heavier jet, like for like):
-its cells placed neutral energy exactly where the particles were. Delphes puts a tower
-anywhere inside its cell, which adds angular noise of about a cell's size and raises
-tau2 more than tau1; doing the same brought the KS to about 0.05. A 95% tracking
-efficiency (the CMS card's 95% above 1 GeV in the barrel) sends 5% of the charged
-hadrons to the coarse HCAL, which brought it to 0.033, with the jet masses unchanged.
-Particle flow in the Delphes way (``particle_flow``: tracked hadrons also shower in the
-HCAL and what a cell measures above its tracks becomes a neutral candidate) brought
-tau21 closer still (KS 0.02) but raised the jet mass (KS 0.03-0.04 for mJ1), so it is
-off by default. A coarser ECAL (HCAL cells) or higher thresholds moved tau21 the wrong
-way or broke the masses.
+Tuning against LHCO R&D (Pythia 8 + Delphes 3.4.1; ``python -m benchmarks.simulator
+--detector-scan 12000 --only-scan``, KS distances to LHCO's background, tau in the LHCO
+files' convention). The first version (every cell at its deposits' centroid, every
+charged hadron tracked) gave jets whose tau21 was lower than LHCO's (KS 0.076 for the
+heavier jet): its cells placed neutral energy exactly where the particles were. Delphes
+puts a tower anywhere inside its cell, which adds angular noise of about a cell's size
+and raises tau2 more than tau1; doing the same brought the KS to 0.038. A 95% tracking
+efficiency (the CMS card's above 1 GeV in the barrel) sends 5% of the charged hadrons to
+the coarse HCAL: 0.033, with the jet masses unchanged. Particle flow in the Delphes way
+(``particle_flow``: tracked hadrons also shower in the HCAL and what a cell measures
+above its tracks becomes a neutral candidate) brought tau21 closer still (0.026) but
+raised the jet mass (mJ1 KS 0.034 -> 0.043), so it is off by default. A coarser ECAL
+(HCAL cells) or higher thresholds moved tau21 the wrong way or the masses.
 """
 
 from __future__ import annotations
