@@ -7,12 +7,13 @@ A spec is a trigfarm event cache (``.h5`` written by the simulator or the archiv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from simulator.replay import READERS, expand_paths, reader_for
+from simulator.replay import expand_paths, reader_for, replay_component
 from stream.schema import FEATURE_NAMES
 
 MJJ = FEATURE_NAMES.index("mjj")
@@ -40,15 +41,16 @@ class Events:
         return (self.mjj >= window_gev[0]) & (self.mjj < window_gev[1])
 
 
-def load_events(specs: Sequence[str]) -> Events:
-    """Read every spec; ``is_signal`` is kept when every file has it."""
+def load_events(specs: Sequence[str | Mapping[str, Any]]) -> Events:
+    """Read every spec (a replay component, or a bare path to an event cache);
+    ``is_signal`` is kept when every file has it."""
     features, labels = [], []
     for spec in specs:
-        head, sep, rest = spec.partition(":")
-        if sep and head in READERS:
-            layout, paths = head, [p for p in rest.split(",") if p]
+        replay = replay_component(spec)
+        if replay is not None:
+            layout, paths = replay[0], list(replay[1])
         else:
-            layout, paths = "cache", [spec]
+            layout, paths = "cache", [str(spec)]
         for batch in reader_for(layout)(expand_paths(paths), chunk_size=65_536, skip_bad_rows=True):
             features.append(np.asarray(batch["features"], np.float64))
             labels.append(batch.truth["is_signal"] if "is_signal" in batch.truth else None)

@@ -263,8 +263,10 @@ def replay(
     if signal and signal_fraction > 0:
         signal = _readable_files(layout, signal, skip_bad_files=skip_bad_files, what="signal")
     source = {
-        "background": [f"{layout}:{','.join(background)}"],
-        "signal": [f"{layout}:{','.join(signal)}"] if signal and signal_fraction > 0 else [],
+        "background": [{"layout": layout, "paths": list(background)}],
+        "signal": [{"layout": layout, "paths": list(signal)}]
+        if signal and signal_fraction > 0
+        else [],
         "signal_fraction": signal_fraction,
         "loop": loop,
     }

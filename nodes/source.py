@@ -1,21 +1,24 @@
 """The source node: events from generator recipes or replayed files, mixed, numbered, paced.
 
 A source has a background stream and an optional signal stream. Each stream is a list of
-components with weights; a component is either a generator recipe (``"qcd"``,
-``"wprime?m_x_gev=300"``) or a replay of files (``"<layout>:<path or glob>[,<path>...]"``,
-layouts as in ``simulator.replay.READERS``). Every batch takes ``signal_fraction`` of its
-events from the signal stream (S/B = f / (1 - f)), split over the components by weight.
-The split is deterministic: cumulative counts follow the targets to within one event, so
-a run of N events holds floor(f N) signal events. Events are shuffled within the batch,
-numbered (run, lumi, event) and sent on port ``out``. Truth keeps each event's process
-id; ``is_signal`` says which stream it came from (1 signal, 0 background), except that
-replayed background files keep their own labels (the raw LHCO file mixes both).
+components with weights; a component is either a generator recipe (a table
+``{process = "wprime", m_x_gev = 300}``, shorthand ``"wprime?m_x_gev=300"``) or a replay
+of files (``{layout = "lhco-features", paths = ["a.h5", "b*.h5"]}``, shorthand
+``"lhco-features:a.h5,b*.h5"``; layouts as in ``simulator.replay.READERS``). Every batch
+takes ``signal_fraction`` of its events from the signal stream (S/B = f / (1 - f)), split
+over the components by weight. The split is deterministic: cumulative counts follow the
+targets to within one event, so a run of N events holds floor(f N) signal events. Events
+are shuffled within the batch, numbered (run, lumi, event) and sent on port ``out``.
+Truth keeps each event's process id; ``is_signal`` says which stream it came from (1
+signal, 0 background), except that replayed background files keep their own labels (the
+raw LHCO file mixes both).
 
 Replay the LHCO R&D features with 1% signal, looping the files:
 
+    lhco = "../shared/data/lhco-rnd-100k"
     SourceConfig(
-        background=("lhco-features:../shared/data/lhco-rnd-100k/scalars_bkg*.h5",),
-        signal=("lhco-features:../shared/data/lhco-rnd-100k/scalars_sig*.h5",),
+        background=({"layout": "lhco-features", "paths": [f"{lhco}/scalars_bkg*.h5"]},),
+        signal=({"layout": "lhco-features", "paths": [f"{lhco}/scalars_sig*.h5"]},),
         signal_fraction=0.01,
         loop=True,
     )
@@ -56,7 +59,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -72,7 +75,7 @@ from simulator.errors import DataFileError
 from simulator.generator import EventGenerator, derived_seed
 from simulator.jets import JetConfig
 from simulator.recipes import PROCESSES, Recipe, make_recipe, parse_parameter
-from simulator.replay import READERS, expand_paths, reader_for
+from simulator.replay import READERS, expand_paths, reader_for, replay_component
 from stream.batch import EventBatch
 from stream.node import Emit, Outcome, Producer
 
@@ -123,9 +126,9 @@ class SourceConfig:
         crossing_rate_hz: bunch-crossing rate (the rate of a unit-weight stream).
     """
 
-    background: tuple[str, ...] = ("qcd",)
+    background: tuple[str | Mapping[str, Any], ...] = ("qcd",)
     background_weights: tuple[float, ...] = ()
-    signal: tuple[str, ...] = ()
+    signal: tuple[str | Mapping[str, Any], ...] = ()
     signal_weights: tuple[float, ...] = ()
     signal_fraction: float = 0.0
     rate_hz: float = 0.0
@@ -146,7 +149,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         for key in _SEQUENCE_FIELDS:
             value = getattr(self, key)
-            if isinstance(value, str):
+            if isinstance(value, str | Mapping):
                 value = (value,)
             object.__setattr__(self, key, tuple(value))
         if not self.background:
@@ -198,28 +201,35 @@ class ComponentSpec:
     paths: tuple[str, ...] = ()
 
 
-def parse_component(text: str) -> ComponentSpec:
-    """Parse ``"qcd"``, ``"wprime?m_x_gev=300&m_y_gev=80"`` or ``"lhco-features:a.h5,b*.h5"``.
+def parse_component(spec: str | Mapping[str, Any]) -> ComponentSpec:
+    """Parse a component: a table (``{process = "wprime", m_x_gev = 300}`` or
+    ``{layout = "lhco-features", paths = ["a.h5"]}``) or its shorthand (``"qcd"``,
+    ``"wprime?m_x_gev=300&m_y_gev=80"``, ``"lhco-features:a.h5,b*.h5"``).
 
     Raises:
         ValueError: an unknown process or layout, or a bad parameter (names the spec).
     """
-    head, sep, rest = text.partition(":")
-    if sep and head in READERS:
-        paths = tuple(p.strip() for p in rest.split(",") if p.strip())
-        if not paths:
-            msg = f"component {text!r} names no file"
-            raise ValueError(msg)
-        return ComponentSpec(text, layout=head, paths=paths)
-    name, _, query = text.partition("?")
+    replay = replay_component(spec)
+    if replay is not None:  # named as in its shorthand, for reports (never parsed again)
+        return ComponentSpec(
+            f"{replay[0]}:{','.join(replay[1])}", layout=replay[0], paths=replay[1]
+        )
+    if isinstance(spec, str):
+        text = spec
+        name, _, query = spec.partition("?")
+        parameters = [f"{k}={v}" for k, v in parse_qsl(query)]
+    else:
+        name = str(spec.get("process", ""))
+        parameters = [f"{k}={v}" for k, v in spec.items() if k != "process"]
+        text = f"{name}?{'&'.join(parameters)}" if parameters else name
     if name not in PROCESSES:
         msg = (
-            f"component {text!r} is neither a process ({', '.join(PROCESSES)}) nor "
-            f"<layout>:<files> with a layout in ({', '.join(sorted(READERS))})"
+            f"component {text!r} is neither a process ({', '.join(PROCESSES)}) nor a "
+            f"replay of files with a layout in ({', '.join(sorted(READERS))})"
         )
         raise ValueError(msg)
     base = PROCESSES[name]
-    changes = dict(parse_parameter(base, f"{k}={v}") for k, v in parse_qsl(query))
+    changes = dict(parse_parameter(base, parameter) for parameter in parameters)
     return ComponentSpec(text, recipe=make_recipe(name, **changes))
 
 
@@ -759,8 +769,8 @@ def lhco_replay(
     """A ``SourceConfig`` replaying LHCO R&D feature files (paths or globs) at a signal
     fraction, looping by default; ``options`` set any other field."""
     return SourceConfig(
-        background=(f"lhco-features:{','.join(map(str, background))}",),
-        signal=(f"lhco-features:{','.join(map(str, signal))}",) if signal else (),
+        background=({"layout": "lhco-features", "paths": [str(p) for p in background]},),
+        signal=({"layout": "lhco-features", "paths": [str(p) for p in signal]},) if signal else (),
         signal_fraction=signal_fraction,
         loop=options.pop("loop", True),
         **options,

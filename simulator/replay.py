@@ -20,9 +20,9 @@ name               layout
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from simulator.cache import read_cache
 from simulator.cms_l1ad import read_cms_l1ad
@@ -89,6 +89,40 @@ READERS: dict[str, ReaderFunction] = {
     "top-landscape": _top_landscape,
     "root": _root,
 }
+
+
+def replay_component(spec: str | Mapping[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """The (layout, paths) a replay component names, or ``None`` if it names none.
+
+    A component is a table ``{layout = "lhco-features", paths = ["a.h5", "b*.h5"]}`` or
+    the command-line shorthand ``"lhco-features:a.h5,b*.h5"`` (which cannot hold a path
+    with a comma).
+
+    Raises:
+        ValueError: a table with an unknown layout, no paths, or other keys (names it).
+    """
+    if isinstance(spec, str):
+        head, sep, rest = spec.partition(":")
+        if not (sep and head in READERS):
+            return None
+        layout, paths = head, tuple(p.strip() for p in rest.split(",") if p.strip())
+    elif "layout" in spec:
+        extra = sorted(set(spec) - {"layout", "paths"})
+        paths_value = spec.get("paths", ())
+        layout = spec["layout"]
+        if extra or layout not in READERS or isinstance(paths_value, str):
+            msg = (
+                f"replay component {dict(spec)} needs layout (one of {sorted(READERS)}) and "
+                f"a list of paths, and nothing else{f' (not {extra})' if extra else ''}"
+            )
+            raise ValueError(msg)
+        paths = tuple(str(p) for p in paths_value)
+    else:
+        return None
+    if not paths:
+        msg = f"replay component {spec!r} names no file"
+        raise ValueError(msg)
+    return layout, paths
 
 
 def register_reader(name: str, function: ReaderFunction) -> None:

@@ -187,6 +187,24 @@ def test_bad_configs_name_the_key() -> None:
     assert SourceConfig(background=["qcd"]).background == ("qcd",)  # type: ignore[arg-type]
 
 
+def test_components_as_tables_equal_their_shorthand(tmp_path: Path) -> None:
+    """A TOML table and its shorthand name the same component; a table holds paths the
+    shorthand cannot (commas, colons), and a bad table names what is wrong."""
+    table = parse_component({"process": "wprime", "m_x_gev": 300, "m_y_gev": 80})
+    assert table.recipe == parse_component("wprime?m_x_gev=300&m_y_gev=80").recipe
+    assert table.text == "wprime?m_x_gev=300&m_y_gev=80"
+    odd = tmp_path / "run,2:b.h5"
+    replay = parse_component({"layout": "cache", "paths": [str(odd)]})
+    assert (replay.layout, replay.paths) == ("cache", (str(odd),))
+    assert parse_component(f"cache:{odd}").paths != (str(odd),)  # the shorthand splits it
+    with pytest.raises(ValueError, match="nothing else"):
+        parse_component({"layout": "cache", "paths": ["a.h5"], "loop": True})
+    with pytest.raises(ValueError, match="names no file"):
+        parse_component({"layout": "cache", "paths": []})
+    with pytest.raises(ValueError, match="m_x_gev"):
+        parse_component({"process": "qcd", "m_x_gev": 3})
+
+
 def test_feeds_a_downstream_node_at_the_set_rate(files: dict[str, Path]) -> None:
     port = free_tcp_port()
     ctx = zmq.Context()
