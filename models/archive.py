@@ -16,6 +16,7 @@ in the index: a corrupted, partial or missing file raises ``ArchiveError`` or is
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,15 @@ CREATE TABLE IF NOT EXISTS files (
     created_s REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS by_query ON files (kind, run, node, lumi_first, lumi_last);
+CREATE TABLE IF NOT EXISTS thresholds (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL,
+    path TEXT NOT NULL,
+    lumi INTEGER NOT NULL,
+    threshold REAL NOT NULL,
+    meta TEXT NOT NULL,
+    created_s REAL NOT NULL
+);
 """
 
 
@@ -191,6 +201,20 @@ class Archive:
         """The ``features`` column of every stored event (N, 8)."""
         parts = [b["features"] for b in self.events(run=run, columns=("features",))]
         return np.concatenate(parts) if parts else np.zeros((0, 8), np.float32)
+
+    def thresholds(self, *, path: str | None = None) -> list[dict[str, Any]]:
+        """Every threshold change a rate controller made, in the order stored: the
+        trigger ``path``, the ``lumi`` block measured and the ``threshold`` in force
+        after it, with the controller's figures (rate, target, ...)."""
+        query = "SELECT meta FROM thresholds" + (" WHERE path = ?" if path else "")
+        db = sqlite3.connect(f"file:{self._index_path}?mode=ro", uri=True)
+        try:
+            rows = db.execute(query + " ORDER BY id", (path,) if path else ()).fetchall()
+        except sqlite3.OperationalError:  # an archive written before thresholds were kept
+            rows = []
+        finally:
+            db.close()
+        return [json.loads(row[0]) for row in rows]
 
     def verify(self) -> list[str]:
         """Every problem found: missing or corrupted files, and leftover temporary files."""

@@ -26,6 +26,7 @@ A snapshot record that fails its own content hash is counted
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -40,6 +41,7 @@ from prometheus_client import Counter, Gauge
 
 from models.archive import EVENTS_KIND, connect_index, file_sha256
 from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError
+from nodes.rate_control import THRESHOLD_RECORD_KIND
 from simulator.cache import CacheWriter, recover_partial
 from simulator.errors import DataFileError
 from stream.batch import EventBatch, Message, Record
@@ -107,6 +109,7 @@ class ArchiveNode(Processor):
         self.snapshots_stored = 0
         self.bad_records = 0
         self.events_recovered = 0
+        self.thresholds_stored = 0
         self._events_seen: dict[tuple[str, str], int] = {}
         self._recover_leftovers()
 
@@ -137,6 +140,7 @@ class ArchiveNode(Processor):
             "events_stored": self.events_stored,
             "bad_records": self.bad_records,
             "events_recovered": self.events_recovered,
+            "thresholds_stored": self.thresholds_stored,
             "flow_bytes": self.bytes[SNAPSHOT_KIND],
             "event_bytes": self.bytes[EVENTS_KIND],
             "events_seen_by_flows": seen,
@@ -149,6 +153,9 @@ class ArchiveNode(Processor):
     # -- snapshots -----------------------------------------------------------------------
 
     def _store_record(self, record: Record) -> None:
+        if record.kind == THRESHOLD_RECORD_KIND:
+            self._store_threshold(record)
+            return
         if record.kind != SNAPSHOT_KIND:
             RECORDS.labels(node=self.name, kind=record.kind, outcome="ignored").inc()
             return
@@ -180,6 +187,29 @@ class ArchiveNode(Processor):
         self._events_seen[(snap.node_id, snap.role)] = snap.events_seen
         RECORDS.labels(node=self.name, kind=record.kind, outcome="stored").inc()
         BYTES.labels(node=self.name, kind=SNAPSHOT_KIND).set(self.bytes[SNAPSHOT_KIND])
+
+    def _store_threshold(self, record: Record) -> None:
+        """Index a rate controller's threshold change (the threshold in force after
+        ``lumi``), so an analysis knows what each path required, block by block."""
+        meta = dict(record.meta)
+        try:
+            row = (str(meta["node"]), str(meta["path"]), int(meta["lumi"]))
+            threshold = float(meta["new_threshold"])
+            body = json.dumps(meta, allow_nan=False)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.bad_records += 1
+            RECORDS.labels(node=self.name, kind=record.kind, outcome="bad").inc()
+            log.warning("archive %s: rejected a threshold record: %s", self.name, exc)
+            return
+        if self._db is None:
+            self._db = connect_index(self.root)
+        self._db.execute(
+            "INSERT INTO thresholds (node, path, lumi, threshold, meta, created_s)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (*row, threshold, body, time.time()),
+        )
+        self.thresholds_stored += 1
+        RECORDS.labels(node=self.name, kind=record.kind, outcome="stored").inc()
 
     # -- events --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from models.archive import Archive, ArchiveError
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from models.snapshot import FlowSnapshot
 from nodes.archive import ArchiveConfig, build
+from nodes.rate_control import ThresholdChange
 from stream.batch import EventBatch, Record
 from stream.node import Emit, Node, NodeConfig, Outcome, Producer
 from stream.testing import free_tcp_port, stats_of, synthetic_batch
@@ -140,6 +141,24 @@ def test_the_latest_snapshot_of_a_restarted_node_is_the_last_stored(tmp_path: Pa
     node.finish()
     (latest,) = Archive(tmp_path).snapshots(latest_per_node=True)
     assert (latest.sequence, latest.lumi_first) == (1, 2)
+
+
+def test_threshold_changes_are_indexed_for_the_analysis(tmp_path: Path) -> None:
+    """A rate controller's threshold_change records are kept, in order, with the lumi
+    block and the threshold in force after it; a malformed one is counted, not kept."""
+    node = build(ArchiveConfig(out_dir=str(tmp_path)), name="archive")
+    changes = [
+        ThresholdChange("l1", "ht", lumi, 500.0 + lumi, 501.0 + lumi, 1e5, 1e3, 1e5, -2.0, 0.0)
+        for lumi in (1, 2, 3)
+    ]
+    for change in changes:
+        assert node.process(change.as_record()).accounted == 0
+    node.process(Record("threshold_change", {"node": "l1", "path": "ht"}))  # no lumi
+    node.finish()
+    kept = Archive(tmp_path).thresholds(path="ht")
+    assert [(t["lumi"], t["new_threshold"]) for t in kept] == [(1, 502.0), (2, 503.0), (3, 504.0)]
+    assert node.thresholds_stored == 3 and node.bad_records == 1
+    assert Archive(tmp_path).thresholds(path="single_jet") == []
 
 
 def test_corrupted_and_partial_files_are_detected_not_loaded(tmp_path: Path) -> None:
