@@ -45,7 +45,7 @@ from deploy.report import build_report, format_report, write_report
 from deploy.roles import ROLES
 from deploy.topology import load_topology
 from models.archive import Archive
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 
 FAULTS = ("kill", "pause", "archive", "garbage")
 GARBAGE_PER_BURST = 500

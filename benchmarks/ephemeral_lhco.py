@@ -54,7 +54,7 @@ from nodes.source import SourceConfig
 from nodes.source import build as build_source
 from simulator.production import simulate_to_file
 from stream.batch import EventBatch, Record
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lhco-rnd-100k"
 SR = (3300.0, 3700.0)

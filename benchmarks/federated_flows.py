@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.ephemeral_lhco import DATA
 from benchmarks.online_flow_ablation import lhco_stream, score
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 
 
 def learn_share(

@@ -20,7 +20,8 @@ import time
 import zmq
 
 from stream import EventBatch, decode, encode
-from stream.testing import free_tcp_port, synthetic_batch
+from stream.testing import synthetic_batch
+from stream.transport import free_tcp_port
 
 BATCH_EVENTS = 1024
 

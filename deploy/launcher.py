@@ -45,8 +45,7 @@ from stream.durable import write_durably
 from stream.errors import FrameError
 from stream.node import Node, NodeConfig
 from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
-from stream.testing import free_tcp_port
-from stream.transport import CurveKeys, SocketOptions
+from stream.transport import CurveKeys, SocketOptions, free_tcp_port
 
 log = logging.getLogger(__name__)
 

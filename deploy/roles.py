@@ -3,7 +3,8 @@
 A role names the node module, its config dataclass and its ``build`` function; modules
 are imported only when a node of that role is built (so a farm without an HLT never
 imports torch, and the parent launcher never imports TensorFlow). The synthetic roles
-wrap ``stream.testing`` fakes: they exercise the launcher and the wire, not physics.
+(``deploy.synthetic``) wrap ``stream.testing`` fakes: they exercise the launcher and the
+wire, not physics, and are imported only when a synthetic farm runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 
 from deploy.topology import StageSpec, TopologyError, fill_config
 from stream.node import Processor, Producer
-from stream.testing import ListSource, RecordingSink, Relay, synthetic_batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,55 +29,6 @@ class LaunchContext:
     events: int = 0
     threads: int = 1
     rendezvous: str = ""  # where the stage's learners meet to average, chosen per run
-
-
-@dataclass(frozen=True, slots=True)
-class SyntheticSourceConfig:
-    """A source of random schema-shaped batches; ``rate_hz`` in events per second (0: as
-    fast as the outputs take them)."""
-
-    events: int = 10_000
-    batch_size: int = 256
-    rate_hz: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.events < 1 or self.batch_size < 1 or self.rate_hz < 0:
-            msg = f"events and batch_size must be >= 1 and rate_hz >= 0, got {self}"
-            raise ValueError(msg)
-
-
-@dataclass(frozen=True, slots=True)
-class RelayConfig:
-    """A relay forwards every batch (``stream.testing.Relay``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SinkConfig:
-    """A sink accepts every event; ``ids_path`` saves the (run, event) pairs it saw."""
-
-    ids_path: str = ""
-
-
-def _synthetic_source(config: SyntheticSourceConfig, *, name: str) -> Producer:
-    del name
-    sizes = [config.batch_size] * (config.events // config.batch_size)
-    if config.events % config.batch_size:
-        sizes.append(config.events % config.batch_size)
-    batches = (
-        synthetic_batch(size, first_event=i * config.batch_size, seed=i)
-        for i, size in enumerate(sizes)
-    )
-    return ListSource(batches, rate_hz=config.rate_hz / config.batch_size)  # batches per second
-
-
-def _relay(config: RelayConfig, *, name: str) -> Processor:
-    del config, name
-    return Relay()
-
-
-def _sink(config: SinkConfig, *, name: str) -> Processor:
-    del name
-    return RecordingSink(config.ids_path or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,12 +149,14 @@ ROLES: dict[str, Role] = {
     "archive": Role("nodes.archive", "ArchiveConfig", output_port=None, out_dir_key="out_dir"),
     # Synthetic roles: for exercising the farm machinery only.
     "synthetic-source": Role(
-        "deploy.roles",
+        "deploy.synthetic",
         "SyntheticSourceConfig",
-        "_synthetic_source",
+        "synthetic_source",
         consumes=False,
         events_key="events",
     ),
-    "relay": Role("deploy.roles", "RelayConfig", "_relay"),
-    "sink": Role("deploy.roles", "SinkConfig", "_sink", output_port=None, out_dir_key="ids_path"),
+    "relay": Role("deploy.synthetic", "RelayConfig", "relay"),
+    "sink": Role(
+        "deploy.synthetic", "SinkConfig", "sink", output_port=None, out_dir_key="ids_path"
+    ),
 }

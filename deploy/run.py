@@ -12,7 +12,7 @@ from typing import Any
 from deploy.launcher import Farm, FarmError, FarmPlan, NodeStatus, plan_farm
 from deploy.report import build_report, write_report
 from deploy.topology import Topology
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 
 
 @dataclass(frozen=True, slots=True)

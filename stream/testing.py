@@ -7,7 +7,6 @@ and the runtime only; it is not physics (``simulator`` makes real events).
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,10 +155,3 @@ def run_fake_node(spec: FakeNodeSpec) -> None:
 def stats_of(path: str | Path) -> dict[str, Any]:
     """Read a node's final stats file."""
     return json.loads(Path(path).read_text())
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (for wiring test processes together)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -8,6 +8,7 @@ a bare URL takes the caller's default. URLs are ``tcp://``, ``ipc://`` or ``inpr
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -238,3 +239,11 @@ class HandshakeWatch:
         if not self._sock.closed:  # open_socket closes a socket whose bind failed
             self._sock.disable_monitor()
         self._pair.close(linger=0)
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host`` (for a launcher wiring its nodes;
+    another process may take it before it is bound, so binders retry or fail clearly)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -76,6 +76,17 @@ def test_imports_follow_the_layers() -> None:
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
 
 
+def test_production_code_imports_no_test_fakes() -> None:
+    """``stream.testing`` holds fakes for tests and demos: only the synthetic roles of
+    ``deploy.synthetic`` (the shipped demo farm) may import it."""
+    users = sorted(
+        str(path.relative_to(ROOT))
+        for _, path in _modules()
+        if any(name.startswith("stream.testing") for name in _imports(path))
+    )
+    assert users == ["deploy/synthetic.py"], users
+
+
 def test_known_exceptions_are_still_needed() -> None:
     gone = set(KNOWN_EXCEPTIONS) - set(_crossings())
     assert not gone, f"no longer imported, remove from KNOWN_EXCEPTIONS: {sorted(gone)}"

@@ -31,7 +31,8 @@ from models.archive import Archive
 from nodes.archive import ArchiveConfig, ArchiveNode
 from stream.codec import encode
 from stream.node import Node, NodeConfig
-from stream.testing import free_tcp_port, synthetic_batch
+from stream.testing import synthetic_batch
+from stream.transport import free_tcp_port
 from tests.deploy.conftest import write_topology
 
 REPO = Path(__file__).resolve().parents[2]

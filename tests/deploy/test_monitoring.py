@@ -23,7 +23,7 @@ from deploy.monitoring import (
 from deploy.prometheus import PrometheusServer
 from deploy.run import RunOutcome, run_farm
 from deploy.topology import TopologyError, load_topology, parse_topology
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 from tests.deploy.conftest import synthetic_table
 
 

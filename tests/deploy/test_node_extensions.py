@@ -11,8 +11,15 @@ import zmq
 
 from stream import Node, NodeConfig
 from stream.codec import encode
-from stream.testing import ListSource, Relay, free_tcp_port, synthetic_batch
-from stream.transport import CurveKeys, Endpoint, SocketOptions, open_socket, recv_message
+from stream.testing import ListSource, Relay, synthetic_batch
+from stream.transport import (
+    CurveKeys,
+    Endpoint,
+    SocketOptions,
+    free_tcp_port,
+    open_socket,
+    recv_message,
+)
 
 
 def test_a_source_waits_for_all_its_peers_before_sending() -> None:

@@ -16,11 +16,12 @@ from deploy.run import run_farm
 from deploy.security import KeyGuard, generate_keys, load_pair, node_keys, start_authenticator
 from deploy.topology import load_topology
 from stream import EventBatch, Node, NodeConfig
-from stream.testing import ListSource, free_tcp_port, synthetic_batch
+from stream.testing import ListSource, synthetic_batch
 from stream.transport import (
     CurveKeys,
     Endpoint,
     SocketOptions,
+    free_tcp_port,
     open_socket,
     recv_message,
     send_message,

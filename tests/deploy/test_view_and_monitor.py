@@ -17,7 +17,7 @@ from deploy.launcher import NodeStatus, plan_farm
 from deploy.topology import parse_topology
 from deploy.view import ProgressView, StageRates, stage_rows
 from stream.protocol import Heartbeat
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 from tests.deploy.conftest import synthetic_table
 
 

@@ -19,7 +19,8 @@ from nodes.archive import ArchiveConfig, build
 from nodes.rate_control import ThresholdChange
 from stream.batch import EventBatch, Record
 from stream.node import Emit, Node, NodeConfig, Outcome, Producer
-from stream.testing import free_tcp_port, stats_of, synthetic_batch
+from stream.testing import stats_of, synthetic_batch
+from stream.transport import free_tcp_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,8 @@ from models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from nodes.hlt import ANOMALY_BIT, FIRST_TAG_BIT, PRESCALE_BIT, HLTConfig, build
 from simulator import generate, make_recipe
 from stream import EventBatch, Node, NodeConfig, Record
-from stream.testing import ListSource, RecordingSink, free_tcp_port
+from stream.testing import ListSource, RecordingSink
+from stream.transport import free_tcp_port
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,8 @@ from firmware.model import load_model
 from firmware.scores import r_z
 from nodes.l1 import SEED_BITS, SEEDS, L1Config, build, seed_decisions
 from stream import EventBatch, Node, NodeConfig
-from stream.testing import ListSource, RecordingSink, free_tcp_port
+from stream.testing import ListSource, RecordingSink
+from stream.transport import free_tcp_port
 from tests.firmware.conftest import l1_like_objects
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream.testing import free_tcp_port
+from stream.transport import free_tcp_port
 
 SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 2}
 

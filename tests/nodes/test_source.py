@@ -15,7 +15,8 @@ from nodes.source import SourceConfig, build, lhco_replay, parse_component
 from simulator import generate
 from simulator.cache import CacheWriter
 from stream import EventBatch, Node, NodeConfig
-from stream.testing import RecordingSink, free_tcp_port
+from stream.testing import RecordingSink
+from stream.transport import free_tcp_port
 from tests.conftest import shared_data
 
 

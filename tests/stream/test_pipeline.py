@@ -14,7 +14,8 @@ import zmq
 
 from stream import NodeConfig
 from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
-from stream.testing import FakeNodeSpec, free_tcp_port, run_fake_node, stats_of
+from stream.testing import FakeNodeSpec, run_fake_node, stats_of
+from stream.transport import free_tcp_port
 
 SPAWN = mp.get_context("spawn")
 

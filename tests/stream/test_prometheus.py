@@ -10,8 +10,8 @@ import zmq
 
 from deploy.prometheus import PrometheusServer, ScrapeTarget, scrape_config
 from stream import Node, NodeConfig
-from stream.testing import Relay, free_tcp_port, synthetic_batch
-from stream.transport import send_message
+from stream.testing import Relay, synthetic_batch
+from stream.transport import free_tcp_port, send_message
 from tests.stream.conftest import running
 
 pytestmark = pytest.mark.skipif(
