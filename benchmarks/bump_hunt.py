@@ -69,9 +69,9 @@ from benchmarks.ephemeral_lhco import (
 )
 from models.archive import Archive
 from nodes.learner import FlowLearnerConfig
-from simulator.cache import CacheWriter
 from simulator.replay import expand_paths, reader_for
 from stream.batch import EventBatch
+from stream.eventfile import CacheWriter
 
 METHODS = ("anode", "anode_event_mass", "cathode", "cwola")
 

@@ -41,7 +41,7 @@ from models.particlenet_training import (
     load_labelled_jets,
     train_tagger,
 )
-from simulator.cache import read_cache
+from stream.eventfile import read_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU = ROOT.parent / "shared" / "data" / "tau-vs-qcd" / "tau_vs_qcd_constituents.npz"

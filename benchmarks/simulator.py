@@ -61,7 +61,6 @@ from simulator import (
     make_pythia,
     make_recipe,
 )
-from simulator.cache import read_cache
 from simulator.dataset import (
     LHCO_FATJET_PT_MIN_GEV,
     DatasetRecipe,
@@ -73,6 +72,7 @@ from simulator.production import simulate_to_file
 from simulator.recipes import EventFilter
 from simulator.replay import replay
 from stream.batch import EventBatch
+from stream.eventfile import read_cache
 from stream.schema import FEATURE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -59,8 +59,8 @@ def _readable_files(
     A bad file stops the command with a one-line error naming it, or with
     ``skip_bad_files`` is left out with one line each on stderr. Fails if none is left.
     """
-    from simulator.errors import DataFileError
     from simulator.replay import check_file, expand_paths, reader_for
+    from stream.errors import DataFileError
 
     try:
         reader_for(layout)

@@ -160,7 +160,7 @@ def train(
 
 def _describe_cache(path: Path) -> dict[str, object]:
     """Path, process, seed, events and the command that made an event cache."""
-    from simulator.cache import open_cache
+    from stream.eventfile import open_cache
 
     info = open_cache(path)
     keys = ("process", "seed", "n_events", "command", "created_utc")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import click
 
-from simulator.cache import open_cache
 from simulator.dataset import DATASET_RECIPES, produce_dataset, verify_dataset
-from simulator.errors import DataFileError
 from simulator.generator import LAYOUTS
 from simulator.production import simulate_to_file
 from simulator.recipes import PROCESSES, make_recipe, parse_parameter
+from stream.errors import DataFileError
+from stream.eventfile import open_cache
 
 
 def _default_workers() -> int:

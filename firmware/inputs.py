@@ -158,10 +158,10 @@ def read_l1_objects(
         (objects (N, 19, 3) float32, process_id (N,) int16; -1 where the file has none)
 
     Raises:
-        simulator.errors.DataFileError: a file that is not a readable cache.
+        stream.errors.DataFileError: a file that is not a readable cache.
         ValueError: the files hold no usable event.
     """
-    from simulator.cache import read_cache
+    from stream.eventfile import read_cache
 
     if isinstance(paths, str | Path):
         paths = [paths]

@@ -4,7 +4,7 @@ An archive is what the archive node (``nodes.archive``) writes under its ``out_d
 
     index.sqlite                         one row per stored file (``ArchiveEntry``)
     snapshots/<node>/<role>/<seq>_<hash12>.snap   flow snapshots (``models.snapshot``)
-    events/run<run>_<seq>.h5             accepted events, chunked HDF5 (``simulator.cache``)
+    events/run<run>_<seq>.h5             accepted events, chunked HDF5 (``stream.eventfile``)
 
 This module holds the format (the index schema, the checksums) and the reader; the node
 imports the format from here, and the offline analysis reads archives through ``Archive``
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError
-from simulator.cache import read_cache
-from simulator.errors import DataFileError
 from stream.batch import EventBatch
+from stream.errors import DataFileError
+from stream.eventfile import read_cache
 
 __all__ = [
     "EVENTS_KIND",

@@ -57,7 +57,7 @@ class LabelledJets:
 
 
 def _cache_jets(path: Path, jets: str, n_particles: int, limit: int | None) -> JetInputs:
-    from simulator.cache import read_cache
+    from stream.eventfile import read_cache
 
     parts = []
     total = 0

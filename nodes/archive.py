@@ -5,7 +5,7 @@ Layout under ``out_dir`` (the format, and the reader ``Archive``, live in
 
     index.sqlite                         one row per stored file
     snapshots/<node>/<role>/<seq>_<hash12>.snap   flow snapshots (``models.snapshot``)
-    events/run<run>_<seq>.h5             accepted events, chunked HDF5 (``simulator.cache``)
+    events/run<run>_<seq>.h5             accepted events, chunked HDF5 (``stream.eventfile``)
 
 A snapshot is written to a temporary file, fsynced and renamed, then indexed with its
 SHA-256; an events file is renamed into place when it is closed (every
@@ -42,10 +42,10 @@ from prometheus_client import Counter, Gauge
 from models.archive import EVENTS_KIND, connect_index, file_sha256
 from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError
 from nodes.rate_control import THRESHOLD_RECORD_KIND
-from simulator.cache import CacheWriter, recover_partial
-from simulator.errors import DataFileError
 from stream.batch import EventBatch, Message, Record
 from stream.durable import write_durably
+from stream.errors import DataFileError
+from stream.eventfile import CacheWriter, recover_partial
 from stream.node import Emit, Outcome, Processor
 
 log = logging.getLogger(__name__)

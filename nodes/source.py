@@ -71,12 +71,12 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from simulator.detector import DetectorModel
-from simulator.errors import DataFileError
 from simulator.generator import EventGenerator, derived_seed
 from simulator.jets import JetConfig
 from simulator.recipes import PROCESSES, Recipe, make_recipe, parse_parameter
 from simulator.replay import READERS, expand_paths, reader_for, replay_component
 from stream.batch import EventBatch
+from stream.errors import DataFileError
 from stream.node import Emit, Outcome, Producer
 
 log = logging.getLogger(__name__)

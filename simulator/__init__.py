@@ -1,4 +1,4 @@
-"""Collision events from Pythia 8 and FastJet, a parametric detector, a cache and replay readers.
+"""Collision events from Pythia 8 and FastJet, a parametric detector, and replay readers.
 
 Generate events of a named process (see ``PROCESSES``) as ``stream.EventBatch`` batches:
 
@@ -6,9 +6,9 @@ Generate events of a named process (see ``PROCESSES``) as ``stream.EventBatch`` 
     >>> sorted(PROCESSES)[:3]
     ['a4l', 'htautau', 'l1bkg']
 
-Names load on first use (PEP 562), so ``import simulator.cache`` or
-``import simulator.replay`` never loads Pythia or FastJet; a name whose module needs a
-package that is not installed raises ``ImportError`` with the install command.
+Names load on first use (PEP 562), so ``import simulator.replay`` never loads Pythia or
+FastJet; a name whose module needs a package that is not installed raises
+``ImportError`` with the install command. The event file format is ``stream.eventfile``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from simulator.cms_l1ad import read_cms_l1ad
     from simulator.dataset import DATASET_RECIPES, DatasetRecipe, produce_dataset, verify_dataset
     from simulator.detector import CellGrid, DetectorModel, Reconstruction
-    from simulator.errors import DataFileError
     from simulator.generator import (
         EventGenerator,
         GeneratorStats,
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
     )
     from simulator.root_objects import read_root_objects
     from simulator.top_landscape import read_top_landscape
+    from stream.errors import DataFileError
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
@@ -72,7 +72,7 @@ _EXPORTS: dict[str, str] = {
     "CellGrid": "simulator.detector",
     "DetectorModel": "simulator.detector",
     "Reconstruction": "simulator.detector",
-    "DataFileError": "simulator.errors",
+    "DataFileError": "stream.errors",
     "EventGenerator": "simulator.generator",
     "GeneratorStats": "simulator.generator",
     "derived_seed": "simulator.generator",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import tables
 
-from simulator.errors import DataFileError, exception_summary
+from stream.errors import DataFileError, exception_summary
 
 # What PyTables and pandas raise for a truncated, corrupt or foreign file.
 READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, tables.HDF5ExtError)

@@ -20,8 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from simulator.errors import DataFileError, exception_summary
 from stream.batch import EventBatch
+from stream.errors import DataFileError, exception_summary
 from stream.schema import N_L1_OBJECTS
 
 DATASET = "Particles"

@@ -9,7 +9,7 @@ in the compact ``features`` layout (fat jets and the 8 features; no constituents
     <out>/background/chunk-00000.h5, chunk-00001.h5, ...
     <out>/signal/chunk-00000.h5, ...
 
-Every chunk is an event-cache file (``simulator.cache``: ``read_cache`` and
+Every chunk is an event-cache file (``stream.eventfile``: ``read_cache`` and
 ``replay("cache", ...)`` read it) made of blocks of ``block_size`` events; block ``i`` of
 a component is seeded from (component seed, ``i``), so a chunk's bytes depend only on
 the manifest's settings, never on the number of workers or on interruptions. A chunk
@@ -44,12 +44,12 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from simulator.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION
 from simulator.detector import DetectorModel
-from simulator.errors import DataFileError
 from simulator.generator import LAYOUTS, GeneratorStats, derived_seed
 from simulator.jets import JetConfig
 from simulator.recipes import EventFilter, Recipe, make_recipe
+from stream.errors import DataFileError
+from stream.eventfile import CACHE_FORMAT, CACHE_FORMAT_VERSION
 from stream.schema import COLUMNS, SCHEMA_VERSION, TRUTH_COLUMNS
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from simulator.errors import DataFileError
 from stream.batch import EventBatch
+from stream.errors import DataFileError
 from stream.schema import FEATURE_NAMES
 
 # process_id values for replayed LHCO events.

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from simulator._pandas_tables import open_pandas_table, table_chunks
-from simulator.errors import DataFileError
 from simulator.jets import JetConfig, fatjet_content
 from simulator.lhco_features import LHCO_PROCESS_IDS
 from simulator.particles import Particles
 from stream.batch import EventBatch
+from stream.errors import DataFileError
 
 
 def read_lhco_raw(

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from simulator.cache import CacheInfo, CacheWriter
 from simulator.detector import CellGrid, DetectorModel
 from simulator.generator import EventGenerator, GeneratorStats, resolve
 from simulator.jets import JetConfig
 from simulator.recipes import PROCESSES, EventFilter, Recipe
 from stream.batch import EventBatch
+from stream.eventfile import CacheInfo, CacheWriter
 
 log = logging.getLogger(__name__)
 

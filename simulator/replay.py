@@ -24,11 +24,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from simulator.cache import read_cache
 from simulator.cms_l1ad import read_cms_l1ad
-from simulator.errors import DataFileError, exception_summary
 from simulator.lhco_features import read_lhco_features
 from stream.batch import EventBatch
+from stream.errors import DataFileError, exception_summary
+from stream.eventfile import read_cache
 
 # The readers that cluster (FastJet) or read ROOT (uproot) or pandas tables import their
 # modules when first called, so that importing this module stays light.

@@ -31,10 +31,10 @@ import numpy as np
 import uproot
 
 from simulator.detector import Objects
-from simulator.errors import DataFileError, exception_summary
 from simulator.jets import JetConfig, l1_layout
 from simulator.particles import pseudorapidity
 from stream.batch import EventBatch
+from stream.errors import DataFileError, exception_summary
 
 # What uproot raises for a truncated, corrupt or foreign file.
 READ_ERRORS = (

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from simulator._pandas_tables import open_pandas_table, table_chunks
-from simulator.errors import DataFileError
 from simulator.jets import JetConfig, single_jet_content
 from simulator.particles import Particles
 from stream.batch import EventBatch
+from stream.errors import DataFileError
 
 LABEL = "is_signal_new"
 TOP_PROCESS_ID = 3

@@ -11,8 +11,8 @@ import torch
 
 from nodes.archive import ArchiveConfig, build
 from nodes.learner import FlowLearnerConfig, build_learner
-from simulator.cache import CacheWriter
 from stream.batch import EventBatch
+from stream.eventfile import CacheWriter
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,8 @@ from firmware.emulate import Emulator
 from firmware.inputs import InputScaling, read_l1_objects
 from firmware.model import L1Model, load_model
 from firmware.scores import r_z
-from simulator.cache import CacheWriter
 from stream import EventBatch
+from stream.eventfile import CacheWriter
 from tests.firmware.conftest import l1_like_objects
 
 pytestmark = pytest.mark.slow  # trains, calibrates and builds with hls4ml

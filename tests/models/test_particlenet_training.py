@@ -14,7 +14,7 @@ from deploy.cli import main
 from models.checkpoint import load_checkpoint
 from models.particlenet_training import load_labelled_jets, split_indices
 from simulator import generate, make_recipe
-from simulator.cache import CacheWriter
+from stream.eventfile import CacheWriter
 
 torch.set_num_threads(1)
 

@@ -110,7 +110,7 @@ def test_a_restarted_archive_keeps_what_a_killed_one_had_flushed(tmp_path: Path)
         f"a = build(ArchiveConfig(out_dir={str(tmp_path)!r}, chunk_events=64), name='archive')\n"
         "for i in range(10):\n"
         "    a.process(synthetic_batch(50, first_event=i * 50))\n"
-        "from simulator.cache import CacheWriter\n"
+        "from stream.eventfile import CacheWriter\n"
         f"w = CacheWriter({str(tmp_path / 'events' / 'run000001_0004.h5')!r})  # no chunk yet\n"
         "print('written', flush=True)\n"
         "import time; time.sleep(120)\n"

@@ -13,8 +13,8 @@ import zmq
 
 from nodes.source import SourceConfig, build, lhco_replay, parse_component
 from simulator import generate
-from simulator.cache import CacheWriter
 from stream import EventBatch, Node, NodeConfig
+from stream.eventfile import CacheWriter
 from stream.testing import RecordingSink
 from stream.transport import free_tcp_port
 from tests.conftest import shared_data

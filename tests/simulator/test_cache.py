@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from deploy.cli import main
 from simulator import generate
-from simulator.cache import CacheWriter, open_cache, read_cache
-from simulator.errors import DataFileError
 from simulator.production import detector_from_dict, recipe_from_dict, simulate_to_file
 from simulator.recipes import PROCESSES, make_recipe
 from stream.batch import EventBatch
+from stream.errors import DataFileError
+from stream.eventfile import CacheWriter, open_cache, read_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator.cache import read_cache
 from simulator.dataset import (
     DATASET_RECIPES,
     dataset_files,
@@ -18,7 +17,8 @@ from simulator.dataset import (
     produce_dataset,
     verify_dataset,
 )
-from simulator.errors import DataFileError
+from stream.errors import DataFileError
+from stream.eventfile import read_cache
 
 SMALL = {"seed": 5, "block_size": 20, "chunk_events": 40, "progress": False}
 

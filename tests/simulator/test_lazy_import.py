@@ -16,7 +16,7 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_light_modules_load_no_generator() -> None:
     done = run(
-        "import sys, simulator, simulator.replay, simulator.cache, simulator.lhco_features\n"
+        "import sys, simulator, simulator.replay, stream.eventfile, simulator.lhco_features\n"
         "simulator.PROCESSES, simulator.DataFileError, simulator.read_lhco_features\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )

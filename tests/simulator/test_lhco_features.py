@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulator.errors import DataFileError
 from simulator.lhco_features import open_lhco_features, read_lhco_features
+from stream.errors import DataFileError
 from stream.schema import FEATURE_NAMES
 from tests.conftest import shared_data
 

@@ -12,10 +12,10 @@ import pytest
 import uproot
 
 from nodes.source import SourceConfig, build
-from simulator.errors import DataFileError
 from simulator.lhco_features import read_lhco_features
 from simulator.replay import READERS, replay
 from stream.batch import EventBatch
+from stream.errors import DataFileError
 from stream.schema import FEATURE_NAMES, N_CONSTITUENTS
 from tests.conftest import shared_data
 

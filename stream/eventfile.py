@@ -26,8 +26,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from simulator.errors import DataFileError
 from stream.batch import EventBatch
+from stream.errors import DataFileError
 from stream.schema import COLUMNS, SCHEMA_VERSION, TRUTH_COLUMNS
 
 log = logging.getLogger(__name__)
