@@ -55,3 +55,15 @@ def test_trigfarm_run_default_chain(tmp_path: Path) -> None:
     assert seen == stages["hlt"]["events_in"]  # every HLT event reached a flow
     snapshots[0].flow()  # loads into a working flow
     assert report["archive_bytes"]["archive"] > 0
+    # Rates in Hz with their statistical errors: one crossing per unit-weight event, so
+    # the source runs at the crossing rate and each later stage at its share of it.
+    crossing_hz = report["rates"]["crossing_rate_hz"]
+    source_rate = stages["source"]["rate_out"]
+    assert source_rate["rate_hz"] == pytest.approx(crossing_hz)
+    assert source_rate["error_hz"] == pytest.approx(crossing_hz / 256**0.5)
+    for name in ("l1", "hlt", "archive"):
+        rate = stages[name]["rate_in"]
+        expected = crossing_hz * stages[name]["events_in"] / 256
+        assert rate["rate_hz"] == pytest.approx(expected) and rate["error_hz"] > 0
+    for path, rate in stages["l1"]["path_rates"].items():
+        assert rate["error_hz"] > 0 or rate["rate_hz"] == 0, path
