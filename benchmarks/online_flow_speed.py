@@ -2,19 +2,25 @@
 
 Both learn the all-data and the sideband flow from the same LHCO R&D background stream
 (bkg01-06, shuffled once), single pass, on one torch thread, and are timed over training
-alone (both flows together). The reference is the trainer as it was before models.maf:
-an ensemble of nflows MAFs (``models.flows.build_maf``) stepped one after the other on
-minibatches of 16, Adam, per-member gradient clipping, the same learning-rate schedule
-and the Polyak average. Quality is the mean test NLL (physical units) of each flow on
-held-out background (bkg09-10; the sideband flow on its sideband events), lower is
-better.
+alone (both flows together). The shipped trainer runs its spline in the fused C++ kernel
+(``models.spline_kernel``); it is also run with the kernel disabled (the torch spline, its
+fallback and the trainer before the kernel), alternating with the kernel runs on the same
+events, so that the ratio between the two is measured side by side on a shared machine.
+
+The reference is the trainer as it was before models.maf: an ensemble of nflows MAFs
+(``models.flows.build_maf``) stepped one after the other on minibatches of 16, Adam,
+per-member gradient clipping, the same learning-rate schedule and the Polyak average.
+Quality is the mean test NLL (physical units) of each flow on held-out background
+(bkg09-10; the sideband flow on its sideband events), lower is better.
 
     python -m benchmarks.online_flow_speed [--events 55000] [--reference-events 20000]
-        [--compile] [--steps-only]
+        [--compile] [--steps-only] [--repeats 3]
 
 It first times one optimizer step of one 5-member flow at minibatches 16, 256 and 1024:
-the nflows members in turn, ``MAFEnsemble``, and with ``--compile`` ``MAFEnsemble`` under
-``torch.compile`` (compilation excluded, reported apart).
+the nflows members in turn, ``MAFEnsemble`` with the torch spline and with the kernel, and
+with ``--compile`` ``MAFEnsemble`` (torch spline) under ``torch.compile`` (compilation
+excluded, reported apart). It reports the kernel's cold build time (g++, into an empty
+cache folder).
 
 The reference is slow (~110 events/s): ``--reference-events`` bounds its share; the
 shipped trainer is also scored on exactly those first events, so the NLL comparison is
@@ -26,9 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +46,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from analysis.data import Events, load_events
 from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
+from models import spline_kernel
 from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, Preprocessing, build_maf
 from models.online import OnlineConfig, OnlineFlow
 
@@ -93,9 +103,11 @@ def step_ms(
     params: list[torch.nn.Parameter],
     batch: int,
     repeats: int,
+    *,
+    fused: bool = False,
 ) -> tuple[float, float]:
     """Mean ms per Adam step (forward, backward, update) and the first step's seconds."""
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused or None)
     z, context = torch.randn(batch, 4), torch.randn(batch, 1)
     t0 = time.perf_counter()
     for i in range(repeats + 3):
@@ -126,12 +138,15 @@ def step_times(compile_too: bool) -> dict[str, dict[str, float]]:
         mafs = torch.nn.ModuleList(build_maf(config) for _ in range(config.n_members))
         row = {"nflows": step_ms(nflows_loss(mafs), list(mafs.parameters()), batch, repeats)[0]}
         flow = ConditionalFlow(config, Preprocessing.from_bounds([0] * 4, [1] * 4))
-        ours = ensemble_loss(flow)
-        row["maf_ensemble"] = step_ms(ours, list(flow.parameters()), batch, repeats)[0]
+        ours, params = ensemble_loss(flow), list(flow.parameters())
+        with spline_kernel.disabled():
+            row["maf_ensemble_torch_spline"] = step_ms(ours, params, batch, repeats, fused=True)[0]
+        row["maf_ensemble_kernel"] = step_ms(ours, params, batch, repeats, fused=True)[0]
         if compile_too:
             compiled = torch.compile(ours, dynamic=False)
-            ms, first_s = step_ms(compiled, list(flow.parameters()), batch, repeats)
-            row["maf_ensemble_compiled"], row["compile_s"] = ms, first_s
+            with spline_kernel.disabled():
+                ms, first_s = step_ms(compiled, params, batch, repeats, fused=True)
+            row["maf_ensemble_torch_spline_compiled"], row["compile_s"] = ms, first_s
         out[str(batch)] = row
         print(f"minibatch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
     return out
@@ -149,6 +164,37 @@ def test_nll(flows: dict[str, ConditionalFlow], test: Events) -> dict[str, float
         log_p = flows[role].log_prob(x[rows], mjj[rows])
         out[role] = float(-log_p[np.isfinite(log_p)].mean())
     return out
+
+
+def kernel_build_s() -> float | None:
+    """Seconds for a cold build of the spline kernel (g++ into an empty cache folder)."""
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        try:
+            spline_kernel.build(Path(cache))
+        except RuntimeError as exc:
+            print(f"spline kernel: no build ({exc})")
+            return None
+        return time.perf_counter() - t0
+
+
+def run_shipped_both(
+    config: OnlineConfig, stream: np.ndarray, repeats: int
+) -> tuple[dict[str, OnlineFlow], dict[str, list[float]]]:
+    """The shipped trainer with the kernel and with the torch spline, alternating runs on
+    the same events; the flows of each one's last run and every run's events/s."""
+    flows: dict[str, OnlineFlow] = {}
+    rates: dict[str, list[float]] = {"kernel": [], "torch_spline": []}
+    for _ in range(repeats):
+        for variant in rates:
+            if variant == "kernel":
+                online, seconds = run_shipped(config, stream)
+            else:
+                with spline_kernel.disabled():
+                    online, seconds = run_shipped(config, stream)
+            flows[variant] = online
+            rates[variant].append(len(stream) / seconds)
+    return flows, rates
 
 
 def run_shipped(config: OnlineConfig, stream: np.ndarray) -> tuple[OnlineFlow, float]:
@@ -185,11 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--steps-only", action="store_true", help="only the step timing")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating kernel / torch-spline runs"
+    )
     args = parser.parse_args(argv)
     if not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
     torch.set_num_threads(1)
+    build_s = kernel_build_s()
+    kernel = spline_kernel.kernel()
+    print(f"spline kernel: {kernel.library if kernel else 'unavailable'}, cold build {build_s} s")
     steps = step_times(args.compile)
     if args.steps_only:
         print(json.dumps({"benchmark": "online_flow_speed", "ms_per_step_one_flow": steps}))
@@ -205,21 +257,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shipped: {shipped}")
 
     n_ref = min(args.reference_events, len(stream))
-    online, seconds = run_shipped(shipped, stream[:n_ref])
-    shipped_same = {role: t.estimate for role, t in online.trainers.items()}
-    rate = n_ref / seconds
-    print(f"shipped trainer, first {n_ref} events: {rate:,.0f} events/s per core (both flows)")
+    onlines, rates = run_shipped_both(shipped, stream[:n_ref], args.repeats)
+    rate = statistics.median(rates["kernel"])
+    torch_rate = statistics.median(rates["torch_spline"])
+    for variant, values in rates.items():
+        shown = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"shipped trainer ({variant}), first {n_ref} events: {shown} events/s per core")
     reference_flows, ref_seconds = run_reference(replace(shipped, **REFERENCE), stream[:n_ref])
     ref_rate = n_ref / ref_seconds
     print(f"nflows trainer,  first {n_ref} events: {ref_rate:,.0f} events/s per core")
-    nll_shipped, nll_reference = test_nll(shipped_same, test), test_nll(reference_flows, test)
-    print(f"test NLL at {n_ref} events: shipped {nll_shipped}, nflows trainer {nll_reference}")
+    nll = {
+        variant: test_nll({role: t.estimate for role, t in online.trainers.items()}, test)
+        for variant, online in onlines.items()
+    }
+    nll_reference = test_nll(reference_flows, test)
+    print(f"test NLL at {n_ref} events: shipped {nll}, nflows trainer {nll_reference}")
 
     online_full, full_seconds = run_shipped(shipped, stream)
     full_rate = len(stream) / full_seconds
     nll_full = test_nll({r: t.estimate for r, t in online_full.trainers.items()}, test)
     print(f"shipped trainer, {len(stream)} events: {full_rate:,.0f} events/s, NLL {nll_full}")
     print(f"ratio vs the nflows trainer: {rate / ref_rate:.1f}x")
+    print(f"ratio kernel vs torch spline: {rate / torch_rate:.2f}x")
     final = {
         "benchmark": "online_flow_speed",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
@@ -227,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         "reference_events": n_ref,
         "events_per_s": full_rate,
         "events_per_s_same_events": rate,
+        "events_per_s_torch_spline": torch_rate,
+        "events_per_s_runs": rates,
         "events_per_s_nflows_trainer": ref_rate,
         "ratio_vs_nflows_trainer": rate / ref_rate,
-        "test_nll_same_events": nll_shipped,
+        "ratio_vs_torch_spline": rate / torch_rate,
+        "spline_kernel": kernel is not None,
+        "spline_kernel_cold_build_s": build_s,
+        "test_nll_same_events": nll["kernel"],
+        "test_nll_torch_spline": nll["torch_spline"],
         "test_nll_nflows_trainer": nll_reference,
         "test_nll_full_stream": nll_full,
         "seed": args.seed,
