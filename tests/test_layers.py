@@ -157,6 +157,7 @@ def _simulator_is_eager() -> bool:
     reason="simulator/__init__ imports pythia8mc and fastjet eagerly (being made lazy)",
     strict=True,
 )
+@pytest.mark.slow
 def test_the_archive_node_and_the_analysis_load_no_event_generator() -> None:
     code = (
         "import sys, nodes.archive, analysis\n"

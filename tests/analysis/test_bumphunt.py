@@ -94,6 +94,7 @@ def test_profile_significance_limits() -> None:
     assert profile_significance(80, 100, 5) < 0
 
 
+@pytest.mark.slow
 def test_local_pvalues_uniform_without_signal() -> None:
     """No signal: the local p-values of one window over toys are uniform (KS), with the
     fit uncertainty included (without it they would pile up at 0 and 1)."""

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from analysis.classifier import ClassifierConfig
@@ -51,6 +52,7 @@ def _write(out: Path, records: list) -> None:
     node.finish()
 
 
+@pytest.mark.slow
 def test_follow_sees_each_new_set_of_snapshots(planted: dict[str, Path], tmp_path: Path) -> None:
     out, first, second = _start_archive(planted, tmp_path)
     clock = FakeClock()
@@ -88,6 +90,7 @@ def test_follow_sees_each_new_set_of_snapshots(planted: dict[str, Path], tmp_pat
     assert clock() >= 10.0
 
 
+@pytest.mark.slow
 def test_cli_follow_prints_two_updates(planted: dict[str, Path], tmp_path: Path) -> None:
     out, first, second = _start_archive(planted, tmp_path)
     _write(out, first)

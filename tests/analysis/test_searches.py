@@ -17,6 +17,8 @@ from analysis.report import evaluate, score_method
 from deploy.cli import main
 from models.archive import Archive
 
+pytestmark = pytest.mark.slow  # trains flows and classifiers
+
 FAST = SearchConfig(n_samples=6000, classifier=ClassifierConfig(n_models=2, epochs=8))
 
 

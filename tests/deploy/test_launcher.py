@@ -27,6 +27,7 @@ from tests.deploy.conftest import synthetic_table
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_synthetic_farm_delivers_every_event_once(tmp_path: Path) -> None:
     outcome = run_farm(parse_topology(synthetic_table(events=2050)), out_dir=tmp_path)
     report = outcome.report
@@ -52,6 +53,7 @@ def test_synthetic_farm_delivers_every_event_once(tmp_path: Path) -> None:
         run_farm(parse_topology(synthetic_table()), out_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_run_prints_a_balanced_report(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
@@ -76,6 +78,7 @@ def test_cli_rejects_a_bad_topology(tmp_path: Path) -> None:
     assert "topology.source.threads: expected int, got 'x'" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_in_stages_and_still_balances(
     tmp_path: Path, stop: signal.Signals
@@ -154,6 +157,7 @@ def test_the_stop_deadline_kills_a_farm_that_cannot_drain(tmp_path: Path) -> Non
         os.kill(relay["pid"], 0)
 
 
+@pytest.mark.slow
 def test_a_node_that_cannot_start_stops_the_farm(tmp_path: Path) -> None:
     table = synthetic_table()
     table["sink"]["config"] = {"colour": "red"}  # not a SinkConfig field: the node fails to build
@@ -163,6 +167,7 @@ def test_a_node_that_cannot_start_stops_the_farm(tmp_path: Path) -> None:
     assert farm["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_duration_stops_the_source(tmp_path: Path) -> None:
     table = synthetic_table(events=10_000_000)
     table["source"]["config"]["rate_hz"] = 5_000.0

@@ -22,6 +22,7 @@ from stream.transport import (
 )
 
 
+@pytest.mark.slow
 def test_a_source_waits_for_all_its_peers_before_sending() -> None:
     ctx = zmq.Context()
     url = f"tcp://127.0.0.1:{free_tcp_port()}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from deploy.cli import main
@@ -12,6 +13,7 @@ from tests.conftest import shared_data
 from tests.deploy.conftest import write_topology
 
 
+@pytest.mark.slow
 def test_replay_of_lhco_features_balances(tmp_path: Path) -> None:
     folder = shared_data("lhco-rnd-100k")
     topology = write_topology(

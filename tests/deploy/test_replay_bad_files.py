@@ -85,6 +85,7 @@ def test_a_bad_file_stops_replay_before_the_farm_starts(
     assert not (tmp_path / "run").exists()  # no farm was started
 
 
+@pytest.mark.slow
 def test_skip_bad_files_leaves_them_out_and_runs(
     tmp_path: Path, good: Path, truncated: Path, not_hdf5: Path
 ) -> None:
@@ -117,6 +118,7 @@ def test_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     assert str(missing) in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_bad_file_met_during_a_run_fails_the_run(
     tmp_path: Path, good: Path, truncated: Path
 ) -> None:

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 from click.testing import CliRunner
 from prometheus_client import REGISTRY
@@ -145,6 +146,7 @@ def test_keys_command_writes_a_pair_per_stage(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "exists" in again.output
 
 
+@pytest.mark.slow
 def test_a_farm_runs_with_curve_on(tmp_path: Path) -> None:
     table = synthetic_table(events=1500)
     table["security"] = {"curve": True, "keys_dir": "keys"}

@@ -38,6 +38,7 @@ def grid_integral(log_density, lower, upper, mjj: float, n: int = 1200) -> float
     return float(np.exp(log_density(mesh, np.full(len(mesh), mjj))).sum() * cell)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mjj", [2500.0, 3500.0])
 def test_flow_density_is_normalised_in_physical_units(mjj: float) -> None:
     flow = small_flow(0)
@@ -69,6 +70,7 @@ def test_density_is_zero_outside_the_bounds() -> None:
     assert np.isneginf(out[:2]).all() and np.isfinite(out[2])
 
 
+@pytest.mark.slow
 def test_mixture_is_normalised_and_weighted_by_events() -> None:
     a, b = small_flow(1), small_flow(2, lower=(0.0, -3.0), upper=(40.0, 2.0))
     mixture = FlowMixture([a, b], weights=[3000, 1000])

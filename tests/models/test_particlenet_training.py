@@ -33,6 +33,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_checkpoint(caches: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "tagger"
     args = ["hlt", "train", "--data", str(caches["qcd"]), "--data", str(caches["ttbar"])]

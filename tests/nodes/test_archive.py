@@ -100,6 +100,7 @@ def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None
     assert len(archive.event_features()) == 500
 
 
+@pytest.mark.slow
 def test_a_restarted_archive_keeps_what_a_killed_one_had_flushed(tmp_path: Path) -> None:
     """kill -9 of an archive mid-file: the restarted one indexes the whole chunks the dead
     one flushed as a partial file, removes a leftover with none, sets an unreadable one

@@ -63,6 +63,7 @@ def feature_only(batch: EventBatch, first_event: int) -> EventBatch:
     return EventBatch(keep, batch.truth, batch.meta)
 
 
+@pytest.mark.slow
 def test_default_model_loads_and_tags_top_jets(events: dict[str, EventBatch]) -> None:
     tagger = load_checkpoint()
     assert tagger.classes == ("qcd", "w", "top")
@@ -148,6 +149,7 @@ def test_bad_configs_are_refused() -> None:
         build(HLTConfig(checkpoint="/nonexistent"), name="bad")
 
 
+@pytest.mark.slow
 def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
     ctx = zmq.Context()
     src_port, archive_port = free_tcp_port(), free_tcp_port()

@@ -20,6 +20,8 @@ from stream.testing import ListSource, RecordingSink
 from stream.transport import free_tcp_port
 from tests.firmware.conftest import l1_like_objects
 
+pytestmark = pytest.mark.slow  # builds the hls4ml-emulated L1 model
+
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Emulator:

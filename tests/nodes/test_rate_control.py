@@ -32,6 +32,7 @@ def _true_rate(threshold: float, mu: float) -> float:
     return CROSSING_HZ * float(above.sum())
 
 
+@pytest.mark.slow
 def test_controller_holds_target_on_a_mu_ramp_while_a_fixed_threshold_drifts() -> None:
     rng = np.random.default_rng(11)
     # mu rises from 40 to 80 over 200 lumi blocks (a fill's worth of 23 s blocks is

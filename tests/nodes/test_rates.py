@@ -47,6 +47,7 @@ def test_filtered_block_weights_average_to_sigma_times_filter_efficiency() -> No
     assert np.unique(batch.truth["weight"]).size == 1  # unbiased Pythia: one weight
 
 
+@pytest.mark.slow
 def test_source_rates_equal_sigma_times_luminosity_times_efficiency() -> None:
     """Two pT-hat slices mixed 3:1 with a W' signal at 20% of the events: every event's
     weight compensates its slice's share, so L * sum(w) / N over any selection equals

@@ -154,6 +154,7 @@ def test_lhco_replay_at_a_signal_fraction() -> None:
     assert 3300 < np.median(mjj_sig) < 3700
 
 
+@pytest.mark.slow
 def test_generator_components_in_process_and_in_workers() -> None:
     for workers in (0, 1):
         config = SourceConfig(
@@ -206,6 +207,7 @@ def test_components_as_tables_equal_their_shorthand(tmp_path: Path) -> None:
         parse_component({"process": "qcd", "m_x_gev": 3})
 
 
+@pytest.mark.slow
 def test_feeds_a_downstream_node_at_the_set_rate(files: dict[str, Path]) -> None:
     port = free_tcp_port()
     ctx = zmq.Context()

@@ -25,6 +25,7 @@ from stream.eventfile import CacheWriter, open_cache, read_cache
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_events(tmp_path: Path) -> None:
     one = simulate_to_file("wprime", 40, tmp_path / "one.h5", seed=9, block_size=10, progress=False)
     two = simulate_to_file(
@@ -89,6 +90,7 @@ def test_an_interrupted_writer_leaves_a_valid_partial_file(tmp_path: Path) -> No
     assert not empty.exists() and not list(tmp_path.glob(".e.h5*"))
 
 
+@pytest.mark.slow
 def test_sigint_to_the_command_leaves_a_partial_file(tmp_path: Path) -> None:
     out = tmp_path / "big.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -66,6 +66,7 @@ def test_chunks_hold_selected_events_readable_as_a_cache(reference: Path) -> Non
     assert len(set(seeds)) == 2
 
 
+@pytest.mark.slow
 def test_interrupted_run_continues_to_identical_files(reference: Path, tmp_path: Path) -> None:
     blocks = 0
 

@@ -75,6 +75,7 @@ def test_filter_keeps_only_passing_events() -> None:
     assert recipe.event_filter.active
 
 
+@pytest.mark.slow
 def test_pileup_adds_soft_activity() -> None:
     quiet = EventGenerator(make_recipe("zll"), seed=4).block(0, 10)
     busy = EventGenerator(make_recipe("zll", pileup_mean=20.0), seed=4).block(0, 10)
