@@ -71,6 +71,7 @@ class Chaos:
         self.faults: list[dict[str, Any]] = []
         self.recovered: dict[tuple[str, int], float] = {}  # (node, restart n) -> time
         self.garbage_sent = 0
+        self._paused: set[int | None] = set()
         self._next_s: float | None = None
         self._push: zmq.Socket = zmq.Context.instance().socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 10_000)
@@ -100,11 +101,12 @@ class Chaos:
         self._inject(str(self.rng.choice(FAULTS)), statuses, now)
 
     def _inject(self, kind: str, statuses: dict[str, NodeStatus], now: float) -> None:
-        alive = {
+        alive = {  # a node paused here and not yet expired is no target again
             n: s
             for n, s in statuses.items()
             if s.process.is_alive()
             and not s.lost
+            and s.process.pid not in self._paused
             and s.heartbeat
             and s.heartbeat.state == "running"
         }
@@ -123,6 +125,8 @@ class Chaos:
                 return
             target = str(self.rng.choice(sorted(targets)))
             sig = signal.SIGSTOP if kind == "pause" else signal.SIGKILL
+            if kind == "pause":
+                self._paused.add(alive[target].process.pid)
             pid = alive[target].process.pid
             assert pid is not None
             os.kill(pid, sig)

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -628,6 +628,15 @@ class Farm:
             len(status.restarted),
             self.restarts,
         )
+        # It waits for as many downstream peers as are alive now, not for those lost.
+        downstream = self.plan.topology.downstream(status.plan.stage.name)
+        if status.plan.node.output_peers and downstream is not None:
+            alive = sum(
+                self.statuses[p.node.name].process.is_alive()
+                for p in self.plan.stage_nodes(downstream.name)
+            )
+            node = replace(status.plan.node, output_peers=max(alive, 1))
+            status.plan = replace(status.plan, node=node)
         status.process = self._spawn(status.plan)
         status.heartbeat = None
         status.last_heartbeat_s = None
