@@ -176,11 +176,11 @@ def in_flight_bound(stage: dict[str, Any], farm: Any) -> int:
     """Events one lost node can take with it: its queue, both ends' high-water marks, the
     batch it was on and one more taken in after its last heartbeat (in the stage's mean
     batch), plus what both kernel TCP buffers of its input link hold (of the smallest
-    events)."""
-    batches = max(1, sum(n.get("batches", 0) for n in stage["nodes"]))
+    events; Linux gives each buffer twice the size asked for)."""
+    batches = max(1, sum(n.get("batches_in", 0) for n in stage["nodes"]))
     batch = stage["events_in"] / batches if stage["events_in"] else 1.0
     queued = (farm.sndhwm + farm.rcvhwm + 4 + 2) * batch
-    kernel = 2 * farm.socket_buffer_kib * 1024 / MIN_EVENT_BYTES
+    kernel = 4 * farm.socket_buffer_kib * 1024 / MIN_EVENT_BYTES  # Linux doubles each
     return int(queued + kernel)
 
 
@@ -301,6 +301,8 @@ def main() -> None:
     finally:
         chaos.close()
     report = build_report(plan, result)
+    # every lost process's last heartbeat stats, for checking the loss estimate by hand
+    (args.out / "losses.json").write_text(json.dumps(result.losses, indent=2, default=float))
     write_report(report, args.out)
     print(format_report(report))
     figures = analyse(report, chaos, result.started_s, args.out, plan.topology.farm)

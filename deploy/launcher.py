@@ -520,6 +520,14 @@ class Farm:
             if status.lost or last is None or not status.process.is_alive():
                 continue
             loop_age_s = status.heartbeat.stats.get("loop_age_s", 0.0) if status.heartbeat else 0
+            if status.heartbeat is not None and status.heartbeat.state == "stopped":
+                if now - last > limit_s:  # its books are written; only its linger is left
+                    log.warning(
+                        "%s stopped but has not exited in %.0f s; killing it", name, limit_s
+                    )
+                    status.death_handled = True
+                    status.process.kill()
+                continue
             if now - last > limit_s:
                 status.lost = f"no heartbeat for {now - last:.0f} s; killed"
             elif loop_age_s > 3 * limit_s:

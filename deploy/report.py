@@ -53,6 +53,7 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
     return {
         "name": name,
         "events_in": n_in,
+        "batches_in": int(stats.get("batches_in", 0)),
         "accepted": int(stats["accepted"]),
         "rejected": int(stats["rejected"]),
         "dropped": dropped,
@@ -78,7 +79,16 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
     }
 
 
-_SUMMED = ("events_in", "accepted", "rejected", "records_in", "busy_s", "blocked_s", "cpu_s")
+_SUMMED = (
+    "events_in",
+    "batches_in",
+    "accepted",
+    "rejected",
+    "records_in",
+    "busy_s",
+    "blocked_s",
+    "cpu_s",
+)
 _COUNTED = ("dropped", "events_out", "records_out", "records_lost")
 
 
@@ -111,10 +121,12 @@ def _merge_stats(parts: list[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 def _node_stats(name: str, result: FarmResult) -> tuple[dict[str, Any] | None, list[dict]]:
     """A node's merged stats (final file plus the last heartbeats of its lost processes)
-    and its losses (without their stats)."""
+    and its losses (without their stats). The final file is the last process's: if that
+    process was lost after writing it (killed while lingering), the file replaces its
+    last heartbeat rather than adding to it."""
     losses = result.losses.get(name, [])
-    parts = [loss["stats"] for loss in losses]
     final = result.stats.get(name)
+    parts = [x["stats"] for x in losses if x["restarted"] or final is None]
     if final is not None:
         parts.append(final)
     return _merge_stats(parts), [{k: v for k, v in x.items() if k != "stats"} for x in losses]

@@ -83,10 +83,11 @@ def learning_farm(events: int = 9_000, rate_hz: float = 2_500.0) -> dict[str, An
 def in_flight_bound(table: dict[str, Any]) -> int:
     """Events one lost node can take with it: its input queue, both high-water marks, the
     batch it was on and one taken in after its last heartbeat, and what the kernel TCP
-    buffers of its input link hold (``socket_buffer_kib`` each end, >= 80 B an event)."""
+    buffers of its input link hold (``socket_buffer_kib`` each end, which Linux doubles;
+    >= 80 B an event)."""
     farm = table["farm"]
     batches = farm["sndhwm"] + farm["rcvhwm"] + 4 + 2
-    return batches * BATCH + 2 * 256 * 1024 // 80
+    return batches * BATCH + 4 * 256 * 1024 // 80
 
 
 def fault_when(
