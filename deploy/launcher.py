@@ -427,7 +427,7 @@ class Farm:
             heartbeats={
                 n: asdict(s.heartbeat) for n, s in self.statuses.items() if s.heartbeat is not None
             },
-            losses={n: s.losses(t0) for n, s in self.statuses.items() if s.losses(t0)},
+            losses={n: losses for n, s in self.statuses.items() if (losses := s.losses(t0))},
         )
 
     # -- stages ------------------------------------------------------------------------------
@@ -571,10 +571,16 @@ class Farm:
                     return False
         return True
 
+    def _live_nodes(self, stage: str) -> list[str]:
+        """The nodes of ``stage`` whose process is alive."""
+        return [
+            p.node.name
+            for p in self.plan.stage_nodes(stage)
+            if self.statuses[p.node.name].process.is_alive()
+        ]
+
     def _stage_done(self, stage: str) -> bool:
-        return all(
-            not self.statuses[p.node.name].process.is_alive() for p in self.plan.stage_nodes(stage)
-        )
+        return not self._live_nodes(stage)
 
     def _duration_over(self, started: float) -> bool:
         return self.duration_s > 0 and time.monotonic() - started >= self.duration_s
@@ -604,11 +610,7 @@ class Farm:
             if status.lost_at_s is None:
                 status.lost_at_s = now
             stage = status.plan.stage.name
-            alive = [
-                p.node.name
-                for p in self.plan.stage_nodes(stage)
-                if self.statuses[p.node.name].process.is_alive()
-            ]
+            alive = self._live_nodes(stage)
             log.error("node %s lost (%s) at %.1f s", name, status.lost, now - self._t0)
             if alive:
                 log.error("stage %s degraded: %s go on", stage, ", ".join(alive))
@@ -639,10 +641,7 @@ class Farm:
         # It waits for as many downstream peers as are alive now, not for those lost.
         downstream = self.plan.topology.downstream(status.plan.stage.name)
         if status.plan.node.output_peers and downstream is not None:
-            alive = sum(
-                self.statuses[p.node.name].process.is_alive()
-                for p in self.plan.stage_nodes(downstream.name)
-            )
+            alive = len(self._live_nodes(downstream.name))
             node = replace(status.plan.node, output_peers=max(alive, 1))
             status.plan = replace(status.plan, node=node)
         status.process = self._spawn(status.plan)

@@ -230,22 +230,14 @@ class ArchiveNode(Processor):
                 continue
             with h5py.File(info.path, "r") as handle:
                 lumi = handle["events/lumi"][:] if "lumi" in handle["events"] else None
-            run = int(final.stem.split("_")[0].removeprefix("run"))
-            sequence = int(final.stem.rsplit("_", 1)[-1])
-            size = info.path.stat().st_size
-            self._index(
-                EVENTS_KIND,
+            self._index_events(
                 info.path,
-                node=self.name,
-                role=EVENTS_KIND,
-                run=run,
+                run=int(final.stem.split("_")[0].removeprefix("run")),
                 lumi=(int(lumi.min()), int(lumi.max()))
                 if lumi is not None and len(lumi)
                 else (0, 0),
-                sequence=sequence,
-                events=info.n_events,
-                size=size,
-                sha256=file_sha256(info.path),
+                sequence=int(final.stem.rsplit("_", 1)[-1]),
+                n_events=info.n_events,
             )
             self.events_recovered += info.n_events
             log.warning(
@@ -285,23 +277,36 @@ class ArchiveNode(Processor):
             return
         with open(info.path, "rb") as handle:
             os.fsync(handle.fileno())
-        size = info.path.stat().st_size
         meta = self._writer_meta
         lumi_first = meta["lumi_first"] if meta["lumi_last"] else 0
-        self._index(
-            EVENTS_KIND,
+        size = self._index_events(
             info.path,
-            node=self.name,
-            role=EVENTS_KIND,
             run=meta["run"],
             lumi=(lumi_first, meta["lumi_last"]),
             sequence=self._file_seq,
-            events=info.n_events,
-            size=size,
-            sha256=file_sha256(info.path),
+            n_events=info.n_events,
         )
         self.bytes[EVENTS_KIND] += size
         BYTES.labels(node=self.name, kind=EVENTS_KIND).set(self.bytes[EVENTS_KIND])
+
+    def _index_events(
+        self, path: Path, *, run: int, lumi: tuple[int, int], sequence: int, n_events: int
+    ) -> int:
+        """Index one finished events file with its size and SHA-256; returns its size."""
+        size = path.stat().st_size
+        self._index(
+            EVENTS_KIND,
+            path,
+            node=self.name,
+            role=EVENTS_KIND,
+            run=run,
+            lumi=lumi,
+            sequence=sequence,
+            events=n_events,
+            size=size,
+            sha256=file_sha256(path),
+        )
+        return size
 
     def _index(
         self,
