@@ -18,11 +18,17 @@ are reported for flows and for events, and events/s trained per node.
 
 Data split (files of lhco-rnd-100k): stream background bkg01-06, idealised background
 bkg07-08, test background bkg09-10; injected signal sig01-03, test signal sig04-10.
-``--simulated N`` runs the same chain on simulator events instead (N QCD dijets in the
-stream, N/2 each for the idealised and test background, W'->XY signal), generated once
-into ``--cache``.
+``--dataset PATH`` runs it on a dataset made by ``trigfarm simulate --recipe lhco-like``
+(the million-event headline), split by chunk: the last ``--test-fraction`` of the
+background chunks are the test background (enough for >= 50k SR events at a million),
+the ``--idealised-fraction`` before them the idealised background, the rest the stream;
+the first half of the signal chunks is injected, the second half is test signal.
+``--simulated N`` runs the same chain on a small ad-hoc simulator sample instead (N QCD
+dijets in the stream, N/2 each for the idealised and test background, W'->XY signal),
+generated once into ``--cache``.
 
-    python -m benchmarks.ephemeral_lhco [--quick] [--sb 0 0.005 0.01 0.02 0.05] [--nodes 2]
+    python -m benchmarks.ephemeral_lhco [--quick] [--sb 0 0.01 0.05] [--seeds 1 2 3] [--jobs 2]
+    python -m benchmarks.ephemeral_lhco --dataset ~/.cache/trigfarm/datasets/lhco-like-...
     python -m benchmarks.ephemeral_lhco --simulated 6000 --sb 0.2
 """
 
@@ -30,12 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import queue
 import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,11 +62,16 @@ from nodes.archive import build as build_archive
 from nodes.learner import FlowLearner, FlowLearnerConfig, build_learner
 from nodes.source import SourceConfig
 from nodes.source import build as build_source
+from simulator.dataset import dataset_files, verify_dataset
 from simulator.production import simulate_to_file
 from stream.batch import EventBatch, Record
 from stream.transport import free_tcp_port
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lhco-rnd-100k"
+#: The official raw LHCO format (700 particles x pT, eta, phi per event): what a trigger
+#: that kept the events would store, beside the features our archive keeps.
+RAW_EVENTS = DATA.parent / "lhco-rnd-raw-1k" / "events_anomalydetection_tiny.h5"
+RAW_EVENTS_COUNT = 1000
 SR = (3300.0, 3700.0)
 METHOD_LABELS = {
     "cwola": "(a) CWoLa from flows",
@@ -128,6 +142,41 @@ def simulated_dataset(n_background: int, folder: Path, seed: int) -> Dataset:
         spec["wprime_inject"],
         spec["qcd_ideal"],
         (spec["qcd_test"], spec["wprime_test"]),
+    )
+
+
+def generated_dataset(path: Path, test_fraction: float, idealised_fraction: float) -> Dataset:
+    """A ``trigfarm simulate --recipe`` dataset, split by chunk (see the module doc).
+
+    Raises:
+        SystemExit: the dataset is incomplete or a chunk fails its checksum (says which).
+    """
+    check = verify_dataset(path)
+    if not (check.ok and check.complete):
+        msg = (
+            f"dataset {path} is not usable (complete={check.complete}, corrupted "
+            f"{list(check.corrupted)[:3]}, missing {list(check.missing)[:3]}): rerun the "
+            "`trigfarm simulate --recipe ...` command that made it to finish or --repair it"
+        )
+        raise SystemExit(msg)
+    background, signal = dataset_files(path, "background"), dataset_files(path, "signal")
+    n_test = max(1, round(len(background) * test_fraction))
+    n_ideal = max(1, round(len(background) * idealised_fraction))
+    n_stream = len(background) - n_test - n_ideal
+    if n_stream < 1 or len(signal) < 2:
+        msg = f"dataset {path} has too few chunks to split ({len(background)} background)"
+        raise SystemExit(msg)
+
+    def spec(paths: list[Path]) -> str:
+        return "cache:" + ",".join(str(p) for p in paths)
+
+    half = len(signal) // 2
+    return Dataset(
+        f"{path.name} ({n_stream} of {len(background)} background chunks streamed)",
+        spec(background[:n_stream]),
+        spec(signal[:half]),
+        spec(background[n_stream : n_stream + n_ideal]),
+        (spec(background[n_stream + n_ideal :]), spec(signal[half:])),
     )
 
 
@@ -222,23 +271,28 @@ def stream_once(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 files, tiny training")
     parser.add_argument(
         "--sb",
         type=float,
         nargs="+",
-        default=[0.0, 0.005, 0.01, 0.02, 0.05],
+        default=[0.0, 0.003, 0.006, 0.01, 0.02, 0.05],
         help="S/B in the SR; 0 is the no-signal control",
     )
     parser.add_argument("--nodes", type=int, default=2, help="HLT nodes (flows per role)")
     parser.add_argument("--members", type=int, default=5, help="MAFs per flow (an ensemble)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one run per seed")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
     parser.add_argument(
         "--mixture", action="store_true", help="each node keeps its own flow (no averaging)"
     )
-    parser.add_argument("--out", default="out/ephemeral_lhco", help="plots and JSON")
+    parser.add_argument(
+        "--out",
+        default="out/ephemeral_lhco",
+        help="plots and JSON; a (seed, S/B) whose row.json is there is not run again",
+    )
     parser.add_argument("--keep-archive", action="store_true", help="keep archives under --out")
     parser.add_argument(
         "--simulated",
@@ -248,18 +302,47 @@ def main(argv: list[str] | None = None) -> int:
         help="use N simulated QCD events (and W'->XY signal) instead of LHCO",
     )
     parser.add_argument("--cache", default="out/sim_cache", help="where simulated events are kept")
-    args = parser.parse_args(argv)
-    if not args.simulated and not DATA.exists():
-        print(f"no data at {DATA} (see ../shared/data/README.md)")
-        return 1
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        help="a `trigfarm simulate --recipe lhco-like` folder instead of LHCO (split by chunk)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.36,
+        help="with --dataset: share of background chunks held out as test",
+    )
+    parser.add_argument(
+        "--idealised-fraction",
+        type=float,
+        default=0.05,
+        help="with --dataset: share of background chunks for the idealised classifier",
+    )
+    return parser
+
+
+def choose_dataset(args: argparse.Namespace, seed: int) -> Dataset:
+    if args.dataset:
+        return generated_dataset(
+            args.dataset.expanduser(), args.test_fraction, args.idealised_fraction
+        )
+    if args.simulated:
+        return simulated_dataset(args.simulated, Path(args.cache), seed)
+    return lhco_dataset(args.quick)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """Every S/B of one seed; each finished row is written to ``OUT/seed_S/sb_X/row.json``
+    and read back instead of rerun, so an interrupted run continues."""
     torch.set_num_threads(1)
-    out = Path(args.out)
+    out = Path(args.out) / f"seed_{seed}"
     out.mkdir(parents=True, exist_ok=True)
     learner_config = FlowLearnerConfig(
         n_transforms=2 if args.quick else 4,
         **({"batch_size": 64} if args.quick else {}),
         n_members=args.members,
-        seed=args.seed,
+        seed=seed,
         calibration_events=2000,
         snapshot_every_events=20_000,
         signal_region_gev=SR,
@@ -270,15 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         signal_region_gev=SR,
         n_samples=5000 if args.quick else 40_000,
         classifier=ClassifierConfig(
-            n_models=1 if args.quick else 3, epochs=3 if args.quick else 20, seed=args.seed
+            n_models=1 if args.quick else 3, epochs=3 if args.quick else 20, seed=seed
         ),
-        seed=args.seed,
+        seed=seed,
     )
-    dataset = (
-        simulated_dataset(args.simulated, Path(args.cache), args.seed)
-        if args.simulated
-        else lhco_dataset(args.quick)
-    )
+    dataset = choose_dataset(args, seed)
     test = load_events(list(dataset.test))
     true_background = load_events([dataset.idealised_background])
     stream_bkg = load_events([dataset.stream_background])
@@ -287,12 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     test_sr = test.select(test.in_window(SR))
     assert test_sr.is_signal is not None
     print(
-        f"test SR: {int(test_sr.is_signal.sum())} signal, {int((~test_sr.is_signal).sum())} "
-        f"background; stream background in SR {p_bkg_sr:.3f}, injected signal {p_sig_sr:.3f}"
+        f"seed {seed}: test SR {int(test_sr.is_signal.sum())} signal, "
+        f"{int((~test_sr.is_signal).sum())} background; stream {len(stream_bkg)} background "
+        f"events, {p_bkg_sr:.3f} in SR; injected signal {p_sig_sr:.3f} in SR"
+    )
+    raw_bytes_per_event = (
+        RAW_EVENTS.stat().st_size / RAW_EVENTS_COUNT if RAW_EVENTS.exists() else None
     )
     rows = []
-    t_start = time.perf_counter()
     for sb in args.sb:
+        row_file = out / f"sb_{sb:g}" / "row.json"
+        if row_file.exists():
+            rows.append(json.loads(row_file.read_text()))
+            print(f"seed {seed}, S/B {sb:g}: done before ({row_file})")
+            continue
         tmp = Path(tempfile.mkdtemp(prefix="ephemeral-"))
         archive_dir = tmp / "archive"
         t0 = time.perf_counter()
@@ -302,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             n_nodes=args.nodes,
             learner_config=learner_config,
             archive_dir=archive_dir,
-            seed=args.seed,
+            seed=seed,
             p_bkg_sr=p_bkg_sr,
             p_sig_sr=p_sig_sr,
             n_background=len(stream_bkg),
@@ -352,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 "flow_bytes_per_event_seen_all_snapshots"
             ],
             "event_bytes_per_event": storage["event_bytes_per_event_stored"],
+            "raw_event_bytes_per_event": raw_bytes_per_event,
             "methods": {
                 name: {
                     "max_sic": figures["max_sic"],
@@ -371,9 +459,17 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name in ("cwola", "cathode", "anode", "cathode_hybrid")
         }
+        flow_bytes = row["flow_bytes_per_event_latest"]
+        row["events_to_flow_bytes"] = {
+            "features": row["event_bytes_per_event"] / flow_bytes if flow_bytes else None,
+            "raw": raw_bytes_per_event / flow_bytes if flow_bytes and raw_bytes_per_event else None,
+        }
+        row["seed"] = seed
+        row["test_sr_background"] = int((~test_sr.is_signal).sum())
+        row["stream_background_events"] = len(stream_bkg)
         rows.append(row)
         print(
-            f"\nS/B target {sb:g}: SR S/B {row['sr_s_over_b']:.4f} "
+            f"\nseed {seed}, S/B target {sb:g}: SR S/B {row['sr_s_over_b']:.4f} "
             f"({row['sr_signal']} signal / {row['sr_background']} background in SR, "
             f"{row['events']} events); {row['events_per_s_trained_per_node']:.0f} events/s "
             f"trained per node, not learned {row['not_learned_total']}; {row['wall_s']:.0f} s"
@@ -387,21 +483,110 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  bytes per event: flows {row['flow_bytes_per_event_latest']:.2f} (latest), "
             f"{row['flow_bytes_per_event_all_snapshots']:.2f} (all snapshots); events "
-            f"{row['event_bytes_per_event']:.1f}"
+            f"{row['event_bytes_per_event']:.1f} as features, {raw_bytes_per_event or 0:.0f} raw "
+            f"(events/flows: {row['events_to_flow_bytes']})"
         )
         if args.keep_archive:
             shutil.copytree(archive_dir, out / f"sb_{sb:g}" / "archive", dirs_exist_ok=True)
         shutil.rmtree(tmp)
+        row_file.write_text(json.dumps(row, indent=2, default=float))
+    return rows
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std()), "n": len(array)}
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per S/B: mean and std over seeds of each method's max SIC and of the ratios (taken
+    per seed, then averaged), and of the stream's S/B and bytes."""
+    out = []
+    for sb in sorted({row["sb_target"] for row in rows}):
+        group = [row for row in rows if row["sb_target"] == sb]
+        out.append(
+            {
+                "sb_target": sb,
+                "seeds": sorted(row["seed"] for row in group),
+                "sr_s_over_b": _mean_std([row["sr_s_over_b"] for row in group]),
+                "sr_signal": _mean_std([row["sr_signal"] for row in group]),
+                "max_sic": {
+                    name: _mean_std([row["methods"][name]["max_sic"] for row in group])
+                    for name in METHOD_LABELS
+                },
+                "auc": {
+                    name: _mean_std([row["methods"][name]["auc"] for row in group])
+                    for name in METHOD_LABELS
+                },
+                "ratios": {
+                    name: {
+                        kind: _mean_std([row["ratios"][name][kind] for row in group])
+                        for kind in ("to_stored_everything", "to_trigger_stored")
+                    }
+                    for name in group[0]["ratios"]
+                },
+                "events_to_flow_bytes": {
+                    kind: _mean_std([row["events_to_flow_bytes"][kind] or 0.0 for row in group])
+                    for kind in ("features", "raw")
+                },
+                "events_per_s_trained_per_node": _mean_std(
+                    [row["events_per_s_trained_per_node"] for row in group]
+                ),
+            }
+        )
+    return out
+
+
+def print_table(summary: list[dict[str, Any]]) -> None:
+    """The headline table: max SIC, mean ± std over seeds, one column per S/B."""
+    head = " | ".join(
+        f"S/B {s['sr_s_over_b']['mean']:.2%} ({s['sr_signal']['mean']:.0f} sig)" for s in summary
+    )
+    print(f"\n| method | {head} |")
+    print("|---|" + "---|" * len(summary))
+    for name, label in METHOD_LABELS.items():
+        cells = " | ".join(
+            f"{s['max_sic'][name]['mean']:.2f} ± {s['max_sic'][name]['std']:.2f}" for s in summary
+        )
+        print(f"| {label} | {cells} |")
+    for name in ("cathode", "anode"):
+        for kind, label in (("to_stored_everything", "ceiling"), ("to_trigger_stored", "trigger")):
+            cells = " | ".join(
+                f"{s['ratios'][name][kind]['mean']:.2f} ± {s['ratios'][name][kind]['std']:.2f}"
+                for s in summary
+            )
+            print(f"| {name} / {label} | {cells} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.simulated or args.dataset) and not DATA.exists():
+        print(f"no data at {DATA} (see ../shared/data/README.md)")
+        return 1
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    if args.jobs > 1 and len(args.seeds) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=context) as pool:
+            for seed_rows in pool.map(run_seed, [args] * len(args.seeds), args.seeds):
+                rows += seed_rows
+    else:
+        for seed in args.seeds:
+            rows += run_seed(args, seed)
+    summary = aggregate(rows)
+    print_table(summary)
     final = {
         "benchmark": "ephemeral_lhco",
-        "dataset": dataset.name,
+        "dataset": choose_dataset(args, args.seeds[0]).name,
         "quick": args.quick,
         "nodes": args.nodes,
-        "seed": args.seed,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
+        "seeds": args.seeds,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread per learner",
         "total_s": time.perf_counter() - t_start,
+        "summary": summary,
         "rows": rows,
     }
+    out = Path(args.out)
     (out / "results.json").write_text(json.dumps(final, indent=2, default=float))
     print(json.dumps(final, default=float))
     return 0
