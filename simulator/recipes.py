@@ -322,6 +322,74 @@ class MinimumBias(Recipe):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class InclusiveQCD(Recipe):
+    """Inclusive non-diffractive pp, from minimum bias up to TeV jets, in two stitched
+    slices of the hardest scatter's pT-hat (Pythia's ``main322`` mode 5):
+
+    - soft: ``SoftQCD:nonDiffractive`` events whose hardest interaction has pT-hat below
+      ``pthat_split_gev`` (the rest are vetoed; the slice's cross section is Pythia's
+      non-diffractive one times the share kept);
+    - hard: ``HardQCD:all`` above ``pthat_split_gev`` with Pythia's biased sampling
+      (``PhaseSpace:bias2Selection``, weight ``(pthat_split_gev / pT-hat)^bias_power``),
+      so that TeV jets are as common in the sample as 100 GeV ones.
+
+    ``hard_share`` of the events come from the hard slice. The generator turns the two
+    into one weighted sample of interactions (``EventGenerator``): an event's weight is
+    the cross section it stands for; with pileup premixed, the weight of a bunch crossing
+    is the share of all crossings it stands for, summed over which of its interactions
+    could have been the sampled one. MPI is on: the underlying event matters at L1.
+    """
+
+    kind: ClassVar[str] = "inclusive_qcd"
+
+    name: str = "inclusive"
+    process_id: int = 16
+    mpi: bool = True
+    pthat_split_gev: float = 20.0
+    bias_power: float = 4.0
+    hard_share: float = 0.5
+    #: truth process id of the soft slice's events (the hard ones get ``process_id``).
+    soft_process_id: int = 10
+
+    def __post_init__(self) -> None:
+        Recipe.__post_init__(self)
+        if self.pthat_min_gev or self.pthat_max_gev >= 0:
+            raise ValueError("inclusive QCD sets its pT-hat range with pthat_split_gev")
+        if self.pthat_split_gev <= 0:
+            msg = f"pthat_split_gev must be > 0, got {self.pthat_split_gev}"
+            raise ValueError(msg)
+        if not 0 < self.hard_share < 1:
+            msg = f"hard_share must be in (0, 1), got {self.hard_share}"
+            raise ValueError(msg)
+        if self.bias_power < 0:
+            msg = f"bias_power must be >= 0, got {self.bias_power}"
+            raise ValueError(msg)
+
+    def process_settings(self) -> tuple[str, ...]:
+        """The hard slice's lines (the soft slice is ``soft_recipe()``)."""
+        lines = ["HardQCD:all = on", f"PhaseSpace:pTHatMin = {self.pthat_split_gev:g}"]
+        if self.bias_power > 0:
+            lines += [
+                "PhaseSpace:bias2Selection = on",
+                f"PhaseSpace:bias2SelectionPow = {self.bias_power:g}",
+                f"PhaseSpace:bias2SelectionRef = {self.pthat_split_gev:g}",
+            ]
+        return tuple(lines)
+
+    def soft_recipe(self) -> MinimumBias:
+        """The soft slice's generator settings (before the pT-hat veto)."""
+        return MinimumBias(
+            name=f"{self.name}-soft",
+            process_id=self.soft_process_id,
+            ecm_gev=self.ecm_gev,
+            mpi=self.mpi,
+            isr=self.isr,
+            fsr=self.fsr,
+            hadron_decays=self.hadron_decays,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class L1Background(Recipe):
     """The L1 background: the hard tail of minimum bias (QCD 2->2 above ``pthat_min_gev``,
     MPI on) kept only if it has an isolated e/gamma or muon above 10 GeV or an L1 jet above
@@ -441,7 +509,8 @@ def _registry(*recipes: Recipe) -> dict[str, Recipe]:
 
 
 #: The named default recipes. Jet-level: qcd, wprime, wprime3p, ttbar, wjet, zjet.
-#: L1-level: minbias, l1bkg (background); a4l, htautau, wlnu, zll (signals).
+#: L1-level: minbias, l1bkg (background); a4l, htautau, wlnu, zll (signals). Bunch
+#: crossings: inclusive (weighted; with premixed pileup in the source).
 PROCESSES: Mapping[str, Recipe] = _registry(
     QCDDijet(description="QCD dijets, pT-hat > 1 TeV (LHCO background-like)"),
     WprimeXY(description="W'(3.5 TeV) -> X(500 GeV) Y(100 GeV), X,Y -> qq (LHCO R&D signal)"),
@@ -461,6 +530,10 @@ PROCESSES: Mapping[str, Recipe] = _registry(
     HiggsTauTau(description="gg -> H(125) -> tau tau (L1 signal)"),
     WToLepton(description="W -> l nu (L1 signal)"),
     ZToLeptons(description="Z -> l l (L1 signal)"),
+    InclusiveQCD(
+        description="inclusive non-diffractive pp: minimum bias below pT-hat 20 GeV, "
+        "pT^4-biased QCD 2->2 above (weighted; the bunch-crossing sample)"
+    ),
 )
 
 
