@@ -40,6 +40,25 @@ factor in front of ``sum(w) / N`` is ``hz_per_weight``; the source writes it and
 ``events_per_lumi`` into every batch's metadata, so that downstream nodes can turn their
 own weighted counts into rates per lumi block.
 
+Bunch crossings with pileup (``weighting = "crossing"``, the default farm's): every event
+is a bunch crossing at ``crossing_rate_hz``. Pileup is premixed: a library of
+``pileup_library_events`` minimum-bias events is generated once per source (shared by its
+components; every generator process builds the same one), and each generated event gets
+Poisson(mu) library events overlaid at particle level before the detector model. mu
+follows a profile per lumi block: ``pileup_mu`` constant, or a linear ramp to
+``pileup_mu_end`` over ``pileup_ramp_lumis`` blocks (a block of events is generated with
+the mu of the lumi block of the next event to leave, so near a block boundary a few
+events carry the previous block's mu). The background is the ``inclusive`` recipe
+(``simulator.recipes.InclusiveQCD``: minimum bias stitched to pT^4-biased QCD), whose
+events carry the share of all crossings they stand for (``EventGenerator.block``); any
+other process (a signal, or a rare background) is an extra interaction whose chance per
+crossing is ``L * sigma / crossing_rate_hz``, so its events carry that, with sigma from
+Pythia. Either way the weight is divided by the component's share of the stream, and a
+selection's rate is ``crossing_rate_hz * sum(w) / N`` (``hz_per_weight`` is the crossing
+rate). The stated luminosity and mu should agree: mu = L * sigma_inel / crossing rate is
+40 at 2e34 cm^-2 s^-1 with 80 mb and 40 MHz; the pileup itself is non-diffractive only.
+The report's ``pileup`` table gives the profile and the mean mu generated.
+
 Pacing: ``rate_hz`` > 0 emits batches so that the average is ``rate_hz`` events per second
 (it falls behind, never bursts more than one second's worth, when production is slower);
 0 runs as fast as the outputs take the batches. The achieved rate is the Prometheus gauge
@@ -71,9 +90,9 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from simulator.detector import DetectorModel
-from simulator.generator import EventGenerator, derived_seed
+from simulator.generator import EventGenerator, derived_seed, pileup_library
 from simulator.jets import JetConfig
-from simulator.recipes import PROCESSES, Recipe, make_recipe, parse_parameter
+from simulator.recipes import PROCESSES, InclusiveQCD, Recipe, make_recipe, parse_parameter
 from simulator.replay import READERS, expand_paths, reader_for, replay_component
 from stream.batch import EventBatch
 from stream.errors import DataFileError
@@ -92,7 +111,7 @@ SOURCE_BAD_INPUT = Counter(
     "source_bad_input", "Unreadable files and rows skipped by the source", ["node", "reason"]
 )
 
-WEIGHTINGS = ("unit", "cross_section")
+WEIGHTINGS = ("unit", "cross_section", "crossing")
 #: 1 mb in cm^2.
 MB_CM2 = 1e-27
 
@@ -121,9 +140,15 @@ class SourceConfig:
         generator_workers: processes per generator component; 0 generates in the node's
             own process (simple, but the node is busy for a whole block at a time).
         generator_block: events per generator block.
-        weighting: ``"unit"`` or ``"cross_section"`` (see the module doc).
-        luminosity_cm2s: instantaneous luminosity for rates in Hz (cross-section weights).
+        weighting: ``"unit"``, ``"cross_section"`` or ``"crossing"`` (module doc).
+        luminosity_cm2s: instantaneous luminosity for rates in Hz (cross-section weights;
+            with ``"crossing"``, the signals' and other rare processes').
         crossing_rate_hz: bunch-crossing rate (the rate of a unit-weight stream).
+        pileup_mu: mean number of pileup interactions premixed into every event (0: none).
+        pileup_mu_end: with a ramp, mu in lumi block ``pileup_ramp_lumis`` (and after);
+            ``None`` keeps ``pileup_mu`` constant.
+        pileup_ramp_lumis: lumi blocks the ramp takes (mu is linear in the lumi block).
+        pileup_library_events: minimum-bias events in the pileup library.
     """
 
     background: tuple[str | Mapping[str, Any], ...] = ("qcd",)
@@ -145,6 +170,10 @@ class SourceConfig:
     weighting: str = "unit"
     luminosity_cm2s: float = 2e34
     crossing_rate_hz: float = 40e6
+    pileup_mu: float = 0.0
+    pileup_mu_end: float | None = None
+    pileup_ramp_lumis: int = 1
+    pileup_library_events: int = 2000
 
     def __post_init__(self) -> None:
         for key in _SEQUENCE_FIELDS:
@@ -176,11 +205,26 @@ class SourceConfig:
         if self.weighting not in WEIGHTINGS:
             msg = f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
             raise ValueError(msg)
-        if self.weighting == "cross_section":
+        pileup = self.pileup_mu > 0 or bool(self.pileup_mu_end)
+        if self.weighting != "unit" or pileup:
             replays = [s for s in (*self.background, *self.signal) if parse_component(s).layout]
             if replays:
-                msg = f"weighting 'cross_section' needs generator components, not {replays}"
+                what = f"weighting {self.weighting!r}" if self.weighting != "unit" else "pileup"
+                msg = f"{what} needs generator components, not {replays}"
                 raise ValueError(msg)
+        for key in ("pileup_mu", "pileup_mu_end"):
+            value = getattr(self, key)
+            if value is not None and not (np.isfinite(value) and 0 <= value <= 1000):
+                msg = f"{key} must be in [0, 1000], got {value}"
+                raise ValueError(msg)
+        if self.weighting == "crossing" and not self.pileup_mu > 0:
+            raise ValueError("weighting 'crossing' needs pileup_mu > 0 (premixed pileup)")
+        if self.pileup_ramp_lumis < 1 or self.pileup_library_events < 1:
+            msg = (
+                "pileup_ramp_lumis and pileup_library_events must be >= 1, got "
+                f"{self.pileup_ramp_lumis} and {self.pileup_library_events}"
+            )
+            raise ValueError(msg)
         for key in ("luminosity_cm2s", "crossing_rate_hz"):
             if not getattr(self, key) > 0:
                 msg = f"{key} must be > 0, got {getattr(self, key)}"
@@ -189,6 +233,13 @@ class SourceConfig:
             if getattr(self, key) < 0:
                 msg = f"{key} must be >= 0, got {getattr(self, key)}"
                 raise ValueError(msg)
+
+    def mu_at(self, lumi: int) -> float:
+        """The pileup mu of lumi block ``lumi`` (1-based) under the configured profile."""
+        if self.pileup_mu_end is None or self.pileup_ramp_lumis == 1:
+            return self.pileup_mu if self.pileup_mu_end is None else self.pileup_mu_end
+        step = min(max(lumi - 1, 0), self.pileup_ramp_lumis - 1) / (self.pileup_ramp_lumis - 1)
+        return self.pileup_mu + (self.pileup_mu_end - self.pileup_mu) * step
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,10 +394,15 @@ class GeneratorComponent(Component):
         detector: DetectorModel | None = None,
         jets: JetConfig | None = None,
         cross_section_weights: bool = False,
+        library: tuple[int, int] | None = None,
+        mu_at: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(spec)
         assert spec.recipe is not None
         self._weighted = cross_section_weights
+        self._mu_at = mu_at or (lambda: 0.0)
+        self.mu_sum = 0.0  # sum of mu over the events generated
+        self.events_generated = 0
         self._seed = seed
         self._block = block
         self._next_index = 0
@@ -355,14 +411,17 @@ class GeneratorComponent(Component):
         self._futures: deque[Future[Any]] = deque()
         detector, jets = detector or DetectorModel(), jets or JetConfig()
         if workers == 0:
-            self._generator = EventGenerator(spec.recipe, seed=seed, detector=detector, jets=jets)
+            pileup = None if library is None else pileup_library(library[0], seed=library[1])
+            self._generator = EventGenerator(
+                spec.recipe, seed=seed, detector=detector, jets=jets, pileup_library=pileup
+            )
         else:
             level = logging.getLogger().getEffectiveLevel()
             self._pool = ProcessPoolExecutor(
                 workers,
                 mp_context=get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(spec.recipe, seed, detector, jets, level),
+                initargs=(spec.recipe, seed, detector, jets, level, library),
             )
             self._prefetch = 2 * workers
             self._top_up()
@@ -370,9 +429,12 @@ class GeneratorComponent(Component):
     def _top_up(self) -> None:
         assert self._pool is not None
         while len(self._futures) < self._prefetch:
-            task = (self._next_index, self._block, self._weighted)
+            mu = self._mu_at()
+            task = (self._next_index, self._block, self._weighted, mu)
             self._futures.append(self._pool.submit(_run_block, task))
             self._next_index += 1
+            self.mu_sum += mu * self._block
+            self.events_generated += self._block
 
     def ready(self, n: int) -> bool:
         if self._pool is None or self._buffered >= n:
@@ -386,9 +448,12 @@ class GeneratorComponent(Component):
 
     def _fill(self) -> None:
         if self._generator is not None:
+            mu = self._mu_at()
             block = self._generator.block(
-                self._next_index, self._block, cross_section_weights=self._weighted
+                self._next_index, self._block, cross_section_weights=self._weighted, mu=mu
             )
+            self.mu_sum += mu * self._block
+            self.events_generated += self._block
             self._push(block)
             self._next_index += 1
             return
@@ -409,21 +474,29 @@ _WORKER: EventGenerator | None = None
 
 
 def _init_worker(
-    recipe: Recipe, seed: int, detector: DetectorModel, jets: JetConfig, level: int
+    recipe: Recipe,
+    seed: int,
+    detector: DetectorModel,
+    jets: JetConfig,
+    level: int,
+    library: tuple[int, int] | None,
 ) -> None:
     """Set up a generator worker process (the node handles SIGINT, not its workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level)
     global _WORKER
-    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets)
+    pileup = None if library is None else pileup_library(library[0], seed=library[1])
+    _WORKER = EventGenerator(recipe, seed=seed, detector=detector, jets=jets, pileup_library=pileup)
 
 
-def _run_block(task: tuple[int, int, bool]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _run_block(
+    task: tuple[int, int, bool, float],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Worker side: block ``index`` of ``n_events``, as plain dicts (mapping proxies do not
     pickle)."""
-    index, n_events, weighted = task
+    index, n_events, weighted, mu = task
     assert _WORKER is not None, "worker not initialised"
-    batch = _WORKER.block(index, n_events, cross_section_weights=weighted)
+    batch = _WORKER.block(index, n_events, cross_section_weights=weighted, mu=mu)
     return dict(batch.columns), dict(batch.truth)
 
 
@@ -471,6 +544,14 @@ class Source(Producer):
         self._clock = clock
         self._rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7]))
         self._streams: list[_Stream] = []
+        # One library per source, shared by its components (the same seed in every
+        # worker process, so that every crossing draws from the same events).
+        library = (
+            (config.pileup_library_events, derived_seed(config.seed, 77))
+            if config.pileup_mu > 0 or config.pileup_mu_end
+            else None
+        )
+        self.emitted = 0
         index = 0
         for stream in ("background", "signal"):
             specs = getattr(config, stream)
@@ -491,7 +572,9 @@ class Source(Producer):
                             workers=config.generator_workers,
                             detector=detector,
                             jets=jets,
-                            cross_section_weights=config.weighting == "cross_section",
+                            cross_section_weights=config.weighting != "unit",
+                            library=library,
+                            mu_at=self._current_mu,
                         )
                     )
                 index += 1
@@ -510,12 +593,14 @@ class Source(Producer):
             if config.weighting == "cross_section"
             else config.crossing_rate_hz
         )
+        # "crossing": a process other than the inclusive sample is an extra interaction
+        # in a crossing, with the chance L * sigma / crossing rate per crossing.
+        self._per_crossing_per_mb = config.luminosity_cm2s * MB_CM2 / config.crossing_rate_hz
         n_components = sum(len(s.components) for s in self._streams)
         # Per component: the weight it came with (cross section in mb, or Pythia's) summed.
         self._generated_weight = np.zeros(n_components)
         self.weight_sum = 0.0
         self.weight2_sum = 0.0
-        self.emitted = 0
         self.signal_emitted = 0
         self._dropped_bad_rows = 0
         self._reported_bad = {"bad_file": 0, "bad_row": 0}
@@ -535,6 +620,11 @@ class Source(Producer):
             config.signal_fraction,
             f"{config.rate_hz:g} Hz" if config.rate_hz else "unpaced",
         )
+
+    def _current_mu(self) -> float:
+        """mu for the events generated now: the profile's at the lumi block of the next
+        event to leave (a component generates at most a block ahead of its use)."""
+        return self.config.mu_at(1 + self.emitted // self.config.events_per_lumi)
 
     # -- planning ------------------------------------------------------------------------
 
@@ -603,6 +693,10 @@ class Source(Producer):
                 )
                 if self.config.weighting == "cross_section":
                     pieces = [_scale_weight(p, 1.0 / stream.share(i)) for p in pieces]
+                elif self.config.weighting == "crossing":
+                    inclusive = isinstance(component.spec.recipe, InclusiveQCD)
+                    factor = 1.0 if inclusive else self._per_crossing_per_mb
+                    pieces = [_scale_weight(p, factor / stream.share(i)) for p in pieces]
                 parts.extend(pieces)
             offset += len(stream.components)
         dropped = self._collect_bad_input()
@@ -669,6 +763,23 @@ class Source(Producer):
                 {p for s in self._streams for c in s.components for p in c.bad_file_paths}
             ),
             "bad_rows": self._reported_bad["bad_row"],
+            "pileup": self._pileup_report(),
+        }
+
+    def _pileup_report(self) -> dict[str, Any] | None:
+        cfg = self.config
+        if not (cfg.pileup_mu > 0 or cfg.pileup_mu_end):
+            return None
+        generated = [
+            c for s in self._streams for c in s.components if isinstance(c, GeneratorComponent)
+        ]
+        events = sum(c.events_generated for c in generated)
+        return {
+            "mu": cfg.pileup_mu,
+            "mu_end": cfg.pileup_mu_end,
+            "ramp_lumis": cfg.pileup_ramp_lumis,
+            "library_events": cfg.pileup_library_events,
+            "mu_mean": sum(c.mu_sum for c in generated) / events if events else None,
         }
 
     # -- helpers -------------------------------------------------------------------------

@@ -189,6 +189,53 @@ def test_bad_configs_name_the_key() -> None:
     assert SourceConfig(background=["qcd"]).background == ("qcd",)  # type: ignore[arg-type]
 
 
+def test_crossing_configs_and_the_mu_profile() -> None:
+    with pytest.raises(ValueError, match="pileup_mu > 0"):
+        SourceConfig(background=("inclusive",), weighting="crossing")
+    with pytest.raises(ValueError, match="pileup_mu must be"):
+        SourceConfig(background=("inclusive",), weighting="crossing", pileup_mu=-1.0)
+    with pytest.raises(ValueError, match="pileup needs generator components"):
+        SourceConfig(background=("lhco-features:a.h5",), pileup_mu=10.0)
+    with pytest.raises(ValueError, match="pileup_library_events"):
+        SourceConfig(pileup_mu=10.0, pileup_library_events=0)
+    assert SourceConfig(pileup_mu=40.0).mu_at(7) == 40.0
+    ramp = SourceConfig(pileup_mu=40.0, pileup_mu_end=80.0, pileup_ramp_lumis=5)
+    assert [ramp.mu_at(lumi) for lumi in (1, 2, 3, 5, 9)] == [40.0, 50.0, 60.0, 80.0, 80.0]
+
+
+def test_weighted_crossings_with_signal_at_its_cross_section() -> None:
+    """The inclusive sample's crossings carry their share of all crossings, a signal its
+    chance per crossing L sigma / f; both over their share of the stream."""
+    config = SourceConfig(
+        background=("inclusive",),
+        signal=("zll",),
+        signal_fraction=0.25,
+        weighting="crossing",
+        pileup_mu=4.0,
+        pileup_mu_end=8.0,
+        pileup_ramp_lumis=2,
+        pileup_library_events=40,
+        batch_size=16,
+        max_events=32,
+        generator_block=16,
+        events_per_lumi=16,
+    )
+    source = build(config, name="crossings")
+    batch = batches_of(drain(source))
+    source.finish()
+    report = source.report()
+    assert len(batch) == 32 and report["hz_per_weight"] == config.crossing_rate_hz
+    w = batch.truth["weight"].astype(np.float64)
+    signal = batch.truth["is_signal"] == 1
+    assert int(signal.sum()) == 8 and (w > 0).all()
+    sigma_mb = report["component_mean_weight"]["zll"]  # Pythia's sigma for Z -> ll
+    per_crossing = config.luminosity_cm2s * 1e-27 * sigma_mb / config.crossing_rate_hz
+    np.testing.assert_allclose(w[signal], per_crossing / 0.25, rtol=1e-5)
+    assert 0.2 < w[~signal].mean() * 0.75 < 3  # crossing shares: mean 1 - e^-mu (noisy)
+    # Blocks are made with the mu of the next event to leave: 4, 4 (signal), then 8.
+    assert report["pileup"]["mu_mean"] == pytest.approx(16 / 3)
+
+
 def test_components_as_tables_equal_their_shorthand(tmp_path: Path) -> None:
     """A TOML table and its shorthand name the same component; a table holds paths the
     shorthand cannot (commas, colons), and a bad table names what is wrong."""
