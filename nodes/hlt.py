@@ -10,12 +10,29 @@ Menu (each path one bit of ``hlt_bits``):
 - bit 0 ``anomaly``: ``hlt_score >= anomaly_threshold``;
 - bit 1 ``prescale``: every ``prescale_n``-th valid event, whatever its content (the
   standard pass-through path; it also stores events that cannot be tagged);
-- bit 2 + c ``tag_<class>``: either jet has p(class) >= ``tag_thresholds[class]``.
+- bit 2 + c ``tag_<class>``: either jet has p(class) >= ``tag_thresholds[class]``;
+- bit 15 ``fatjet_pt``: the leading fat jet's pT >= ``fatjet_pt_gev`` (the single-jet path).
+
+``tag_jet_pt_gev`` makes the tag and anomaly paths look only at fat jets above that pT
+(the tagger is trained on boosted jets; a soft jet's tag means little), so a threshold
+calibrated to a rate acts on the jets it was meant for.
 
 An event with any bit set is accepted and sent on port ``"archive"`` with ``hlt_score``,
 ``hlt_tags`` (N, 2, n_classes) and ``hlt_bits``; the rest are rejected. Every valid event,
 accepted or not, goes to ``learner.learn(batch.without_truth())`` (with the HLT columns
 added), and the learner's records go out on ``"archive"`` too.
+
+Weights and the learner: the learner never sees the truth table, so it trains on events
+as they were sampled, each counting once. With a weighted source (``weighting =
+"crossing"`` or ``"cross_section"``) that is the density of the sample, which the source's
+biased sampling tilts towards hard crossings, not the physical density. Set
+``learner_unweight_max`` to feed the learner an unweighted stream instead: each valid
+event goes to it with probability ``min(1, w / learner_unweight_max)`` (hit-or-miss
+unweighting; events above the maximum are kept and counted as ``overweight`` in the
+report), so that what it learns is the physical density of the events the HLT sees. The
+cost is statistics: of N sampled events about ``sum(w) / w_max`` remain, which for the
+default run's weighted crossings is a handful, so the default farm leaves it off and its
+flows learn the sampled density.
 
 Events that cannot be tagged: a batch without a ``constituents`` column (a feature-only
 replay such as the LHCO features) or a jet with no constituents. Such a jet's tags are
@@ -57,7 +74,8 @@ log = logging.getLogger(__name__)
 ANOMALY_BIT = 0
 PRESCALE_BIT = 1
 FIRST_TAG_BIT = 2
-MAX_TAG_CLASSES = 14  # hlt_bits is 16 bits wide
+FATJET_PT_BIT = 15
+MAX_TAG_CLASSES = 13  # hlt_bits is 16 bits wide; the top bit is fatjet_pt
 
 HLT_INFERENCE_LATENCY = Histogram(
     "hlt_inference_latency_seconds",
@@ -97,6 +115,10 @@ class HLTConfig:
         anomaly_threshold: accept events with ``hlt_score`` >= this; ``None``: path off.
         tag_thresholds: class name -> minimum probability on either jet; empty: no tag path.
         prescale_n: accept every n-th valid event (pass-through path); 0: off.
+        fatjet_pt_gev: accept events whose leading fat jet has pT >= this; ``None``: off.
+        tag_jet_pt_gev: the tag and anomaly paths see only fat jets with pT >= this.
+        learner_unweight_max: > 0 unweights what the learner sees (module doc); 0: off.
+        seed: seeds the unweighting's random draws.
     """
 
     checkpoint: str = str(DEFAULT_CHECKPOINT)
@@ -106,6 +128,10 @@ class HLTConfig:
     anomaly_threshold: float | None = None
     tag_thresholds: Mapping[str, float] = field(default_factory=dict)
     prescale_n: int = 0
+    fatjet_pt_gev: float | None = None
+    tag_jet_pt_gev: float = 0.0
+    learner_unweight_max: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tag_thresholds", dict(self.tag_thresholds))
@@ -118,6 +144,15 @@ class HLTConfig:
             raise ValueError(msg)
         if self.prescale_n < 0:
             msg = f"prescale_n must be >= 0, got {self.prescale_n}"
+            raise ValueError(msg)
+        if self.fatjet_pt_gev is not None and not self.fatjet_pt_gev >= 0:
+            msg = f"fatjet_pt_gev must be >= 0, got {self.fatjet_pt_gev}"
+            raise ValueError(msg)
+        if not (np.isfinite(self.learner_unweight_max) and self.learner_unweight_max >= 0):
+            msg = f"learner_unweight_max must be >= 0, got {self.learner_unweight_max}"
+            raise ValueError(msg)
+        if not self.tag_jet_pt_gev >= 0:
+            msg = f"tag_jet_pt_gev must be >= 0, got {self.tag_jet_pt_gev}"
             raise ValueError(msg)
         for name, value in self.tag_thresholds.items():
             if not 0 <= value <= 1:
@@ -154,9 +189,11 @@ class HLT(Processor):
         self.tagger = tagger
         self.name = name
         self.learner = learner
-        self.paths = {"anomaly": ANOMALY_BIT, "prescale": PRESCALE_BIT} | {
-            f"tag_{c}": FIRST_TAG_BIT + i for i, c in enumerate(tagger.classes)
-        }
+        self.paths = (
+            {"anomaly": ANOMALY_BIT, "prescale": PRESCALE_BIT}
+            | {f"tag_{c}": FIRST_TAG_BIT + i for i, c in enumerate(tagger.classes)}
+            | {"fatjet_pt": FATJET_PT_BIT}
+        )
         self._seen = 0
         self._path_counts = dict.fromkeys(self.paths, 0)
         self._path_weights = {path: [0.0, 0.0] for path in self.paths}
@@ -165,6 +202,9 @@ class HLT(Processor):
         self._inference_s = 0.0
         self._jets_tagged = 0
         self._records_out = 0
+        self._rng = np.random.default_rng(config.seed)
+        self.learner_fed = 0
+        self.overweight = 0
 
     # -- the worker ------------------------------------------------------------------------
 
@@ -181,7 +221,7 @@ class HLT(Processor):
         if len(batch) == 0:
             return Outcome(dropped=dropped)
         tags, scores = self._tag(batch)
-        bits = self._menu(tags, scores)
+        bits = self._menu(tags, scores, _fatjet_pt_per_jet(batch))
         self._count_weights(batch, bits)
         batch = batch.with_columns(hlt_score=scores, hlt_tags=tags, hlt_bits=bits)
         emits: list[Emit] = []
@@ -190,7 +230,9 @@ class HLT(Processor):
         if n_accepted:
             emits.append(Emit("archive", batch.select(accepted)))
         if self.learner is not None:
-            emits += self._records(self.learner.learn(batch.without_truth()))
+            fed = self._unweight(batch)
+            if len(fed):
+                emits += self._records(self.learner.learn(fed.without_truth()))
         return Outcome(
             emits=tuple(emits),
             accepted=n_accepted,
@@ -215,12 +257,27 @@ class HLT(Processor):
             "inference_s": self._inference_s,
             "jets_per_s": self._jets_tagged / self._inference_s if self._inference_s else 0.0,
             "records_out": self._records_out,
+            "learner_fed": self.learner_fed,
+            "learner_weighting": (
+                "unweighted draw" if self.config.learner_unweight_max > 0 else "as sampled"
+            ),
+            "overweight": self.overweight,
         }
         if self.learner is not None:
             out["learner"] = self.learner.report()
         return out
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _unweight(self, batch: EventBatch) -> EventBatch:
+        """The events the learner sees: all, or an unweighted draw (module doc)."""
+        w_max = self.config.learner_unweight_max
+        if w_max > 0:
+            w = np.nan_to_num(batch_weights(batch))
+            self.overweight += int((w > w_max).sum())
+            batch = batch.select(self._rng.random(len(batch)) * w_max < w)
+        self.learner_fed += len(batch)
+        return batch
 
     def _records(self, records: Sequence[Message]) -> list[Emit]:
         self._records_out += len(records)
@@ -261,6 +318,9 @@ class HLT(Processor):
         self._inference_s += elapsed
         self._jets_tagged += int(has.sum())
         HLT_INFERENCE_LATENCY.labels(node=self.name).observe(elapsed)
+        if self.config.tag_jet_pt_gev > 0:
+            soft = ~(_fatjet_pt_per_jet(batch) >= self.config.tag_jet_pt_gev)
+            jet_scores[soft] = np.nan
         best = np.where(np.isnan(jet_scores), -np.inf, jet_scores).max(1)
         event_scores = np.where(np.isinf(best), np.nan, best).astype("<f4")
         for i, c in enumerate(self.tagger.classes):
@@ -273,10 +333,12 @@ class HLT(Processor):
             score_histogram.observe(float(v))
         return tags, event_scores
 
-    def _menu(self, tags: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def _menu(self, tags: np.ndarray, scores: np.ndarray, jet_pt: np.ndarray) -> np.ndarray:
         cfg = self.config
         n = len(scores)
         fired: dict[str, np.ndarray] = {}
+        if cfg.fatjet_pt_gev is not None:
+            fired["fatjet_pt"] = jet_pt.max(axis=1) >= cfg.fatjet_pt_gev
         if cfg.anomaly_threshold is not None:
             fired["anomaly"] = np.nan_to_num(scores, nan=-np.inf) >= cfg.anomaly_threshold
         if cfg.prescale_n:
@@ -284,7 +346,10 @@ class HLT(Processor):
             fired["prescale"] = index % cfg.prescale_n == 0
         for c, threshold in cfg.tag_thresholds.items():
             i = self.tagger.classes.index(c)
-            fired[f"tag_{c}"] = (np.nan_to_num(tags[..., i], nan=-1.0) >= threshold).any(1)
+            probability = np.nan_to_num(tags[..., i], nan=-1.0)
+            if cfg.tag_jet_pt_gev > 0:
+                probability = np.where(jet_pt >= cfg.tag_jet_pt_gev, probability, -1.0)
+            fired[f"tag_{c}"] = (probability >= threshold).any(1)
         self._seen += n
         HLT_EVENTS_SEEN.labels(node=self.name).inc(n)
         bits = np.zeros(n, "<u2")
@@ -310,6 +375,13 @@ class HLT(Processor):
         if n:
             self._untagged[reason] += n
             HLT_UNTAGGED.labels(node=self.name, reason=reason).inc(n)
+
+
+def _fatjet_pt_per_jet(batch: EventBatch) -> np.ndarray:
+    """The two fat jets' pT (N, 2); -inf without a ``fatjets`` column."""
+    if "fatjets" not in batch:
+        return np.full((len(batch), N_FATJETS), -np.inf)
+    return np.asarray(batch["fatjets"][:, :N_FATJETS, 0], np.float64)
 
 
 def build(config: HLTConfig, *, name: str, learner: Learner | None = None) -> HLT:

@@ -241,3 +241,50 @@ def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
     nonfinite = 'dropped_total{node="hlt-zmq",reason="nonfinite",role="hlt"}'
     assert float(next(x for x in scraped.splitlines() if x.startswith(nonfinite)).split()[-1]) == 1
     assert 'hlt_inference_latency_seconds_count{node="hlt-zmq"}' in scraped
+
+
+def test_fatjet_path_and_tag_jet_pt(events: dict[str, EventBatch]) -> None:
+    """The fat-jet pT path fires on the leading jet; tag paths ignore soft jets."""
+    batch = events["ttbar"]
+    leading = batch["fatjets"][:, :2, 0].max(axis=1)
+    cut = float(np.median(leading))
+    hlt = build(
+        HLTConfig(fatjet_pt_gev=cut, tag_thresholds={"top": 0.0}, tag_jet_pt_gev=1e9),
+        name="jets",
+    )
+    out = hlt.process(batch)
+    archived = [e.message for e in out.emits if isinstance(e.message, EventBatch)]
+    bits = archived[0]["hlt_bits"] if archived else np.zeros(0, "<u2")
+    assert out.accepted == int((leading >= cut).sum()) == len(bits)
+    assert ((bits >> 15) & 1).all() and hlt.report()["paths"]["tag_top"] == 0
+    with pytest.raises(ValueError, match="fatjet_pt_gev"):
+        HLTConfig(fatjet_pt_gev=-1.0)
+    with pytest.raises(ValueError, match="learner_unweight_max"):
+        HLTConfig(learner_unweight_max=float("nan"))
+
+
+def test_unweighting_feeds_the_learner_the_physical_density(
+    events: dict[str, EventBatch],
+) -> None:
+    """Weighted events tilted towards hard jets: the learner's unweighted feed has the
+    weighted (physical) mean of the leading jet pT, not the sample's."""
+    base = events["qcd"]
+    rng = np.random.default_rng(5)
+    picks = rng.integers(0, len(base), 6000)
+    batch = base.select(picks)
+    pt = batch["fatjets"][:, :2, 0].max(axis=1).astype(np.float64)
+    weight = (pt.min() / pt) ** 4  # a pT^4 bias undone by the weights
+    batch = EventBatch(batch.columns, {**batch.truth, "weight": weight.astype("<f4")}, batch.meta)
+    learner = RecordingLearner()
+    hlt = build(
+        HLTConfig(learner_unweight_max=float(weight.max()), seed=3), name="w", learner=learner
+    )
+    hlt.process(batch)
+    fed = EventBatch.concat(learner.batches)
+    fed_pt = fed["fatjets"][:, :2, 0].max(axis=1).astype(np.float64)
+    physical = float(np.sum(weight * pt) / weight.sum())
+    n_eff = weight.sum() ** 2 / np.square(weight).sum()
+    assert len(fed) == hlt.report()["learner_fed"] < len(batch)
+    assert hlt.report()["learner_weighting"] == "unweighted draw"
+    assert abs(fed_pt.mean() - physical) < 4 * pt.std() / np.sqrt(min(len(fed), n_eff))
+    assert abs(pt.mean() - physical) > 10 * pt.std() / np.sqrt(len(fed))  # the tilt is real
