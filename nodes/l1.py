@@ -447,3 +447,79 @@ def build(config: L1Config, *, name: str, emulator: Emulator | None = None) -> L
         threshold=float(threshold or np.inf),
         scaling=model.input_scaling,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A threshold that gives a path its target rate on a weighted sample.
+
+    ``threshold`` is where the sample's rate above it reaches ``target_hz`` (``rate_hz``,
+    with its statistical error ``error_hz``); ``low`` and ``high`` are the thresholds whose
+    rates are ``target_hz`` plus and minus that error, the threshold's statistical range.
+    ``n_above`` events of the sample lie above the threshold, and ``n_effective`` is their
+    effective number, ``(sum w)^2 / sum w^2`` (what the error rests on).
+    """
+
+    target_hz: float
+    threshold: float
+    rate_hz: float
+    error_hz: float
+    low: float
+    high: float
+    n_above: int
+    n_effective: float
+
+
+def calibrate_threshold(
+    values: np.ndarray, weights: np.ndarray, *, hz_per_event: float, target_hz: float
+) -> Calibration:
+    """The threshold at which ``hz_per_event * sum(w of values > t)`` reaches
+    ``target_hz``, measured on the sample itself (no extrapolation: the target must lie
+    within the sample's reach, else ``ValueError``). ``hz_per_event`` is the source's
+    ``hz_per_weight / N`` for a sample of N events. Non-finite values never fire.
+
+    Raises:
+        ValueError: the target is below the rate of the sample's single highest event,
+            above its total rate, or not positive.
+    """
+    if not target_hz > 0:
+        msg = f"target_hz must be > 0, got {target_hz}"
+        raise ValueError(msg)
+    values = np.asarray(values, np.float64)
+    weights = np.asarray(weights, np.float64)
+    ok = np.isfinite(values) & np.isfinite(weights)
+    order = np.argsort(-values[ok], kind="stable")
+    v, w = values[ok][order], weights[ok][order]
+    rate = hz_per_event * np.cumsum(w)  # rate[i]: events 0..i fire (threshold just below v[i])
+    error = hz_per_event * np.sqrt(np.cumsum(np.square(w)))
+    if v.size == 0 or rate[-1] < target_hz:
+        total = float(rate[-1]) if v.size else 0.0
+        msg = f"the sample's whole rate {total:.4g} Hz is below the target {target_hz:.4g} Hz"
+        raise ValueError(msg)
+    if rate[0] > target_hz:
+        msg = (
+            f"the target {target_hz:.4g} Hz is below the rate one event of the sample "
+            f"stands for ({rate[0]:.4g} Hz): a larger or more biased sample is needed"
+        )
+        raise ValueError(msg)
+
+    def at(target: float) -> float:
+        # The threshold between the last event that keeps the rate <= target and the next.
+        i = int(np.searchsorted(rate, target, side="right"))
+        if i >= v.size:
+            return float(v[-1])
+        return float(0.5 * (v[i - 1] + v[i])) if i > 0 else float(v[0])
+
+    i = int(np.searchsorted(rate, target_hz, side="right")) - 1
+    i = max(i, 0)
+    n_eff = float(np.sum(w[: i + 1]) ** 2 / max(np.sum(np.square(w[: i + 1])), 1e-300))
+    return Calibration(
+        target_hz=target_hz,
+        threshold=at(target_hz),
+        rate_hz=float(rate[i]),
+        error_hz=float(error[i]),
+        low=at(target_hz + float(error[i])),
+        high=at(max(target_hz - float(error[i]), float(rate[0]))),
+        n_above=i + 1,
+        n_effective=n_eff,
+    )
