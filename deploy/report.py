@@ -197,6 +197,7 @@ def rate_normalisation(source_worker: Mapping[str, Any], n_source: int) -> dict[
         "luminosity_cm2s": source_worker.get("luminosity_cm2s"),
         "crossing_rate_hz": source_worker.get("crossing_rate_hz", 40e6),
         "source_events": n_source,
+        "pileup": source_worker.get("pileup"),
     }
 
 
@@ -209,6 +210,19 @@ def weighted_rate(pair: list[float], norm: Mapping[str, Any]) -> dict[str, float
     return {"rate_hz": k * pair[0], "error_hz": k * float(np.sqrt(pair[1]))}
 
 
+def reduction(weight_in: list[float], weight_out: list[float]) -> dict[str, float] | None:
+    """A stage's rate reduction ``R_in / R_out`` and its statistical error, from the
+    weights in and out ([sum w, sum w^2]; the events out are a subset of those in): the
+    efficiency e = w_out / w_in has the variance
+    ``((1 - e)^2 sum_out w^2 + e^2 sum_rest w^2) / w_in^2``, and the reduction is 1 / e."""
+    if not weight_out[0] > 0 or not weight_in[0] > 0:
+        return None
+    e = weight_out[0] / weight_in[0]
+    rest2 = max(weight_in[1] - weight_out[1], 0.0)
+    var = ((1 - e) ** 2 * weight_out[1] + e**2 * rest2) / weight_in[0] ** 2
+    return {"reduction": 1.0 / e, "error": float(np.sqrt(var)) / e**2, "efficiency": e}
+
+
 def _add_rates(stages: list[dict[str, Any]], norm: Mapping[str, Any]) -> None:
     for stage in stages:
         present = [n for n in stage["nodes"] if not n.get("missing")]
@@ -218,9 +232,31 @@ def _add_rates(stages: list[dict[str, Any]], norm: Mapping[str, Any]) -> None:
         stage["weight_in"], stage["weight_out"] = weight_in, weight_out
         stage["rate_in"] = weighted_rate(weight_in, norm)
         stage["rate_out"] = weighted_rate(weight_out, norm)
+        stage["reduction"] = reduction(weight_in, weight_out)
         path_weights = _sum_path_weights([n["worker"] for n in present])
         stage["path_weights"] = path_weights
         stage["path_rates"] = {p: weighted_rate(w, norm) for p, w in path_weights.items()}
+        stage["lumi_rates"] = lumi_rates([n["worker"] for n in present])
+
+
+def lumi_rates(workers: list[Mapping[str, Any]]) -> dict[str, list[list[float]]]:
+    """Per path, ``[lumi, rate_hz, error_hz]`` of every closed lumi block, summed over a
+    stage's nodes (each node's rate is its share; errors add in quadrature)."""
+    total: dict[tuple[str, int], list[float]] = {}
+    for worker in workers:
+        for row in worker.get("lumi_rates") or []:
+            try:
+                key = (str(row["path"]), int(row["lumi"]))
+                rate, error = float(row["rate_hz"]), float(row["error_hz"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            sums = total.setdefault(key, [0.0, 0.0])
+            sums[0] += rate
+            sums[1] += error**2
+    out: dict[str, list[list[float]]] = {}
+    for (path, lumi), (rate, error2) in sorted(total.items()):
+        out.setdefault(path, []).append([float(lumi), rate, float(np.sqrt(error2))])
+    return out
 
 
 def _sum_paths(workers: list[Mapping[str, Any]]) -> dict[str, int]:
@@ -366,7 +402,7 @@ def plot_dashboard(report: Mapping[str, Any], path: Path) -> None:
     stages = report["stages"]
     names = [s["stage"] for s in stages]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10.5))
     ax = axes[0, 0]
     ax.bar(x, [s["rate_hz"] for s in stages], color="tab:blue")
     ax.set_title("input rate per stage")
@@ -408,10 +444,57 @@ def plot_dashboard(report: Mapping[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     for ax in (axes[0, 0], axes[0, 1], axes[1, 1]):
         ax.set_xticks(x, names)
+    _plot_rate_table(axes[2, 0], report)
+    _plot_lumi_rates(axes[2, 1], report)
     fig.suptitle(f"trigfarm run {report['farm']}: {report['wall_s']:.1f} s wall")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_rate_table(ax: Any, report: Mapping[str, Any]) -> None:
+    """The rate table (Hz with errors, reduction per stage) as a figure panel."""
+    ax.axis("off")
+    rows = []
+    for s in report["stages"]:
+        rate_out = s.get("rate_out")
+        if rate_out is None or s["role"] == "archive":
+            continue
+        cut = s.get("reduction")
+        text = f"{cut['reduction']:.3g} +- {cut['error']:.2g}" if cut else "-"
+        rows.append([s["stage"], _hz(s["rate_in"]), _hz(rate_out), text])
+    if not rows:
+        ax.set_title("rates: none reported")
+        return
+    table = ax.table(
+        cellText=rows, colLabels=["stage", "rate in", "rate out", "reduction"], loc="center"
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.4)
+    norm = report.get("rates") or {}
+    mu = (norm.get("pileup") or {}).get("mu_mean")
+    where = f", mu {mu:.3g}" if mu is not None else ""
+    ax.set_title(f"rates ({norm.get('weighting', '?')} weights{where})")
+
+
+def _plot_lumi_rates(ax: Any, report: Mapping[str, Any]) -> None:
+    """Each trigger stage's output rate per lumi block, with its error."""
+    plotted = False
+    for s in report["stages"]:
+        for path, label in (("all", f"{s['stage']} in"), ("accepted", f"{s['stage']} out")):
+            rows = (s.get("lumi_rates") or {}).get(path)
+            if not rows or (path == "all" and s is not report["stages"][1]):
+                continue
+            lumi, rate, error = np.asarray(rows).T
+            ax.errorbar(lumi, rate, yerr=error, marker="o", ms=3, capsize=2, label=label)
+            plotted = True
+    if plotted:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("lumi block")
+    ax.set_ylabel("rate [Hz]")
+    ax.set_title("rate per lumi block")
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -484,21 +567,34 @@ def format_rates(report: Mapping[str, Any]) -> list[str]:
     norm = report.get("rates")
     if not norm:
         return []
+    pileup = norm.get("pileup") or {}
     if norm["weighting"] == "cross_section":
         basis = f"at L = {norm['luminosity_cm2s']:.3g} cm^-2 s^-1 (cross-section weights)"
+    elif norm["weighting"] == "crossing":
+        mu = pileup.get("mu_mean")
+        basis = (
+            f"at {_si(norm['crossing_rate_hz'])} of weighted bunch crossings, pileup mu {mu:.3g}"
+            if mu is not None
+            else "at weighted bunch crossings"
+        )
     else:
         basis = f"at {_si(norm['crossing_rate_hz'])} of crossings (one event per crossing)"
     lines = [
         f"rates {basis}, from {norm['source_events']} source events:",
-        f"{'stage':<10}{'in':>24}{'out':>24}{'reduction':>11}",
+        f"{'stage':<10}{'in':>28}{'out':>28}  reduction",
     ]
     for s in report["stages"]:
         rate_in, rate_out = s.get("rate_in"), s.get("rate_out")
         if rate_in is None or rate_out is None:
             continue
-        ratio = rate_in["rate_hz"] / rate_out["rate_hz"] if rate_out["rate_hz"] > 0 else None
-        reduction = f"{ratio:.3g}" if ratio is not None else "-"
-        lines.append(f"{s['stage']:<10}{_hz(rate_in):>24}{_hz(rate_out):>24}{reduction:>11}")
+        cut = s.get("reduction")
+        if cut:
+            text = f"{cut['reduction']:.3g} +- {cut['error']:.2g}"
+        elif rate_out["rate_hz"] > 0:
+            text = f"{rate_in['rate_hz'] / rate_out['rate_hz']:.3g}"
+        else:
+            text = "-"
+        lines.append(f"{s['stage']:<10}{_hz(rate_in):>28}{_hz(rate_out):>28}  {text}")
         for path, rate in s.get("path_rates", {}).items():
-            lines.append(f"{'':<10}{'path ' + path:>24}{_hz(rate):>24}")
+            lines.append(f"{'':<10}{'path ' + path:>28}{_hz(rate):>28}")
     return lines

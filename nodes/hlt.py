@@ -41,6 +41,7 @@ accept it. It still goes to the learner. Counted in ``hlt_jets_untagged_total{re
 
 Rates: the node sums the weights of the events each path fires on (``paths_weight`` in its
 report: sum of w and of w^2) and publishes each path's rate per closed lumi block
+(``lumi_rates`` in the report, with ``all`` in and ``accepted`` out)
 (``nodes.rate_control``; with several HLT nodes each publishes its share). A
 ``"threshold_change"`` record from the L1 is forwarded to the archive.
 
@@ -53,7 +54,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -257,6 +258,7 @@ class HLT(Processor):
             "inference_s": self._inference_s,
             "jets_per_s": self._jets_tagged / self._inference_s if self._inference_s else 0.0,
             "records_out": self._records_out,
+            "lumi_rates": [asdict(r) for r in self.rates.closed],
             "learner_fed": self.learner_fed,
             "learner_weighting": (
                 "unweighted draw" if self.config.learner_unweight_max > 0 else "as sampled"
@@ -369,7 +371,7 @@ class HLT(Processor):
                 self._path_weights[path][0] += float(weights[mask].sum())
                 self._path_weights[path][1] += float(np.square(weights[mask]).sum())
             fired[path] = mask
-        self.rates.add(batch, fired)
+        self.rates.add(batch, {**fired, "accepted": bits != 0})
 
     def _count_untagged(self, reason: str, n: int) -> None:
         if n:

@@ -30,7 +30,8 @@ paths under a ``RateController``: after each lumi block the path's threshold (R_
 ``anomaly``, the seed's threshold otherwise) moves to hold the target rate, from the next
 block on; a batch that spans two blocks is decided block by block. Each change is logged,
 exported, kept in the report's ``threshold_changes`` and sent on ``out`` as a
-``"threshold_change"`` record (the HLT forwards it to the archive).
+``"threshold_change"`` record (the HLT forwards it to the archive). The report's
+``lumi_rates`` lists every closed block's rates: ``all`` (in), ``accepted`` (out), paths.
 
 Prometheus: ``l1_seed_accepts_total{node, seed}`` counts events on which each path fired
 (an event can fire several), ``l1_score_rz{node}`` is the R_z histogram.
@@ -357,8 +358,8 @@ class L1Trigger(Processor):
                 self.fired_weight[seed][1] += float(np.square(w).sum())
             if seed in values:
                 fired_masks[seed] = mask
-        self.rates.add(batch, fired_masks)
         accept = bits != 0
+        self.rates.add(batch, {**fired_masks, "accepted": accept})
         n_accept = int(accept.sum())
         emits: list[Emit] = self._pending
         self._pending = []
@@ -416,6 +417,8 @@ class L1Trigger(Processor):
             "threshold_changes": [
                 asdict(c) for controller in self.controllers.values() for c in controller.history
             ],
+            # Per closed lumi block: the rate in ("all"), out ("accepted") and of each path.
+            "lumi_rates": [asdict(r) for r in self.rates.closed],
         }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from deploy.launcher import FarmResult, plan_farm
-from deploy.report import build_report, format_report
+from deploy.report import build_report, format_report, write_report
 from deploy.topology import parse_topology
 from nodes.rate_control import LumiRates
 from nodes.source import MB_CM2, GeneratorComponent, Source, SourceConfig
@@ -160,7 +160,15 @@ def test_report_rates_from_weighted_books(tmp_path: Path) -> None:
         }
 
     # 1000 events carrying 80 mb in all (sum w^2 = 6.4 + ...), each relay keeps some.
-    relay_paths = {"paths": {"jet": 30}, "paths_weight": {"jet": [0.03, 0.0004]}}
+    relay_paths = {
+        "paths": {"jet": 30},
+        "paths_weight": {"jet": [0.03, 0.0004]},
+        "lumi_rates": [
+            {"lumi": 1, "path": "accepted", "rate_hz": 3.0, "error_hz": 0.3, "events": 9},
+            {"lumi": 2, "path": "accepted", "rate_hz": 5.0, "error_hz": 0.4, "events": 6},
+            {"lumi": "bad", "path": "accepted"},  # a malformed row is skipped
+        ],
+    }
     result = FarmResult(
         stats={
             "source": stats(
@@ -193,3 +201,16 @@ def test_report_rates_from_weighted_books(tmp_path: Path) -> None:
     assert relay["path_rates"]["jet"]["rate_hz"] == pytest.approx(2 * hz_per_weight * 0.03 / n)
     text = format_report(report)
     assert "rates at L = 2e+34" in text and "1.6 GHz" in text and "path jet" in text
+    # The reduction R_in / R_out with the error of a weighted efficiency (out within in).
+    w_in, w_out = [40.0 * n, 6400.0 * n], [0.03, 0.0004]  # both relays together
+    e = w_out[0] / w_in[0]
+    sigma_e = np.sqrt((1 - e) ** 2 * w_out[1] + e**2 * (w_in[1] - w_out[1])) / w_in[0]
+    assert relay["reduction"]["reduction"] == pytest.approx(1 / e)
+    assert relay["reduction"]["error"] == pytest.approx(sigma_e / e**2)
+    assert "reduction" in text
+    # Rates per lumi block: the two relays' shares add, their errors in quadrature.
+    np.testing.assert_allclose(
+        relay["lumi_rates"]["accepted"], [[1, 6.0, 0.3 * 2**0.5], [2, 10.0, 0.4 * 2**0.5]]
+    )
+    json_path, png_path = write_report(report, tmp_path / "out")
+    assert json_path.is_file() and png_path.stat().st_size > 10_000
