@@ -1,7 +1,15 @@
-"""The live progress view of a running farm: rate per stage and queue depths, from heartbeats."""
+"""The live progress view of a running farm: rate per stage and queue depths, from heartbeats.
+
+Beside the events per second of the simulation, each stage shows its rate in Hz at the LHC
+(in and out, with sqrt(sum w^2) errors): the heartbeats carry every node's sums of event
+weights, and the source stage's config says how weights become Hz (``hz_per_weight``, as in
+``nodes.source``: the luminosity in mb^-1 for cross-section weights, the crossing rate
+otherwise) over the events the source has emitted so far.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -48,6 +56,10 @@ def stage_rows(statuses: Mapping[str, NodeStatus], rates: StageRates) -> list[di
                 "dropped": 0,
                 "queues": [],
                 "refused": 0,
+                "role": status.plan.stage.role,
+                "config": status.plan.stage.config,
+                "w_in": [0.0, 0.0],
+                "w_out": [0.0, 0.0],
             },
         )
         row["nodes"] += 1
@@ -66,9 +78,56 @@ def stage_rows(statuses: Mapping[str, NodeStatus], rates: StageRates) -> list[di
             row["dropped"] += sum(stats.get("dropped", {}).values())
             row["queues"].append(stats.get("queue_depth", 0))
             row["refused"] += sum(stats.get("curve_refused", {}).values())
+            _add_pair(row["w_in"], stats.get("weight_in"))
+            for pair in (stats.get("weight_out") or {}).values():
+                _add_pair(row["w_out"], pair)
     for row in rows.values():
         row["rate_hz"] = rates.update(row["stage"], now, row["in"])
+    _add_lhc_rates(list(rows.values()))
     return list(rows.values())
+
+
+def _add_pair(total: list[float], pair: Any) -> None:
+    try:
+        total[0] += float(pair[0])
+        total[1] += float(pair[1])
+    except (TypeError, ValueError, IndexError):
+        return
+
+
+def hz_per_weight(source_config: Mapping[str, Any]) -> float:
+    """How a source's weights become Hz (see ``nodes.source``)."""
+    if source_config.get("weighting") == "cross_section":
+        return float(source_config.get("luminosity_cm2s", 2e34)) * 1e-27
+    return float(source_config.get("crossing_rate_hz", 40e6))
+
+
+def _add_lhc_rates(rows: list[dict[str, Any]]) -> None:
+    """Each row's rate in and out in Hz at the LHC, with errors, so far in the run."""
+    source = rows[0] if rows else None  # the first stage of the chain makes the events
+    n = source["accepted"] if source is not None else 0
+    for row in rows:
+        row["lhc_in"] = row["lhc_out"] = None
+        if source is None or n <= 0:
+            continue
+        k = hz_per_weight(source["config"] or {}) / n
+        w_in = source["w_out"] if row is source else row["w_in"]
+        row["lhc_in"] = (k * w_in[0], k * math.sqrt(max(w_in[1], 0.0)))
+        row["lhc_out"] = (k * row["w_out"][0], k * math.sqrt(max(row["w_out"][1], 0.0)))
+
+
+def _si(value_hz: float) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value_hz) >= scale:
+            return f"{value_hz / scale:.3g}{unit}"
+    return f"{value_hz:.3g}"
+
+
+def format_lhc_rate(rate: tuple[float, float] | None) -> str:
+    """``"61k+-14k Hz"``, or ``-`` before the source has emitted."""
+    if rate is None:
+        return "-"
+    return f"{_si(rate[0])}+-{_si(rate[1])} Hz"
 
 
 class ProgressView:
@@ -114,6 +173,8 @@ class ProgressView:
             "rejected",
             "dropped",
             "rate/s",
+            "LHC in",
+            "LHC out",
             "queues",
         ):
             table.add_column(column, justify="left" if column in ("stage", "state") else "right")
@@ -127,6 +188,8 @@ class ProgressView:
                 f"{row['rejected']:,}",
                 f"[red]{row['dropped']:,}[/red]" if row["dropped"] else "0",
                 f"{row['rate_hz']:,.0f}",
+                format_lhc_rate(row["lhc_in"]),
+                format_lhc_rate(row["lhc_out"]),
                 " ".join(str(q) for q in row["queues"]) or "-",
             )
         return table

@@ -15,13 +15,13 @@ from rich.console import Console
 from deploy.cli import main
 from deploy.launcher import NodeStatus, plan_farm
 from deploy.topology import parse_topology
-from deploy.view import ProgressView, StageRates, stage_rows
+from deploy.view import ProgressView, StageRates, format_lhc_rate, stage_rows
 from stream.protocol import Heartbeat
 from stream.transport import free_tcp_port
 from tests.deploy.conftest import synthetic_table
 
 
-def _statuses(tmp_path: Path, events_in: int) -> dict[str, NodeStatus]:
+def _statuses(tmp_path: Path, events_in: int, **extra: object) -> dict[str, NodeStatus]:
     plan = plan_farm(
         parse_topology(synthetic_table()), out_dir=tmp_path, control="tcp://127.0.0.1:1"
     )
@@ -39,6 +39,7 @@ def _statuses(tmp_path: Path, events_in: int) -> dict[str, NodeStatus]:
                 "rejected": 0,
                 "dropped": {"decode_error": 1},
                 "queue_depth": 2,
+                **extra,
             },
         )
         process = SimpleNamespace(exitcode=None)
@@ -55,13 +56,26 @@ def test_rows_sum_nodes_per_stage_and_measure_rates(tmp_path: Path) -> None:
     assert rows["relay"]["rate_hz"] > 0 and rows["relay"]["states"] == {"running"}
 
 
+def test_rows_give_rates_in_hz_at_the_lhc(tmp_path: Path) -> None:
+    """Unit weights: the source runs at the crossing rate, a relay keeping a tenth of its
+    weight at a tenth of it; errors are sqrt(sum w^2) over the events emitted."""
+    stats = {"weight_in": [100.0, 100.0], "weight_out": {"out": [10.0, 10.0]}}
+    rows = {r["stage"]: r for r in stage_rows(_statuses(tmp_path, 100, **stats), StageRates())}
+    rate, error = rows["source"]["lhc_out"]
+    assert rate == pytest.approx(40e6 * 10 / 100) and error == pytest.approx(40e6 * 10**0.5 / 100)
+    # Two relay nodes each take 100 weight in: together twice what one source node sent.
+    assert rows["relay"]["lhc_in"][0] == pytest.approx(2 * 40e6)
+    assert format_lhc_rate(rows["relay"]["lhc_out"]) == "8M+-1.79M Hz"  # sqrt(20) * 0.4M
+    assert format_lhc_rate(None) == "-"
+
+
 def test_live_table_renders(tmp_path: Path) -> None:
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=120)
     with ProgressView("trigfarm t", console=console, min_interval_s=0) as view:
         view.update(_statuses(tmp_path, 10))
     text = buffer.getvalue()
-    assert "relay" in text and "queues" in text and "rate/s" in text
+    assert "relay" in text and "queues" in text and "rate/s" in text and "LHC in" in text
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
