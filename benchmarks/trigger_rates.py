@@ -13,6 +13,22 @@ rate of each block's threshold is measured on an independent set of crossings at
     python -m benchmarks.trigger_rates --out benchmarks/out/trigger_rates
 
 Prints a JSON summary and writes ``rate_vs_lumi.png``.
+
+The default menu (``--menu``): ``--crossings`` weighted bunch crossings of the source's
+``inclusive`` sample with pileup premixed at ``--mu`` (``weighting = "crossing"``, as in
+``deploy/topologies/default.toml``) go through the L1 node's seeds and emulated VAE and the
+HLT node's tagger, in this process. Each path's threshold is calibrated to its share of
+the stage's budget on the sample itself (``nodes.l1.calibrate_threshold``: measured, with
+the threshold's statistical range), the shares scaled so that the stage's OR lands on its
+budget (L1 100 kHz, HLT 1 kHz of what the L1 keeps); then the menu is evaluated on the
+same sample (rates per path and stage with sqrt(sum w^2) errors, reductions).
+
+    python -m benchmarks.trigger_rates --menu --crossings 6000 --seed 11 \
+        --out benchmarks/out/menu
+
+Writes ``menu.json`` (thresholds, rates) and ``observables.npz`` (per crossing: weight,
+process id, every path's observable), which ``--menu --reuse`` recalibrates from;
+``--merge other/observables.npz`` pools independent samples (other seeds).
 """
 
 from __future__ import annotations
@@ -20,11 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import awkward as ak
 import numpy as np
 
+from nodes.l1 import Calibration, calibrate_threshold
 from nodes.rate_control import RateControlConfig
 from simulator.generator import make_pythia
 from simulator.recipes import MinimumBias
@@ -62,8 +81,231 @@ def premix(library: np.ndarray, mu: float, n: int, rng: np.random.Generator) -> 
     return np.bincount(np.repeat(np.arange(n), counts), draws, minlength=n)
 
 
+#: Each L1 path's share of the L1 budget before scaling (their OR overlaps).
+L1_SHARES = {"single_jet": 0.55, "ht": 0.3, "met": 0.15}
+#: L1 seeds at fixed, CMS-like thresholds whose (small) rates are measured, not set.
+L1_FIXED = {"single_egamma": 25.0, "single_muon": 20.0}
+#: The anomaly path's budget: the first of these the sample can measure (a threshold
+#: below the rate of one of the sample's crossings cannot be set without extrapolating).
+L1_ANOMALY_HZ = (3e3, 5e3, 10e3, 20e3)
+HLT_SHARES = {"fatjet_pt": 0.6, "tag_w": 0.4}
+HLT_ANOMALY_HZ = (100.0, 200.0, 400.0)
+HLT_TAG_JET_PT_GEV = 300.0
+
+
+def menu_observables(n: int, *, seed: int, mu: float) -> dict[str, np.ndarray]:
+    """Generate ``n`` crossings as the default source does and measure every path's
+    observable on each (L1 seeds and R_z, then the HLT's fat-jet pT, tags and score)."""
+    from firmware.scores import r_z
+    from nodes.hlt import HLTConfig
+    from nodes.hlt import build as build_hlt
+    from nodes.l1 import L1Config, seed_observables
+    from nodes.l1 import build as build_l1
+    from nodes.source import Source, SourceConfig
+    from stream.batch import EventBatch
+
+    source = Source(
+        SourceConfig(
+            background=("inclusive",),
+            weighting="crossing",
+            pileup_mu=mu,
+            batch_size=256,
+            max_events=n,
+            seed=seed,
+            events_per_lumi=1_000_000,
+        ),
+        name="calibration",
+    )
+    batches: list[EventBatch] = []
+    while (outcome := source.produce()) is not None:
+        batches += [e.message for e in outcome.emits if isinstance(e.message, EventBatch)]
+    source.finish()
+    config = L1Config(seeds=(*L1_SHARES, *L1_FIXED), threshold=1e30)
+    l1 = build_l1(config, name="calibration")
+    hlt = build_hlt(HLTConfig(tag_jet_pt_gev=HLT_TAG_JET_PT_GEV), name="calibration")
+    columns: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        values = seed_observables(config, batch)
+        mu_z, log_var = l1.emulator.encode(l1.scaling.apply(batch["l1_objects"]))
+        values["anomaly"] = r_z(mu_z, log_var)
+        tags, score = hlt._tag(batch)  # the node's own tagging, run offline
+        jet_pt = np.asarray(batch["fatjets"][:, :2, 0], np.float64)
+        w_index = hlt.tagger.classes.index("w")
+        tag_w = np.where(
+            jet_pt >= HLT_TAG_JET_PT_GEV, np.nan_to_num(tags[..., w_index], nan=-1), -1
+        )
+        values |= {
+            "weight": batch.truth["weight"].astype(np.float64),
+            "process_id": batch.truth["process_id"].astype(np.int64),
+            "hlt_fatjet_pt": jet_pt.max(axis=1),
+            "hlt_tag_w": tag_w.max(axis=1),
+            "hlt_anomaly": np.nan_to_num(score.astype(np.float64), nan=-np.inf),
+        }
+        for key, value in values.items():
+            columns.setdefault(key, []).append(np.asarray(value))
+    out = {key: np.concatenate(value) for key, value in columns.items()}
+    out["hz_per_weight"] = np.array(source.hz_per_weight)
+    return out
+
+
+def _rate(mask: np.ndarray, w: np.ndarray, hz_per_event: float) -> dict[str, float]:
+    return {
+        "rate_hz": hz_per_event * float(w[mask].sum()),
+        "error_hz": hz_per_event * float(np.sqrt(np.square(w[mask]).sum())),
+        "events": int(mask.sum()),
+    }
+
+
+def _calibrate_stage(
+    obs: dict[str, np.ndarray],
+    keys: dict[str, str],
+    shares: dict[str, float],
+    budget_hz: float,
+    within: np.ndarray,
+    hz_per_event: float,
+    *,
+    fixed_thresholds: dict[str, float],
+    anomaly_hz: tuple[float, ...],
+) -> dict[str, Any]:
+    """Thresholds for each path (``keys``: path -> observable) among events ``within``:
+    the anomaly path gets the first budget the sample can measure, the fixed paths their
+    thresholds, and the shares of the rest are scaled together (bisection) so that the
+    OR of all paths has ``budget_hz``."""
+    w = np.where(within, obs["weight"], 0.0)
+
+    def values(path: str) -> np.ndarray:
+        return np.where(within, obs[keys[path]], -np.inf)
+
+    anomaly: Calibration | None = None
+    for target in anomaly_hz:
+        try:
+            anomaly = calibrate_threshold(
+                values("anomaly"), w, hz_per_event=hz_per_event, target_hz=target
+            )
+            break
+        except ValueError as exc:
+            print(f"anomaly at {target:g} Hz: {exc}")
+    if anomaly is None:
+        msg = f"no anomaly budget in {anomaly_hz} is measurable on this sample"
+        raise ValueError(msg)
+    base = values("anomaly") > anomaly.threshold
+    for path, threshold in fixed_thresholds.items():
+        base |= values(path) > threshold
+
+    def menu(scale: float) -> tuple[dict[str, Calibration], np.ndarray]:
+        cal: dict[str, Calibration] = {}
+        fired = base.copy()
+        for path, share in shares.items():
+            target = scale * share * budget_hz
+            cal[path] = calibrate_threshold(
+                values(path), w, hz_per_event=hz_per_event, target_hz=target
+            )
+            fired |= values(path) > cal[path].threshold
+        return cal, fired
+
+    low, high = 0.05, 4.0
+    for _ in range(30):
+        mid = 0.5 * (low + high)
+        try:
+            _, fired = menu(mid)
+        except ValueError:
+            low = mid
+            continue
+        if hz_per_event * w[fired].sum() > budget_hz:
+            high = mid
+        else:
+            low = mid
+    cal, fired = menu(low)
+    thresholds = {p: c.threshold for p, c in cal.items()} | fixed_thresholds
+    thresholds["anomaly"] = anomaly.threshold
+    paths = {p: _rate(values(p) > t, w, hz_per_event) for p, t in thresholds.items()}
+    return {
+        "scale": low,
+        "thresholds": thresholds,
+        "calibrations": {p: asdict(c) for p, c in (cal | {"anomaly": anomaly}).items()},
+        "path_rates": paths,
+        "fired": fired,
+    }
+
+
+def run_menu(args: argparse.Namespace) -> int:
+    """Calibrate and evaluate the default menu (see the module doc)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "observables.npz"
+    t0 = time.perf_counter()
+    if args.reuse and path.is_file():
+        obs = dict(np.load(path))
+    else:
+        obs = menu_observables(args.crossings, seed=args.seed, mu=args.mu)
+        np.savez_compressed(path, **obs)
+    sample_s = time.perf_counter() - t0
+    for extra in args.merge:
+        # Independent samples of the same source: their crossings pool (N adds up).
+        more = dict(np.load(extra))
+        obs = {
+            k: v if k == "hz_per_weight" else np.concatenate([v, more[k]]) for k, v in obs.items()
+        }
+    n = obs["weight"].size
+    hz_per_event = float(obs["hz_per_weight"]) / n
+    everything = np.ones(n, bool)
+    l1 = _calibrate_stage(
+        obs,
+        {p: p for p in (*L1_SHARES, *L1_FIXED, "anomaly")},
+        L1_SHARES,
+        args.l1_budget_hz,
+        everything,
+        hz_per_event,
+        fixed_thresholds=L1_FIXED,
+        anomaly_hz=L1_ANOMALY_HZ,
+    )
+    hlt = _calibrate_stage(
+        obs,
+        {"fatjet_pt": "hlt_fatjet_pt", "tag_w": "hlt_tag_w", "anomaly": "hlt_anomaly"},
+        HLT_SHARES,
+        args.hlt_budget_hz,
+        l1.pop("fired"),
+        hz_per_event,
+        fixed_thresholds={},
+        anomaly_hz=HLT_ANOMALY_HZ,
+    )
+    w = obs["weight"]
+    hlt_fired = hlt.pop("fired")
+    l1_fired = np.zeros(n, bool)
+    for p, t in l1["thresholds"].items():
+        l1_fired |= obs[p] > t
+    source = _rate(everything, w, hz_per_event)
+    l1_rate = _rate(l1_fired, w, hz_per_event)
+    hlt_rate = _rate(hlt_fired, w, hz_per_event)
+    summary = {
+        "crossings": n,
+        "mu": args.mu,
+        "seed": args.seed,
+        "merged": [str(m) for m in args.merge],
+        "sample_s": sample_s,
+        "source": source,
+        "l1": l1_rate,
+        "hlt": hlt_rate,
+        "l1_reduction": source["rate_hz"] / l1_rate["rate_hz"],
+        "hlt_reduction": l1_rate["rate_hz"] / hlt_rate["rate_hz"],
+        "l1_menu": l1,
+        "hlt_menu": hlt,
+        "hlt_tag_jet_pt_gev": HLT_TAG_JET_PT_GEV,
+    }
+    (args.out / "menu.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--menu", action="store_true", help="calibrate the default menu")
+    parser.add_argument("--reuse", action="store_true", help="--menu: reuse observables.npz")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="--menu: pool these observables.npz"
+    )
+    parser.add_argument("--mu", type=float, default=40.0, help="--menu: pileup mu")
+    parser.add_argument("--l1-budget-hz", type=float, default=100e3)
+    parser.add_argument("--hlt-budget-hz", type=float, default=1e3)
     parser.add_argument("--library", type=int, default=20_000, help="minimum-bias events")
     parser.add_argument("--blocks", type=int, default=200, help="lumi blocks of the ramp")
     parser.add_argument("--crossings", type=int, default=40_000, help="crossings per block")
@@ -73,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/trigger_rates"))
     args = parser.parse_args(argv)
+    if args.menu:
+        return run_menu(args)
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()

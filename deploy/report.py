@@ -467,7 +467,11 @@ def _plot_rate_table(ax: Any, report: Mapping[str, Any]) -> None:
         ax.set_title("rates: none reported")
         return
     table = ax.table(
-        cellText=rows, colLabels=["stage", "rate in", "rate out", "reduction"], loc="center"
+        cellText=rows,
+        colLabels=["stage", "rate in", "rate out", "reduction"],
+        colWidths=[0.14, 0.32, 0.32, 0.22],
+        cellLoc="center",
+        loc="center",
     )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
