@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import spline_kernel
+from models import flow_kernel, spline_kernel
 
 MIN_BIN_WIDTH = 1e-3  # nflows' defaults, part of the function the parameters define
 MIN_BIN_HEIGHT = 1e-3
@@ -112,6 +112,7 @@ class MAFEnsemble(nn.Module):
     hidden_mask: torch.Tensor
     out_mask: torch.Tensor
     columns: torch.Tensor
+    hidden_order: torch.Tensor
 
     def __init__(
         self,
@@ -157,6 +158,9 @@ class MAFEnsemble(nn.Module):
         self.register_buffer("hidden_mask", hidden_mask, persistent=False)
         self.register_buffer("out_mask", out_mask, persistent=False)
         self.register_buffer("columns", spline_columns(f, n_bins), persistent=False)
+        # hidden units by degree: the flow kernel's masked columns become prefixes
+        order = torch.argsort(_hidden_degrees(h, f), stable=True).to(torch.int32)
+        self.register_buffer("hidden_order", order, persistent=False)
 
     # -- the flow --------------------------------------------------------------------------
 
@@ -220,6 +224,28 @@ class MAFEnsemble(nn.Module):
             x = x.flip(-1)
         base = -0.5 * (x * x).sum(-1) - 0.5 * self.n_features * _LOG_2PI
         return base + log_det
+
+    def nll_backward(
+        self, z: torch.Tensor, context: torch.Tensor, *, max_norm: float = math.inf
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training step's gradients: sets every parameter's ``.grad`` to that of the loss
+        -Σ_members mean_rows log p(z | context), each member's scaled to norm ≤ ``max_norm``
+        (as ``clip_grad_norm_per_member_``); returns the loss (detached) and the members'
+        gradient norms before scaling. One call of the fused kernel (``models.flow_kernel``)
+        when it is available, else autograd on ``log_prob``: the same numbers."""
+        kernel = flow_kernel.kernel()
+        if kernel is not None and kernel.supports(self, z, context):
+            weight = torch.full((1, z.shape[0]), -1.0 / z.shape[0], dtype=z.dtype)
+            clip = max_norm if math.isfinite(max_norm) else 0.0
+            log_prob, grads, norms = kernel.run(self, z, context, weight, max_norm=clip)
+            assert grads is not None and norms is not None
+            for name, grad in zip(flow_kernel.PARAMETERS, grads, strict=True):
+                getattr(self, name).grad = grad
+            return -log_prob.mean(1).sum(), norms.to(z.dtype)
+        self.zero_grad(set_to_none=True)
+        loss = -self.log_prob(z, context).mean(1).sum()
+        loss.backward()
+        return loss.detach(), self.clip_grad_norm_per_member_(max_norm)
 
     @torch.no_grad()
     def sample_member(
