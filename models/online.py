@@ -187,6 +187,8 @@ class StreamTrainer:
             self.flow.parameters(), lr=config.learning_rate, fused=True
         )
         self._average = AveragedModel(self.flow, avg_fn=self._polyak)
+        self._parameters: list[torch.Tensor] = list(self.flow.parameters())
+        self._averaged_parameters: list[torch.Tensor] = list(self._average.module.parameters())
         self.stats = TrainerStats()
         self._clock = clock
         self._on_step = on_step
@@ -205,11 +207,25 @@ class StreamTrainer:
         assert isinstance(module, ConditionalFlow)
         return module
 
+    def _decay(self, n_averaged: int) -> float:
+        return min(self.config.average_decay, (n_averaged + 1) / (n_averaged + 10))
+
     def _polyak(
         self, averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor | int
     ) -> torch.Tensor:
-        decay = min(self.config.average_decay, (int(n_averaged) + 1) / (int(n_averaged) + 10))
-        return averaged + (1 - decay) * (current - averaged)
+        return averaged + (1 - self._decay(int(n_averaged))) * (current - averaged)
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """``self._average.update_parameters(self.flow)`` in one foreach call per step
+        (AveragedModel's own walks the modules and steps parameter by parameter)."""
+        n_averaged = int(self._average.n_averaged)
+        if n_averaged == 0:
+            torch._foreach_copy_(self._averaged_parameters, self._parameters)
+        else:
+            weight = 1 - self._decay(n_averaged)
+            torch._foreach_lerp_(self._averaged_parameters, self._parameters, weight)
+        self._average.n_averaged += 1
 
     @property
     def buffered(self) -> int:
@@ -287,12 +303,13 @@ class StreamTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate_at(self.stats.steps)
         self.flow.train()
-        loss = self.flow.loss(x, mjj)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.flow.maf.clip_grad_norm_per_member_(self.config.grad_clip)
+        # the flow's loss (ConditionalFlow.loss) and its clipped gradients: one call of the
+        # fused flow kernel when it is available (models.flow_kernel), else autograd
+        pre = self.flow.preprocessing
+        z, _ = pre.forward(torch.from_numpy(x))
+        loss, _ = self.flow.maf.nll_backward(z, pre.context(mjj), max_norm=self.config.grad_clip)
         self.optimizer.step()
-        self._average.update_parameters(self.flow)
+        self._update_average()
         value = float(loss.detach()) / self.config.n_members
         stats = self.stats
         stats.loss_ema = (
