@@ -2,10 +2,13 @@
 
 Both learn the all-data and the sideband flow from the same LHCO R&D background stream
 (bkg01-06, shuffled once), single pass, on one torch thread, and are timed over training
-alone (both flows together). The shipped trainer runs its spline in the fused C++ kernel
-(``models.spline_kernel``); it is also run with the kernel disabled (the torch spline, its
-fallback and the trainer before the kernel), alternating with the kernel runs on the same
-events, so that the ratio between the two is measured side by side on a shared machine.
+alone (both flows together). Events/s per core are from the training thread's CPU time
+(``time.thread_time``), so that a busy machine does not count against a run; wall-clock
+figures are reported beside them. The shipped trainer computes each step in the fused flow
+kernel (``models.flow_kernel``); it is also run without it, by autograd with the fused
+spline kernel (``models.spline_kernel``, the trainer before the flow kernel) and by
+autograd alone (the torch spline, the fallback of both), alternating on the same events,
+so that the ratios between the three are measured side by side on a shared machine.
 
 The reference is the trainer as it was before models.maf: an ensemble of nflows MAFs
 (``models.flows.build_maf``) stepped one after the other on minibatches of 16, Adam,
@@ -16,11 +19,11 @@ Quality is the mean test NLL (physical units) of each flow on held-out backgroun
     python -m benchmarks.online_flow_speed [--events 55000] [--reference-events 20000]
         [--compile] [--steps-only] [--repeats 3]
 
-It first times one optimizer step of one 5-member flow at minibatches 16, 256 and 1024:
-the nflows members in turn, ``MAFEnsemble`` with the torch spline and with the kernel, and
-with ``--compile`` ``MAFEnsemble`` (torch spline) under ``torch.compile`` (compilation
-excluded, reported apart). It reports the kernel's cold build time (g++, into an empty
-cache folder).
+It first times one optimizer step of one 5-member flow at minibatches 16, 256 and 1024
+(CPU ms): the nflows members in turn, ``MAFEnsemble`` by autograd with the torch spline and
+with the spline kernel, by the flow kernel, and with ``--compile`` ``MAFEnsemble`` (torch
+spline) under ``torch.compile`` (compilation excluded, reported apart). It reports the
+kernels' cold build time (g++, into an empty cache folder).
 
 The reference is slow (~110 events/s): ``--reference-events`` bounds its share; the
 shipped trainer is also scored on exactly those first events, so the NLL comparison is
@@ -30,6 +33,7 @@ at equal events.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -46,7 +50,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from analysis.data import Events, load_events
 from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
-from models import spline_kernel
+from models import flow_kernel, spline_kernel
 from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, Preprocessing, build_maf
 from models.online import OnlineConfig, OnlineFlow
 
@@ -99,26 +103,30 @@ class NflowsTrainer:
 
 
 def step_ms(
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
     params: list[torch.nn.Parameter],
     batch: int,
     repeats: int,
     *,
     fused: bool = False,
 ) -> tuple[float, float]:
-    """Mean ms per Adam step (forward, backward, update) and the first step's seconds."""
+    """Mean CPU ms per Adam step (forward, backward, update) and the first step's CPU
+    seconds. ``loss`` returns the loss to backpropagate, or None when it has set the
+    gradients itself."""
     optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused or None)
     z, context = torch.randn(batch, 4), torch.randn(batch, 1)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for i in range(repeats + 3):
         if i == 1:
-            first_s = time.perf_counter() - t0
+            first_s = time.thread_time() - t0
         if i == 3:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
         optimizer.zero_grad()
-        loss(z, context).backward()
+        value = loss(z, context)
+        if value is not None:
+            value.backward()
         optimizer.step()
-    return (time.perf_counter() - t0) / repeats * 1e3, first_s
+    return (time.thread_time() - t0) / repeats * 1e3, first_s
 
 
 def nflows_loss(mafs: torch.nn.ModuleList) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -127,6 +135,15 @@ def nflows_loss(mafs: torch.nn.ModuleList) -> Callable[[torch.Tensor, torch.Tens
 
 def ensemble_loss(flow: ConditionalFlow) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda z, c: -flow.maf.log_prob(z, c).mean(1).sum()
+
+
+def kernel_gradients(flow: ConditionalFlow) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The shipped step's gradients (flow kernel, per-member clipping included)."""
+
+    def gradients(z: torch.Tensor, context: torch.Tensor) -> None:
+        flow.maf.nll_backward(z, context, max_norm=5.0)
+
+    return gradients
 
 
 def step_times(compile_too: bool) -> dict[str, dict[str, float]]:
@@ -142,6 +159,11 @@ def step_times(compile_too: bool) -> dict[str, dict[str, float]]:
         with spline_kernel.disabled():
             row["maf_ensemble_torch_spline"] = step_ms(ours, params, batch, repeats, fused=True)[0]
         row["maf_ensemble_kernel"] = step_ms(ours, params, batch, repeats, fused=True)[0]
+        if flow_kernel.kernel() is not None:
+            gradients = kernel_gradients(flow)
+            row["maf_ensemble_flow_kernel"] = step_ms(
+                gradients, params, batch, repeats, fused=True
+            )[0]
         if compile_too:
             compiled = torch.compile(ours, dynamic=False)
             with spline_kernel.disabled():
@@ -167,7 +189,7 @@ def test_nll(flows: dict[str, ConditionalFlow], test: Events) -> dict[str, float
 
 
 def kernel_build_s() -> float | None:
-    """Seconds for a cold build of the spline kernel (g++ into an empty cache folder)."""
+    """Seconds for a cold build of the kernels (g++ into an empty cache folder)."""
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         try:
@@ -178,35 +200,43 @@ def kernel_build_s() -> float | None:
         return time.perf_counter() - t0
 
 
-def run_shipped_both(
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "flow_kernel": contextlib.nullcontext,  # shipped
+    "spline_kernel": flow_kernel.disabled,  # autograd, spline kernel: the trainer before
+    "torch_spline": spline_kernel.disabled,  # autograd alone: the fallback of both
+}
+
+
+def run_shipped_variants(
     config: OnlineConfig, stream: np.ndarray, repeats: int
-) -> tuple[dict[str, OnlineFlow], dict[str, list[float]]]:
-    """The shipped trainer with the kernel and with the torch spline, alternating runs on
-    the same events; the flows of each one's last run and every run's events/s."""
+) -> tuple[dict[str, OnlineFlow], dict[str, list[float]], dict[str, list[float]]]:
+    """The shipped trainer with the flow kernel, with the spline kernel only and with
+    neither, alternating runs on the same events; the flows of each one's last run and
+    every run's events/s per core (CPU time) and by wall clock."""
     flows: dict[str, OnlineFlow] = {}
-    rates: dict[str, list[float]] = {"kernel": [], "torch_spline": []}
+    rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    rates_wall: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
-        for variant in rates:
-            if variant == "kernel":
-                online, seconds = run_shipped(config, stream)
-            else:
-                with spline_kernel.disabled():
-                    online, seconds = run_shipped(config, stream)
+        for variant, context in VARIANTS.items():
+            with context():
+                online, cpu_s, wall_s = run_shipped(config, stream)
             flows[variant] = online
-            rates[variant].append(len(stream) / seconds)
-    return flows, rates
+            rates[variant].append(len(stream) / cpu_s)
+            rates_wall[variant].append(len(stream) / wall_s)
+    return flows, rates, rates_wall
 
 
-def run_shipped(config: OnlineConfig, stream: np.ndarray) -> tuple[OnlineFlow, float]:
+def run_shipped(config: OnlineConfig, stream: np.ndarray) -> tuple[OnlineFlow, float, float]:
+    """A trained OnlineFlow, the training thread's CPU seconds and the wall seconds."""
     online = OnlineFlow(config)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for start in range(0, len(stream), 1000):
         online.learn(stream[start : start + 1000])
     online.finish()
-    return online, time.perf_counter() - t0
+    return online, time.thread_time() - c0, time.perf_counter() - t0
 
 
-def run_reference(config: OnlineConfig, stream: np.ndarray) -> tuple[dict[str, Flow], float]:
+def run_reference(config: OnlineConfig, stream: np.ndarray) -> tuple[dict[str, Flow], float, float]:
     calibration = stream[: config.calibration_events]
     x, mjj = stream[:, FEATURE_INDICES], stream[:, MJJ_INDEX]
     side = ~in_sr(mjj)
@@ -215,13 +245,14 @@ def run_reference(config: OnlineConfig, stream: np.ndarray) -> tuple[dict[str, F
     samples = {"all": calibration, "sideband": calibration[~in_sr(calibration[:, MJJ_INDEX])]}
     for role, sample in samples.items():  # as OnlineFlow calibrates
         trainers[role] = NflowsTrainer(config, Preprocessing.calibrate(sample[:, FEATURE_INDICES]))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for start in range(0, len(stream), 1000):
         chunk = slice(start, start + 1000)
         trainers["all"].train(x[chunk], mjj[chunk], rng)
         keep = side[chunk]
         trainers["sideband"].train(x[chunk][keep], mjj[chunk][keep], rng)
-    return {role: t.estimate() for role, t in trainers.items()}, time.perf_counter() - t0
+    cpu_s, wall_s = time.thread_time() - c0, time.perf_counter() - t0
+    return {role: t.estimate() for role, t in trainers.items()}, cpu_s, wall_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--steps-only", action="store_true", help="only the step timing")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="alternating kernel / torch-spline runs"
+        "--repeats", type=int, default=3, help="alternating runs of the three variants"
     )
     args = parser.parse_args(argv)
     if not DATA.exists():
@@ -241,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     build_s = kernel_build_s()
     kernel = spline_kernel.kernel()
-    print(f"spline kernel: {kernel.library if kernel else 'unavailable'}, cold build {build_s} s")
+    fused = flow_kernel.kernel()
+    print(f"kernels: {kernel.library if kernel else 'unavailable'}, cold build {build_s} s")
     steps = step_times(args.compile)
     if args.steps_only:
         print(json.dumps({"benchmark": "online_flow_speed", "ms_per_step_one_flow": steps}))
@@ -257,15 +289,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shipped: {shipped}")
 
     n_ref = min(args.reference_events, len(stream))
-    onlines, rates = run_shipped_both(shipped, stream[:n_ref], args.repeats)
-    rate = statistics.median(rates["kernel"])
-    torch_rate = statistics.median(rates["torch_spline"])
+    onlines, rates, rates_wall = run_shipped_variants(shipped, stream[:n_ref], args.repeats)
+    median = {variant: statistics.median(values) for variant, values in rates.items()}
+    median_wall = {variant: statistics.median(v) for variant, v in rates_wall.items()}
     for variant, values in rates.items():
         shown = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"shipped trainer ({variant}), first {n_ref} events: {shown} events/s per core")
-    reference_flows, ref_seconds = run_reference(replace(shipped, **REFERENCE), stream[:n_ref])
-    ref_rate = n_ref / ref_seconds
-    print(f"nflows trainer,  first {n_ref} events: {ref_rate:,.0f} events/s per core")
+        walls = ", ".join(f"{v:,.0f}" for v in rates_wall[variant])
+        print(f"shipped trainer ({variant}), first {n_ref} events: {shown} events/s per core "
+              f"(CPU time; wall clock {walls})")  # fmt: skip
+    reference_flows, ref_cpu_s, ref_wall_s = run_reference(
+        replace(shipped, **REFERENCE), stream[:n_ref]
+    )
+    ref_rate, ref_rate_wall = n_ref / ref_cpu_s, n_ref / ref_wall_s
+    print(f"nflows trainer,  first {n_ref} events: {ref_rate:,.0f} events/s per core "
+          f"(CPU time; wall clock {ref_rate_wall:,.0f})")  # fmt: skip
     nll = {
         variant: test_nll({role: t.estimate for role, t in online.trainers.items()}, test)
         for variant, online in onlines.items()
@@ -273,27 +310,39 @@ def main(argv: list[str] | None = None) -> int:
     nll_reference = test_nll(reference_flows, test)
     print(f"test NLL at {n_ref} events: shipped {nll}, nflows trainer {nll_reference}")
 
-    online_full, full_seconds = run_shipped(shipped, stream)
-    full_rate = len(stream) / full_seconds
+    online_full, full_cpu_s, full_wall_s = run_shipped(shipped, stream)
+    full_rate, full_rate_wall = len(stream) / full_cpu_s, len(stream) / full_wall_s
     nll_full = test_nll({r: t.estimate for r, t in online_full.trainers.items()}, test)
-    print(f"shipped trainer, {len(stream)} events: {full_rate:,.0f} events/s, NLL {nll_full}")
+    print(f"shipped trainer, {len(stream)} events: {full_rate:,.0f} events/s per core "
+          f"(CPU time; wall clock {full_rate_wall:,.0f}), NLL {nll_full}")  # fmt: skip
+    rate = median["flow_kernel"]
     print(f"ratio vs the nflows trainer: {rate / ref_rate:.1f}x")
-    print(f"ratio kernel vs torch spline: {rate / torch_rate:.2f}x")
+    print(f"ratio vs autograd with the spline kernel: {rate / median['spline_kernel']:.2f}x")
+    print(f"ratio vs autograd with the torch spline: {rate / median['torch_spline']:.2f}x")
     final = {
         "benchmark": "online_flow_speed",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
+        "timing": "events/s per core from the training thread's CPU time (time.thread_time)",
         "events": len(stream),
         "reference_events": n_ref,
         "events_per_s": full_rate,
+        "events_per_s_wall": full_rate_wall,
         "events_per_s_same_events": rate,
-        "events_per_s_torch_spline": torch_rate,
+        "events_per_s_spline_kernel": median["spline_kernel"],
+        "events_per_s_torch_spline": median["torch_spline"],
         "events_per_s_runs": rates,
+        "events_per_s_runs_wall": rates_wall,
+        "events_per_s_same_events_wall": median_wall,
         "events_per_s_nflows_trainer": ref_rate,
+        "events_per_s_nflows_trainer_wall": ref_rate_wall,
         "ratio_vs_nflows_trainer": rate / ref_rate,
-        "ratio_vs_torch_spline": rate / torch_rate,
+        "ratio_vs_spline_kernel": rate / median["spline_kernel"],
+        "ratio_vs_torch_spline": rate / median["torch_spline"],
+        "flow_kernel": fused is not None,
         "spline_kernel": kernel is not None,
-        "spline_kernel_cold_build_s": build_s,
-        "test_nll_same_events": nll["kernel"],
+        "kernels_cold_build_s": build_s,
+        "test_nll_same_events": nll["flow_kernel"],
+        "test_nll_spline_kernel": nll["spline_kernel"],
         "test_nll_torch_spline": nll["torch_spline"],
         "test_nll_nflows_trainer": nll_reference,
         "test_nll_full_stream": nll_full,
