@@ -2,7 +2,7 @@
 parameter's gradient in one call.
 
 ``models.maf.MAFEnsemble.nll_backward`` runs here when the kernel is available. Per
-member, chunks of 32 events go forward through every transform (the masked MADE with its
+member, chunks of 64 events go forward through every transform (the masked MADE with its
 context, then the rational-quadratic spline) and straight back, accumulating the weight
 gradients; each member's gradient is then clipped to its norm bound, as
 ``clip_grad_norm_per_member_`` does. torch does the same in ~2,000 small operations per

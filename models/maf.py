@@ -10,7 +10,10 @@ training needs) is a single pass. nflows does the same arithmetic member by memb
 layer by layer, which at the OnlineFlow's sizes costs more in Python and autograd
 bookkeeping than in arithmetic. The spline, forward and backward, runs in a fused C++
 kernel when g++ can build it (``models.spline_kernel``; 1.6x per training step), else as
-whole-tensor torch operations with a hand-derived backward: the same function.
+whole-tensor torch operations with a hand-derived backward: the same function. A training
+step (``nll_backward``: the loss, every gradient, the per-member clip) runs whole in a
+second kernel, ``models.flow_kernel`` (a third of the CPU time of autograd with the spline
+kernel), else by autograd on ``log_prob``.
 
 Parameters convert both ways, exactly, to nflows' names and layout (``nflows_arrays`` and
 ``load_nflows_arrays``): nflows stays the reference, and snapshots keep its format.
