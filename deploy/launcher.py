@@ -192,6 +192,24 @@ def plan_farm(
     return FarmPlan(topology, tuple(plans), out, control)
 
 
+def _host_averaging_stores(plan: FarmPlan) -> list[Any]:
+    """Host the rendezvous store of each stage whose learners average at an address the
+    launcher chose, so that no node's death takes its stage's store with it."""
+    addresses = sorted(
+        {
+            n.launch.rendezvous
+            for n in plan.nodes
+            if n.launch.rendezvous
+            and (n.stage.learner or {}).get("average_store", "external") == "external"
+        }
+    )
+    if not addresses:
+        return []
+    from models.averaging import AveragingStore  # torch loads only when a stage averages
+
+    return [AveragingStore(address) for address in addresses]
+
+
 def _check_averaging_timeout(stage: StageSpec, stall_after_s: float) -> None:
     """A failed averaging round holds a learning node's event loop for up to about
     ``average_timeout_s``: the launcher must not expire the survivors for it."""
@@ -400,6 +418,7 @@ class Farm:
         )
         t0 = self._t0 = time.monotonic()
         zctx = zmq.Context()
+        stores = _host_averaging_stores(self.plan)
         try:
             with zctx.socket(zmq.SUB) as control:
                 control.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
@@ -410,6 +429,8 @@ class Farm:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._kill_all()
+            for store in stores:
+                store.close()
             zctx.term()
             self._write_farm_file("stopped")
         wall = time.monotonic() - t0

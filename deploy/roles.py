@@ -28,7 +28,7 @@ class LaunchContext:
     out_dir: str
     events: int = 0
     threads: int = 1
-    rendezvous: str = ""  # where the stage's learners meet to average, chosen per run
+    rendezvous: str = ""  # the launcher's averaging store for the stage, chosen per run
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +125,7 @@ class Role:
         table = dict(stage.learner)
         if launch.rendezvous and "average_address" not in table:
             table["average_address"] = launch.rendezvous
+            table.setdefault("average_store", "external")  # the launcher hosts it (Farm.run)
         learner_config = fill_config(getattr(learner_module, cls), table, f"{where}.learner")
         learner = getattr(learner_module, build_learner)(
             learner_config, node_id=launch.name, node_index=launch.index, node_count=stage.count

@@ -28,9 +28,12 @@ re-admission (restart the whole group on a new port for that). Every store opera
 group construction runs on a helper thread with a deadline, since a ``TCPStore`` client waits
 forever on a stalled store host; a node that cannot reach the store goes on alone as well.
 
-Limitations: rank 0 hosts the store, so if rank 0 dies the survivors cannot agree on a new
-group and each goes on alone (bounded: the store connection fails at once; if rank 0 is
-stalled instead, after about ``timeout_s`` + 1 s); rank 0 should close last. All nodes must
+The store. By default rank 0 hosts it, so if rank 0 dies the survivors cannot agree on a
+new group and each goes on alone (bounded: the store connection fails at once; if rank 0
+is stalled instead, after about ``timeout_s`` + 1 s); rank 0 should close last. With
+``store_on_rank0=False`` every rank is a client of an ``AveragingStore`` that another
+process hosts (``trigfarm run`` hosts one per averaging stage), and the survivors of any
+rank's death, rank 0's included, re-form and go on averaging. All nodes must
 make their first call within ``timeout_s`` of each other, and pass modules of the same
 architecture, in the same order. The gloo group uses ``torch.distributed``'s own groups
 (``ProcessGroupGloo``) on its own stores rather than the process-wide default group, so it
@@ -88,9 +91,11 @@ class AveragingConfig:
     """Where and how often a node averages.
 
     Attributes:
-        rank: this node's index in [0, world_size); rank 0 hosts the rendezvous store.
+        rank: this node's index in [0, world_size).
         world_size: nodes at start.
-        init_method: ``tcp://host:port`` of rank 0's store (rank 0 listens on that address).
+        init_method: ``tcp://host:port`` of the rendezvous store.
+        store_on_rank0: rank 0 hosts the store (listening on ``init_method``); False when
+            an ``AveragingStore`` in another process does.
         every_steps: optimizer steps between averages (``maybe_average_``).
         timeout_s: how long a failed round may stall a node, about once per failure.
     """
@@ -100,6 +105,7 @@ class AveragingConfig:
     init_method: str
     every_steps: int = 50
     timeout_s: float = 10.0
+    store_on_rank0: bool = True
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -202,6 +208,53 @@ def _await_listener(host: str, port: int, timeout_s: float) -> None:
                 msg = f"nothing listens at {host}:{port} after {timeout_s:.0f} s ({exc})"
                 raise ConnectionError(msg) from None
             time.sleep(0.2)
+
+
+def _host_store(host: str, port: int, timeout: timedelta) -> TCPStore:
+    """A ``TCPStore`` server listening on host:port only (TCPStore alone would listen on
+    every address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family)
+    fd = listener.detach()
+    try:
+        return TCPStore(
+            host, port, None, True, timeout, wait_for_workers=False, master_listen_fd=fd
+        )
+    except Exception:
+        socket.close(fd)
+        raise
+
+
+class AveragingStore:
+    """The rendezvous store of a stage's averaging nodes, hosted outside them, so that
+    no node's death takes the store with it (``AveragingConfig.store_on_rank0=False``).
+
+    Example:
+        >>> with AveragingStore("tcp://127.0.0.1:0") as store:
+        ...     store.init_method.startswith("tcp://127.0.0.1:")
+        True
+    """
+
+    def __init__(self, init_method: str, timeout_s: float = 30.0) -> None:
+        address = urlsplit(init_method)
+        if address.scheme != "tcp" or not address.hostname or address.port is None:
+            msg = f"init_method must look like tcp://host:port, got {init_method!r}"
+            raise ValueError(msg)
+        self._store: TCPStore | None = _host_store(
+            address.hostname, address.port, timedelta(seconds=timeout_s)
+        )
+        host = f"[{address.hostname}]" if ":" in address.hostname else address.hostname
+        self.init_method = f"tcp://{host}:{self._store.port}"
+
+    def close(self) -> None:
+        """Stop serving (safe to call more than once)."""
+        self._store = None
+
+    def __enter__(self) -> AveragingStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -431,26 +484,10 @@ class ParameterAverager:
     def _open_store(self) -> TCPStore:
         cfg = self.config
         timeout = timedelta(seconds=cfg.timeout_s)
-        if cfg.rank != 0:
+        if cfg.rank != 0 or not cfg.store_on_rank0:
             _await_listener(cfg.host, cfg.port, cfg.timeout_s)
             return TCPStore(cfg.host, cfg.port, None, False, timeout)
-        # Listen on init_method's address only (TCPStore alone would listen on every one).
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        listener = socket.create_server((cfg.host, cfg.port), family=family)
-        fd = listener.detach()
-        try:
-            return TCPStore(
-                cfg.host,
-                cfg.port,
-                None,
-                True,
-                timeout,
-                wait_for_workers=False,
-                master_listen_fd=fd,
-            )
-        except Exception:
-            socket.close(fd)
-            raise
+        return _host_store(cfg.host, cfg.port, timeout)
 
     def _join(self, began: float) -> bool:
         """First use: reach the store and connect every rank (generation 0)."""
@@ -580,7 +617,8 @@ class ParameterAverager:
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Leave the group and, on rank 0, stop the store. Safe to call more than once.
+        """Leave the group and, on a rank 0 that hosts it, stop the store. Safe to call more
+        than once.
 
         Peers notice at their next round, which fails once and re-forms without this node.
         """

@@ -68,9 +68,13 @@ class FlowLearnerConfig(OnlineConfig):
         average_every_steps: average the flows across the stage's nodes every this many
             optimizer steps (0: each node keeps its own flow). With N nodes averaging,
             each steps on ``batch_size / N`` events.
-        average_address: ``tcp://host:port`` where node 0 of the stage hosts the
-            rendezvous (every node of the stage must reach it); the launcher picks a free
-            port per run when the topology leaves it out.
+        average_address: ``tcp://host:port`` of the rendezvous store (every node of the
+            stage must reach it); the launcher picks a free port per run when the topology
+            leaves it out.
+        average_store: who hosts that store: ``"node0"`` (node 0 of the stage; if it dies
+            the others go on alone) or ``"external"`` (an ``AveragingStore`` elsewhere:
+            ``trigfarm run`` hosts one when it picks the address, so that the survivors of
+            any node's death go on averaging).
         average_timeout_s: the longest a dead or stalled peer may stall a node, once.
     """
 
@@ -80,6 +84,7 @@ class FlowLearnerConfig(OnlineConfig):
     torch_threads: int = 1
     average_every_steps: int = 0
     average_address: str = "tcp://127.0.0.1:29400"
+    average_store: str = "node0"
     average_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -89,6 +94,9 @@ class FlowLearnerConfig(OnlineConfig):
             raise ValueError(msg)
         if self.average_every_steps < 0:
             msg = f"average_every_steps must be >= 0, got {self.average_every_steps}"
+            raise ValueError(msg)
+        if self.average_store not in ("node0", "external"):
+            msg = f"average_store must be 'node0' or 'external', got {self.average_store!r}"
             raise ValueError(msg)
         if self.average_every_steps:
             self.averaging(0, 2)  # validates the address and timeout
@@ -101,6 +109,7 @@ class FlowLearnerConfig(OnlineConfig):
             init_method=self.average_address,
             every_steps=self.average_every_steps,
             timeout_s=self.average_timeout_s,
+            store_on_rank0=self.average_store == "node0",
         )
 
 

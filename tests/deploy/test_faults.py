@@ -136,6 +136,25 @@ def test_kill_9_of_one_hlt_node_costs_only_its_in_flight_events(tmp_path: Path) 
     assert_books_and_flows(report, tmp_path, survivors=["hlt-0"])
 
 
+def test_survivors_of_hlt_0_go_on_averaging_through_the_launchers_store(tmp_path: Path) -> None:
+    """hlt-0 was the averaging store's host; the launcher now hosts it, so the other two
+    nodes re-form their group and keep learning one flow."""
+    table = learning_farm()
+    table["hlt"]["count"] = 3
+    faulted: list[float] = []
+    on_update = fault_when("hlt-0", signal.SIGKILL, after_events=1_000, log=faulted)
+    outcome = run_farm(parse_topology(table), out_dir=tmp_path, on_update=on_update)
+    report = outcome.report
+    assert faulted and report["exitcodes"]["hlt-0"] == -9
+    assert report["stages"][0]["accepted"] == 9_000
+    for name in ("hlt-1", "hlt-2"):
+        stats = json.loads((tmp_path / "nodes" / f"{name}.json").read_text())
+        learner = stats["worker"]["learner"]
+        assert learner["average_live_nodes"] == 2, learner
+        assert learner["average_rounds"] >= 2, learner
+    assert_books_and_flows(report, tmp_path, survivors=["hlt-1", "hlt-2"])
+
+
 def test_sigstop_of_one_hlt_node_is_expired_and_the_run_goes_on(tmp_path: Path) -> None:
     table = learning_farm()
     table["farm"]["stall_after_s"] = 4.0

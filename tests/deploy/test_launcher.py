@@ -187,6 +187,7 @@ def test_each_run_gets_its_own_averaging_rendezvous(tmp_path: Path) -> None:
     assert ours.startswith("tcp://127.0.0.1:") and ours != theirs
     learner = ROLES["hlt"].build(first[0].stage, first[0].launch).learner
     assert learner.config.average_address == ours and learner.averager is not None
+    assert learner.config.average_store == "external"  # the launcher hosts it
     learner.averager.close()
     ported = topology.with_changes(
         **{stage.name: {"port": 5600 + 10 * k} for k, stage in enumerate(topology.stages)}

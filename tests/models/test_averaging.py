@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.averaging import AveragingConfig, ParameterAverager
+from models.averaging import AveragingConfig, AveragingStore, ParameterAverager
 
 TIMEOUT_S = 3.0
 # A failed round must come back within about TIMEOUT_S; allow a loaded 2-core machine.
@@ -44,12 +44,26 @@ def _flat(model: torch.nn.Module) -> list[float]:
     return [float(v) for p in model.parameters() for v in p.detach().reshape(-1)]
 
 
-def _node(rank: int, world_size: int, init_method: str, timeout_s: float, conn: Connection) -> None:
+def _node(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    timeout_s: float,
+    conn: Connection,
+    store_on_rank0: bool = True,
+) -> None:
     """One node: obeys ("average", weight, seed | None), ("exit",) and ("close",)."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on loopback only
     torch.manual_seed(1000 + rank)
     model = torch.nn.Linear(4, 3)
-    config = AveragingConfig(rank, world_size, init_method, every_steps=1, timeout_s=timeout_s)
+    config = AveragingConfig(
+        rank,
+        world_size,
+        init_method,
+        every_steps=1,
+        timeout_s=timeout_s,
+        store_on_rank0=store_on_rank0,
+    )
     averager = ParameterAverager(config, node_id=f"test-{rank}")
     conn.send(("ready", rank))
     while True:
@@ -86,16 +100,18 @@ def _node(rank: int, world_size: int, init_method: str, timeout_s: float, conn: 
 class Farm:
     """Spawned nodes on loopback, driven round by round."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, store: AveragingStore | None = None) -> None:
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = store.init_method if store else f"tcp://127.0.0.1:{_free_port()}"
         self.conns: dict[int, Connection] = {}
         self.procs: dict[int, BaseProcess] = {}
         self.stopped: set[int] = set()
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_node, args=(rank, world_size, init_method, TIMEOUT_S, child), daemon=True
+                target=_node,
+                args=(rank, world_size, init_method, TIMEOUT_S, child, store is None),
+                daemon=True,
             )
             proc.start()
             child.close()
@@ -170,8 +186,8 @@ class Farm:
 
 
 @contextmanager
-def farm(world_size: int) -> Iterator[Farm]:
-    nodes = Farm(world_size)
+def farm(world_size: int, store: AveragingStore | None = None) -> Iterator[Farm]:
+    nodes = Farm(world_size, store)
     try:
         yield nodes
     finally:
@@ -382,3 +398,27 @@ def test_store_host_death_leaves_each_survivor_alone_quickly() -> None:
         for report in reports.values():
             assert report["ok"] is False
             assert report["elapsed"] < FAST_S
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_survivors_of_rank0_death_go_on_averaging_with_an_external_store() -> None:
+    with AveragingStore("tcp://127.0.0.1:0", timeout_s=TIMEOUT_S) as store, farm(3, store) as nodes:
+        assert all(r["ok"] for r in nodes.average({0: 1.0, 1: 1.0, 2: 1.0}).values())
+        nodes.kill(0)
+
+        weights = {1: 2.0, 2: 5.0}
+        reports = nodes.average(weights, seeds={1: 51, 2: 52})
+        expected = _weighted_mean(reports, weights)
+        for report in reports.values():
+            assert report["ok"] is True
+            assert report["elapsed"] < BOUND_S
+            _assert_close(report["after"], expected)
+            assert (report["live_world_size"], report["peers_dropped"]) == (2, 1)
+
+        reports = nodes.average(weights, seeds={1: 53, 2: 54})
+        expected = _weighted_mean(reports, weights)
+        for report in reports.values():
+            assert report["ok"] is True
+            assert report["elapsed"] < FAST_S
+            _assert_close(report["after"], expected)
