@@ -55,15 +55,25 @@ def test_trigfarm_run_default_chain(tmp_path: Path) -> None:
     assert seen == stages["hlt"]["events_in"]  # every HLT event reached a flow
     snapshots[0].flow()  # loads into a working flow
     assert report["archive_bytes"]["archive"] > 0
-    # Rates in Hz with their statistical errors: one crossing per unit-weight event, so
-    # the source runs at the crossing rate and each later stage at its share of it.
-    crossing_hz = report["rates"]["crossing_rate_hz"]
+    # Rates in Hz with their statistical errors. The default source streams weighted bunch
+    # crossings with premixed pileup: its rate is the crossing rate within its error, and
+    # the L1 keeps a small share of it (the menu is calibrated to ~100 kHz of 40 MHz).
+    rates = report["rates"]
+    assert rates["weighting"] == "crossing" and rates["pileup"]["mu_mean"] > 0
+    crossing_hz = rates["crossing_rate_hz"]
     source_rate = stages["source"]["rate_out"]
-    assert source_rate["rate_hz"] == pytest.approx(crossing_hz)
-    assert source_rate["error_hz"] == pytest.approx(crossing_hz / 256**0.5)
+    assert 0 < source_rate["error_hz"] < 0.5 * crossing_hz
+    assert abs(source_rate["rate_hz"] - crossing_hz) < 4 * source_rate["error_hz"]
     for name in ("l1", "hlt", "archive"):
         rate = stages[name]["rate_in"]
-        expected = crossing_hz * stages[name]["events_in"] / 256
-        assert rate["rate_hz"] == pytest.approx(expected) and rate["error_hz"] > 0
-    for path, rate in stages["l1"]["path_rates"].items():
-        assert rate["error_hz"] > 0 or rate["rate_hz"] == 0, path
+        assert rate["rate_hz"] > 0 and rate["error_hz"] > 0, name
+    assert stages["l1"]["rate_in"] == source_rate
+    l1_out = stages["l1"]["rate_out"]
+    assert 0 < l1_out["rate_hz"] < crossing_hz / 20, l1_out  # far from 1: 400 expected
+    reduction = stages["l1"]["reduction"]
+    assert reduction["reduction"] > 20 and reduction["error"] > 0
+    assert stages["hlt"]["rate_out"]["rate_hz"] < l1_out["rate_hz"]
+    for stage in ("l1", "hlt"):
+        for path, rate in stages[stage]["path_rates"].items():
+            assert rate["error_hz"] > 0 or rate["rate_hz"] == 0, (stage, path)
+    assert "reduction" in result.output
