@@ -28,7 +28,16 @@ Injected rows: the ephemeral_lhco stream (background bkg01-06, W'->XY from sig01
 target S/B in 3.3-3.7 TeV) for each ``--seeds``; the bump hunt runs on the stored events
 (the stream itself), as ``trigfarm analyze --events`` does.
 
+With ``--dataset PATH`` (a ``trigfarm simulate --recipe lhco-like`` folder, e.g. the
+million) the pseudo-experiments are independent: experiment k streams its own block of
+``--block-chunks`` background chunks (disjoint from every other block), learns its flows
+on it, and runs the bump hunt on the events it stored, as ``trigfarm analyze --events``
+does; ``--controls`` blocks are no-signal controls, and each injected (S/B, seed) row takes
+the next unused block and injects W'->XY from the dataset's signal chunks.
+
     python -m benchmarks.bump_hunt [--controls 4 --datasets 5] [--sb 0.02 0.05] [--seeds 1 2 3]
+    python -m benchmarks.bump_hunt --dataset ~/.cache/trigfarm/datasets/lhco-like-... \
+        --controls 20 --block-chunks 5
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ from benchmarks.ephemeral_lhco import (
 )
 from models.archive import Archive
 from nodes.learner import FlowLearnerConfig
+from simulator.dataset import dataset_files, verify_dataset
 from simulator.replay import expand_paths, reader_for
 from stream.batch import EventBatch
 from stream.eventfile import CacheWriter
@@ -212,7 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=5, help="MAFs per flow")
     parser.add_argument("--samples", type=int, default=10_000, help="flow samples per class")
     parser.add_argument("--out", default="out/bump_hunt")
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        help="a `trigfarm simulate --recipe` folder: independent experiments on its chunks",
+    )
+    parser.add_argument(
+        "--block-chunks", type=int, default=5, help="with --dataset: chunks per experiment"
+    )
     args = parser.parse_args(argv)
+    if args.dataset:
+        return run_on_dataset(args)
     if not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
@@ -302,8 +322,21 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             shutil.rmtree(tmp)
-    summary = {
+    return report(config, controls, injected, out, t_start, "LHCO R&D 100k")
+
+
+def report(
+    config: ScanConfig,
+    controls: dict[str, list[dict[str, Any]]],
+    injected: dict[str, dict[str, list[dict[str, Any]]]],
+    out: Path,
+    t_start: float,
+    data_name: str,
+) -> int:
+    """Summarise, print and write the controls' false-positive rates and the injected rows."""
+    summary: dict[str, Any] = {
         "benchmark": "bump_hunt",
+        "data": data_name,
         "windows": len(config.windows_gev),
         "efficiencies": list(config.efficiencies),
         "global_method": "Bonferroni trials factor (windows x working points with a valid fit)",
@@ -337,6 +370,78 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({**summary, "raw": raw}, default=float))
     print(json.dumps(summary, default=float))
     return 0
+
+
+def run_on_dataset(args: argparse.Namespace) -> int:
+    """Independent experiments, one disjoint block of chunks each (see the module doc)."""
+    check = verify_dataset(args.dataset)
+    if not (check.ok and check.complete):
+        print(f"dataset {args.dataset} is incomplete or corrupted: finish or --repair it")
+        return 1
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = ScanConfig()
+    learner_config = FlowLearnerConfig(
+        n_transforms=4,
+        n_members=args.members,
+        calibration_events=2000,
+        snapshot_every_events=20_000,
+        signal_region_gev=SR,
+        average_every_steps=10,
+    )
+    chunks = dataset_files(args.dataset, "background")
+    signal = "cache:" + ",".join(str(p) for p in dataset_files(args.dataset, "signal"))
+    n_blocks = len(chunks) // args.block_chunks
+    wanted = args.controls + len(args.sb) * len(args.seeds)
+    if wanted > n_blocks:
+        print(f"{wanted} experiments need {wanted} blocks; {args.dataset} holds {n_blocks}")
+        return 1
+    blocks = iter(range(n_blocks))
+    t_start = time.perf_counter()
+
+    def experiment(sb: float, seed: int) -> tuple[dict[str, Any], dict[str, ScanResult]]:
+        block = next(blocks)
+        part = chunks[block * args.block_chunks : (block + 1) * args.block_chunks]
+        stream_spec = "cache:" + ",".join(str(p) for p in part)
+        dataset = Dataset(f"block {block}", stream_spec, signal, stream_spec, ())
+        tmp = Path(tempfile.mkdtemp(prefix="bumphunt-"))
+        t0 = time.perf_counter()
+        stream, archive = train(dataset, sb, seed, _seeded(learner_config, seed), tmp)
+        flows = FlowSets(archive.snapshots(latest_per_node=True))
+        stored = archive.event_features().astype(np.float64)
+        t1 = time.perf_counter()
+        scores = cached_scorers(flows, _search(args.samples, seed), stored, config.windows_gev)
+        results = scan_rows(scores, stored[:, 0], slice(None), config)
+        shutil.rmtree(tmp)
+        print(
+            f"block {block} (S/B {sb:g}, seed {seed}, {len(stored)} events, SR signal "
+            f"{stream['sr_signal']}): stream {t1 - t0:.0f} s, scores "
+            f"{time.perf_counter() - t1:.0f} s; global p "
+            + ", ".join(f"{m} {r.global_pvalue:.2f}" for m, r in results.items()),
+            flush=True,
+        )
+        return stream, results
+
+    controls: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    for k in range(args.controls):
+        _, results = experiment(0.0, 100 + k)
+        for method, result in results.items():
+            controls[method].append(record(result))
+            if k == 0:
+                plot_pvalues(result, out / f"control_{method}_pvalues.png")
+                plot_spectra(result, out / f"control_{method}_spectra.png")
+    injected: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for sb in args.sb:
+        injected[f"{sb:g}"] = {m: [] for m in METHODS}
+        for seed in args.seeds:
+            stream, results = experiment(sb, seed)
+            for method, result in results.items():
+                injected[f"{sb:g}"][method].append(
+                    {**record(result), "sr_signal": stream["sr_signal"]}
+                )
+    name = f"{args.dataset.name}, independent blocks of {args.block_chunks} chunks"
+    return report(config, controls, injected, out, t_start, name)
 
 
 def _rest(base: Dataset) -> tuple[str, str, tuple[str, ...]]:
