@@ -4,7 +4,7 @@ Generate events of a named process (see ``PROCESSES``) as ``stream.EventBatch`` 
 
     >>> from simulator import PROCESSES, generate
     >>> sorted(PROCESSES)[:3]
-    ['a4l', 'htautau', 'l1bkg']
+    ['a4l', 'htautau', 'inclusive']
 
 Names load on first use (PEP 562), so ``import simulator.replay`` never loads Pythia or
 FastJet; a name whose module needs a package that is not installed raises
