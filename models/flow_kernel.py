@@ -23,14 +23,30 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from models import spline_kernel
 
-if TYPE_CHECKING:
-    from models.maf import MAFEnsemble
+
+class FlowShape(Protocol):
+    """What the kernel reads of a ``models.maf.MAFEnsemble`` (named here, not imported:
+    maf imports this module), besides the parameters named in ``PARAMETERS``."""
+
+    n_members: int
+    n_features: int
+    n_transforms: int
+    hidden: int
+    n_blocks: int
+    n_bins: int
+    n_context: int
+    tail_bound: float
+    in_mask: torch.Tensor
+    hidden_mask: torch.Tensor
+    out_mask: torch.Tensor
+    hidden_order: torch.Tensor
+
 
 PARAMETERS = (  # MAFEnsemble's parameters in the order the kernel takes them
     "in_weight",
@@ -62,7 +78,7 @@ class FlowKernel:
             fn.restype = ctypes.c_int
             self._run[dtype] = fn
 
-    def supports(self, maf: MAFEnsemble, z: torch.Tensor, context: torch.Tensor) -> bool:
+    def supports(self, maf: FlowShape, z: torch.Tensor, context: torch.Tensor) -> bool:
         """Whether the kernel takes this ensemble and these inputs (CPU, one float dtype)."""
         dtype = z.dtype
         return (
@@ -81,7 +97,7 @@ class FlowKernel:
 
     def run(
         self,
-        maf: MAFEnsemble,
+        maf: FlowShape,
         z: torch.Tensor,
         context: torch.Tensor,
         grad_log_prob: torch.Tensor | None = None,
@@ -130,7 +146,7 @@ class FlowKernel:
         return log_prob, grads, norms
 
 
-def _parameters(maf: MAFEnsemble) -> list[torch.Tensor]:
+def _parameters(maf: FlowShape) -> list[torch.Tensor]:
     return [getattr(maf, name) for name in PARAMETERS]
 
 
