@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--test-fraction",
         type=float,
-        default=0.36,
+        default=0.38,
         help="with --dataset: share of background chunks held out as test",
     )
     parser.add_argument(
