@@ -71,14 +71,16 @@ from benchmarks.ephemeral_lhco import (
     DATA,
     SR,
     Dataset,
+    cache_spec,
     files,
     lhco_dataset,
+    require_complete,
     sr_fraction,
     stream_once,
 )
 from models.archive import Archive
 from nodes.learner import FlowLearnerConfig
-from simulator.dataset import dataset_files, verify_dataset
+from simulator.dataset import dataset_files
 from simulator.replay import expand_paths, reader_for
 from stream.batch import EventBatch
 from stream.eventfile import CacheWriter
@@ -240,14 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = ScanConfig()
-    learner_config = FlowLearnerConfig(
-        n_transforms=4,
-        n_members=args.members,
-        calibration_events=2000,
-        snapshot_every_events=20_000,
-        signal_region_gev=SR,
-        average_every_steps=10,
-    )
+    learner_config = _learner_config(args.members)
     t_start = time.perf_counter()
     controls: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     background = all_background()
@@ -374,24 +369,14 @@ def report(
 
 def run_on_dataset(args: argparse.Namespace) -> int:
     """Independent experiments, one disjoint block of chunks each (see the module doc)."""
-    check = verify_dataset(args.dataset)
-    if not (check.ok and check.complete):
-        print(f"dataset {args.dataset} is incomplete or corrupted: finish or --repair it")
-        return 1
+    require_complete(args.dataset)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = ScanConfig()
-    learner_config = FlowLearnerConfig(
-        n_transforms=4,
-        n_members=args.members,
-        calibration_events=2000,
-        snapshot_every_events=20_000,
-        signal_region_gev=SR,
-        average_every_steps=10,
-    )
+    learner_config = _learner_config(args.members)
     chunks = dataset_files(args.dataset, "background")
-    signal = "cache:" + ",".join(str(p) for p in dataset_files(args.dataset, "signal"))
+    signal = cache_spec(dataset_files(args.dataset, "signal"))
     n_blocks = len(chunks) // args.block_chunks
     wanted = args.controls + len(args.sb) * len(args.seeds)
     if wanted > n_blocks:
@@ -403,7 +388,7 @@ def run_on_dataset(args: argparse.Namespace) -> int:
     def experiment(sb: float, seed: int) -> tuple[dict[str, Any], dict[str, ScanResult]]:
         block = next(blocks)
         part = chunks[block * args.block_chunks : (block + 1) * args.block_chunks]
-        stream_spec = "cache:" + ",".join(str(p) for p in part)
+        stream_spec = cache_spec(part)
         dataset = Dataset(f"block {block}", stream_spec, signal, stream_spec, ())
         tmp = Path(tempfile.mkdtemp(prefix="bumphunt-"))
         t0 = time.perf_counter()
@@ -446,6 +431,18 @@ def run_on_dataset(args: argparse.Namespace) -> int:
 
 def _rest(base: Dataset) -> tuple[str, str, tuple[str, ...]]:
     return base.injected_signal, base.idealised_background, base.test
+
+
+def _learner_config(members: int) -> FlowLearnerConfig:
+    """The shipped learner (``members`` MAFs per flow), averaging across 2 nodes."""
+    return FlowLearnerConfig(
+        n_transforms=4,
+        n_members=members,
+        calibration_events=2000,
+        snapshot_every_events=20_000,
+        signal_region_gev=SR,
+        average_every_steps=10,
+    )
 
 
 def _seeded(config: FlowLearnerConfig, seed: int) -> FlowLearnerConfig:

@@ -147,11 +147,16 @@ def simulated_dataset(n_background: int, folder: Path, seed: int) -> Dataset:
     )
 
 
-def generated_dataset(path: Path, test_fraction: float, idealised_fraction: float) -> Dataset:
-    """A ``trigfarm simulate --recipe`` dataset, split by chunk (see the module doc).
+def cache_spec(paths: list[Path]) -> str:
+    """The source component spec that replays these event-cache files in order."""
+    return "cache:" + ",".join(str(p) for p in paths)
+
+
+def require_complete(path: Path) -> None:
+    """Refuse a ``trigfarm simulate --recipe`` dataset that is unfinished or corrupted.
 
     Raises:
-        SystemExit: the dataset is incomplete or a chunk fails its checksum (says which).
+        SystemExit: says which chunks and how to finish or repair the dataset.
     """
     check = verify_dataset(path)
     if not (check.ok and check.complete):
@@ -161,6 +166,15 @@ def generated_dataset(path: Path, test_fraction: float, idealised_fraction: floa
             "`trigfarm simulate --recipe ...` command that made it to finish or --repair it"
         )
         raise SystemExit(msg)
+
+
+def generated_dataset(path: Path, test_fraction: float, idealised_fraction: float) -> Dataset:
+    """A ``trigfarm simulate --recipe`` dataset, split by chunk (see the module doc).
+
+    Raises:
+        SystemExit: the dataset is incomplete or a chunk fails its checksum (says which).
+    """
+    require_complete(path)
     background, signal = dataset_files(path, "background"), dataset_files(path, "signal")
     n_test = max(1, round(len(background) * test_fraction))
     n_ideal = max(1, round(len(background) * idealised_fraction))
@@ -169,16 +183,13 @@ def generated_dataset(path: Path, test_fraction: float, idealised_fraction: floa
         msg = f"dataset {path} has too few chunks to split ({len(background)} background)"
         raise SystemExit(msg)
 
-    def spec(paths: list[Path]) -> str:
-        return "cache:" + ",".join(str(p) for p in paths)
-
     half = len(signal) // 2
     return Dataset(
         f"{path.name} ({n_stream} of {len(background)} background chunks streamed)",
-        spec(background[:n_stream]),
-        spec(signal[:half]),
-        spec(background[n_stream : n_stream + n_ideal]),
-        (spec(background[n_stream + n_ideal :]), spec(signal[half:])),
+        cache_spec(background[:n_stream]),
+        cache_spec(signal[:half]),
+        cache_spec(background[n_stream : n_stream + n_ideal]),
+        (cache_spec(background[n_stream + n_ideal :]), cache_spec(signal[half:])),
     )
 
 
