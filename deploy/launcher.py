@@ -207,7 +207,16 @@ def _host_averaging_stores(plan: FarmPlan) -> list[Any]:
         return []
     from models.averaging import AveragingStore  # torch loads only when a stage averages
 
-    return [AveragingStore(address) for address in addresses]
+    stores = []
+    for address in addresses:
+        try:
+            stores.append(AveragingStore(address))
+        except OSError as exc:
+            for store in stores:
+                store.close()
+            msg = f"cannot host the flows' averaging store at {address}: {exc}"
+            raise FarmError(msg) from exc
+    return stores
 
 
 def _check_averaging_timeout(stage: StageSpec, stall_after_s: float) -> None:
@@ -418,8 +427,9 @@ class Farm:
         )
         t0 = self._t0 = time.monotonic()
         zctx = zmq.Context()
-        stores = _host_averaging_stores(self.plan)
+        stores: list[Any] = []
         try:
+            stores += _host_averaging_stores(self.plan)
             with zctx.socket(zmq.SUB) as control:
                 control.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
                 control.bind(self.plan.control)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import main
-from deploy.launcher import FarmError, plan_farm
+from deploy.launcher import Farm, FarmError, plan_farm
 from deploy.report import format_report
 from deploy.roles import ROLES
 from deploy.run import run_farm
@@ -194,6 +195,17 @@ def test_each_run_gets_its_own_averaging_rendezvous(tmp_path: Path) -> None:
     )
     with pytest.raises(TopologyError, match=r"hlt\.learner\.average_address"):
         plan_farm(ported, out_dir=tmp_path / "c", fixed_ports=True)
+
+
+def test_an_averaging_store_that_cannot_listen_stops_the_farm_cleanly(tmp_path: Path) -> None:
+    plan = plan_farm(load_topology("default"), out_dir=tmp_path, control="tcp://127.0.0.1:0")
+    (address,) = {p.launch.rendezvous for p in plan.nodes if p.launch.rendezvous}
+    port = int(address.rsplit(":", 1)[1])
+    with socket.create_server(("127.0.0.1", port)):  # someone else holds the port
+        with pytest.raises(FarmError, match="averaging store"):
+            Farm(plan).run()
+    assert json.loads((tmp_path / "farm.json").read_text())["state"] == "stopped"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.slow
