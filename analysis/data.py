@@ -1,19 +1,15 @@
 """Event inputs of the analysis: labelled test events and stored events, as features.
 
-A spec is a trigfarm event cache (``.h5`` written by the simulator or the archive) or
-``<layout>:<paths>`` with a layout of ``simulator.replay.READERS`` (e.g.
-``lhco-features:../shared/data/lhco-rnd-100k/scalars_sig0[3-9].h5``).
+The analysis reads no file format itself: its callers read datasets (for example with
+``simulator.replay.read_features``) or the archive (``models.archive``) and hand it arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from simulator.replay import expand_paths, reader_for, replay_component
 from stream.schema import FEATURE_NAMES
 
 MJJ = FEATURE_NAMES.index("mjj")
@@ -39,26 +35,3 @@ class Events:
 
     def in_window(self, window_gev: tuple[float, float]) -> np.ndarray:
         return (self.mjj >= window_gev[0]) & (self.mjj < window_gev[1])
-
-
-def load_events(specs: Sequence[str | Mapping[str, Any]]) -> Events:
-    """Read every spec (a replay component, or a bare path to an event cache);
-    ``is_signal`` is kept when every file has it."""
-    features, labels = [], []
-    for spec in specs:
-        replay = replay_component(spec)
-        if replay is not None:
-            layout, paths = replay[0], list(replay[1])
-        else:
-            layout, paths = "cache", [str(spec)]
-        for batch in reader_for(layout)(expand_paths(paths), chunk_size=65_536, skip_bad_rows=True):
-            features.append(np.asarray(batch["features"], np.float64))
-            labels.append(batch.truth["is_signal"] if "is_signal" in batch.truth else None)
-    if not features:
-        msg = f"no events in {list(specs)}"
-        raise ValueError(msg)
-    known = all(label is not None for label in labels)
-    return Events(
-        np.concatenate(features),
-        np.concatenate(labels).astype(bool) if known else None,  # type: ignore[arg-type]
-    )

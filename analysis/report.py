@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from analysis import methods
 from analysis.bumphunt import BumpResult, bump_hunt
-from analysis.data import Events, load_events
+from analysis.data import Events
 from analysis.metrics import Roc, roc
 from analysis.scan import FlowSets, ScanConfig, plot_pvalues, plot_spectra, scan, window_scorer
 from models.archive import Archive
@@ -172,14 +172,15 @@ def write_report(
 def analyze(
     method: str,
     archive_dir: str | Path,
-    test_specs: Sequence[str],
+    test: Events,
     out_dir: str | Path,
     *,
-    events_specs: Sequence[str] = (),
+    stored: Events | None = None,
     config: methods.SearchConfig | None = None,
     scan_config: ScanConfig | None = None,
 ) -> dict[str, Any]:
-    """``trigfarm analyze METHOD``: load the archive's latest flows, run, report.
+    """``trigfarm analyze METHOD``: load the archive's latest flows, run on the labelled
+    ``test`` events (and the ``stored`` ones, when given), report.
 
     The significance reported is the scan's (``analysis.scan``): every window of
     ``scan_config``, on the stored events when given (else the test events), with a global
@@ -190,8 +191,6 @@ def analyze(
     archive = Archive(archive_dir)
     snapshots = archive.snapshots(latest_per_node=True)
     models = methods.FlowModels.from_snapshots(snapshots)
-    stored = load_events(events_specs) if events_specs else None
-    test = load_events(test_specs)
     name = "cathode_hybrid" if method == "cathode" and stored is not None else method
     log.info("%s on flows from %s (%d events seen)", name, models.nodes, models.events_seen)
     score = score_method(name, models, config, stored=stored)

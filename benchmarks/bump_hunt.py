@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from analysis.classifier import ClassifierConfig
-from analysis.data import load_events
+from analysis.data import Events
 from analysis.methods import SearchConfig
 from analysis.scan import (
     FlowSets,
@@ -81,7 +81,7 @@ from benchmarks.ephemeral_lhco import (
 from models.archive import Archive
 from nodes.learner import FlowLearnerConfig
 from simulator.dataset import dataset_files
-from simulator.replay import expand_paths, reader_for
+from simulator.replay import expand_paths, read_features, reader_for
 from stream.batch import EventBatch
 from stream.eventfile import CacheWriter
 
@@ -107,8 +107,8 @@ def train(
     learner_config: FlowLearnerConfig,
     tmp: Path,
 ) -> tuple[dict[str, Any], Archive]:
-    stream_bkg = load_events([dataset.stream_background])
-    injected = load_events([dataset.injected_signal])
+    stream_bkg = Events(*read_features([dataset.stream_background]))
+    injected = Events(*read_features([dataset.injected_signal]))
     stream = stream_once(
         sb,
         dataset,

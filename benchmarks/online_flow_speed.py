@@ -48,11 +48,12 @@ import torch
 from nflows.flows import Flow
 from torch.optim.swa_utils import AveragedModel
 
-from analysis.data import Events, load_events
+from analysis.data import Events
 from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
 from models import flow_kernel, spline_kernel
 from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, Preprocessing, build_maf
 from models.online import OnlineConfig, OnlineFlow
+from simulator.replay import read_features
 
 REFERENCE = {"batch_size": 16, "learning_rate": 2e-3, "decay_start_steps": 1200,
              "average_decay": 0.995, "replay": 1}  # fmt: skip
@@ -279,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"benchmark": "online_flow_speed", "ms_per_step_one_flow": steps}))
         return 0
     dataset = lhco_dataset(quick=False)
-    background = load_events([dataset.stream_background]).features.astype(np.float32)
+    background = read_features([dataset.stream_background])[0].astype(np.float32)
     stream = background[np.random.default_rng(args.seed).permutation(len(background))]
     stream = stream[: args.events]
-    test = load_events(list(dataset.test))
+    test = Events(*read_features(list(dataset.test)))
     assert test.is_signal is not None
     test = test.select(~test.is_signal)
     shipped = replace(OnlineConfig(), seed=args.seed)

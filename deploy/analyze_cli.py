@@ -130,9 +130,11 @@ def _run(
 ) -> None:
     # Imported here so that other trigfarm commands do not pay for torch at start-up.
     from analysis.classifier import ClassifierConfig
+    from analysis.data import Events
     from analysis.methods import SearchConfig
     from analysis.report import analyze as run_analysis
     from analysis.scan import ScanConfig, sliding_windows
+    from simulator.replay import read_features
 
     config = SearchConfig(
         signal_region_gev=signal_region,
@@ -157,9 +159,9 @@ def _run(
     summary = run_analysis(
         method,
         archive_dir,
-        list(test_specs),
+        Events(*read_features(list(test_specs))),
         out_dir,
-        events_specs=list(events_specs),
+        stored=Events(*read_features(list(events_specs))) if events_specs else None,
         config=config,
         scan_config=scan_config,
     )

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from simulator.cms_l1ad import read_cms_l1ad
 from simulator.lhco_features import read_lhco_features
 from stream.batch import EventBatch
@@ -187,6 +189,33 @@ def replay(
     """
     reader = reader_for(kind)
     return reader(expand_paths(paths), chunk_size=chunk_size, skip_bad_rows=skip_bad_rows)
+
+
+def read_features(
+    specs: Sequence[str | Mapping[str, Any]],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every spec's events as features (N, 8) float64, with the truth labels (N,) bool when
+    every file has them (else None). A spec is a replay component
+    (``"lhco-features:a.h5,b.h5"`` or its table) or a bare path to an event cache.
+
+    Raises:
+        ValueError: the specs hold no event.
+    """
+    features, labels = [], []
+    for spec in specs:
+        component = replay_component(spec)
+        layout, paths = component if component is not None else ("cache", (str(spec),))
+        for batch in replay(layout, paths, chunk_size=65_536, skip_bad_rows=True):
+            features.append(np.asarray(batch["features"], np.float64))
+            labels.append(batch.truth["is_signal"] if "is_signal" in batch.truth else None)
+    if not features:
+        msg = f"no events in {list(specs)}"
+        raise ValueError(msg)
+    known = all(label is not None for label in labels)
+    return (
+        np.concatenate(features),
+        np.concatenate(labels).astype(bool) if known else None,  # type: ignore[arg-type]
+    )
 
 
 def reader_for(kind: str) -> ReaderFunction:

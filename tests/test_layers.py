@@ -27,15 +27,6 @@ ALLOWED: dict[str, set[str]] = {
     "deploy": {"stream", "simulator", "firmware", "models", "nodes", "analysis"},
 }
 
-#: (file, imported package) pairs that break the table today, each with its way out. The
-#: test fails once one is gone, so that the table is tightened with it.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # The replay readers (simulator.replay) turn dataset files (LHCO, CMS, caches) into
-    # batches; the analysis reads datasets through them. They move out of the simulator
-    # (or the CLI hands the analysis arrays) and this goes.
-    ("analysis/data.py", "simulator"): "replay readers still live in simulator",
-}
-
 
 def _modules() -> Iterator[tuple[str, Path]]:
     for package in ALLOWED:
@@ -71,7 +62,7 @@ def test_imports_follow_the_layers() -> None:
     bad = [
         f"{file} imports {', '.join(sorted(set(names)))}"
         for (file, other), names in sorted(_crossings().items())
-        if other not in ALLOWED[file.split("/")[0]] and (file, other) not in KNOWN_EXCEPTIONS
+        if other not in ALLOWED[file.split("/")[0]]
     ]
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
 
@@ -85,11 +76,6 @@ def test_production_code_imports_no_test_fakes() -> None:
         if any(name.startswith("stream.testing") for name in _imports(path))
     )
     assert users == ["deploy/synthetic.py"], users
-
-
-def test_known_exceptions_are_still_needed() -> None:
-    gone = set(KNOWN_EXCEPTIONS) - set(_crossings())
-    assert not gone, f"no longer imported, remove from KNOWN_EXCEPTIONS: {sorted(gone)}"
 
 
 def test_the_table_is_a_layering() -> None:
@@ -141,22 +127,6 @@ def test_no_module_imports_itself_back() -> None:
     assert "deploy.roles" not in graph["deploy.topology"]
 
 
-def _simulator_is_eager() -> bool:
-    """Whether simulator/__init__.py imports its generator or jet modules (pythia8mc,
-    fastjet) at module level, so that any simulator import loads them."""
-    tree = ast.parse((ROOT / "simulator" / "__init__.py").read_text())
-    return any(
-        isinstance(node, ast.ImportFrom)
-        and node.module in ("simulator.generator", "simulator.jets")
-        for node in tree.body
-    )
-
-
-@pytest.mark.xfail(
-    _simulator_is_eager(),
-    reason="simulator/__init__ imports pythia8mc and fastjet eagerly (being made lazy)",
-    strict=True,
-)
 @pytest.mark.slow
 def test_the_archive_node_and_the_analysis_load_no_event_generator() -> None:
     code = (

@@ -11,11 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from analysis.classifier import ClassifierConfig
-from analysis.data import load_events
+from analysis.data import Events
 from analysis.methods import FlowModels, SearchConfig
 from analysis.report import evaluate, score_method
 from deploy.cli import main
 from models.archive import Archive
+from simulator.replay import read_features
 
 pytestmark = pytest.mark.slow  # trains flows and classifiers
 
@@ -38,7 +39,7 @@ def test_mixture_of_two_nodes_is_weighted_by_events(models: FlowModels) -> None:
 def test_flow_methods_find_the_planted_signal(
     method: str, models: FlowModels, planted: dict[str, Path]
 ) -> None:
-    test = load_events([str(planted["test"])])
+    test = Events(*read_features([str(planted["test"])]))
     score = score_method(method, models, FAST)
     result = evaluate(method, score, test, FAST)
     # Random scoring gives SIC ~ 1 (max SIC over thresholds ~ 1-2 from fluctuations).
@@ -48,11 +49,11 @@ def test_flow_methods_find_the_planted_signal(
 
 def test_idealised_and_stored_baselines(models: FlowModels, planted: dict[str, Path]) -> None:
     stored = Archive(planted["archive"])
-    events = load_events([str(e.path) for e in stored.entries(kind="events")])
+    events = Events(*read_features([str(e.path) for e in stored.entries(kind="events")]))
     assert len(events) == 24_000
-    truth_bkg = load_events([str(planted["test"])])
+    truth_bkg = Events(*read_features([str(planted["test"])]))
     truth_bkg = truth_bkg.select(~truth_bkg.is_signal)
-    test = load_events([str(planted["test"])])
+    test = Events(*read_features([str(planted["test"])]))
     for name in ("cwola_stored", "idealised", "cathode_hybrid"):
         score = score_method(name, models, FAST, stored=events, true_background=truth_bkg)
         result = evaluate(name, score, test, FAST)
