@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from analysis.classifier import ClassifierConfig
-from analysis.data import Events, load_events
+from analysis.data import Events
 from analysis.methods import FlowModels, SearchConfig
 from analysis.report import MethodResult, evaluate, score_method, write_report
 from models.archive import Archive
@@ -64,6 +64,7 @@ from nodes.source import SourceConfig
 from nodes.source import build as build_source
 from simulator.dataset import dataset_files, verify_dataset
 from simulator.production import simulate_to_file
+from simulator.replay import read_features
 from stream.batch import EventBatch, Record
 from stream.transport import free_tcp_port
 
@@ -88,6 +89,8 @@ METHOD_LABELS = {
 #: every event here already passed a 1.2 TeV fat-jet selection, so on this stream the
 #: prescale is what a menu would store beyond its selection.
 TRIGGER_PRESCALE = 10
+#: --dataset's split by chunk: the test share holds >= 50k SR background events at a million
+TEST_FRACTION, IDEALISED_FRACTION = 0.38, 0.05
 
 
 def files(kind: str, numbers: range) -> list[str]:
@@ -323,13 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--test-fraction",
         type=float,
-        default=0.38,
+        default=TEST_FRACTION,
         help="with --dataset: share of background chunks held out as test",
     )
     parser.add_argument(
         "--idealised-fraction",
         type=float,
-        default=0.05,
+        default=IDEALISED_FRACTION,
         help="with --dataset: share of background chunks for the idealised classifier",
     )
     return parser
@@ -371,10 +374,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         seed=seed,
     )
     dataset = choose_dataset(args, seed)
-    test = load_events(list(dataset.test))
-    true_background = load_events([dataset.idealised_background])
-    stream_bkg = load_events([dataset.stream_background])
-    injected = load_events([dataset.injected_signal])
+    test = Events(*read_features(list(dataset.test)))
+    true_background = Events(*read_features([dataset.idealised_background]))
+    stream_bkg = Events(*read_features([dataset.stream_background]))
+    injected = Events(*read_features([dataset.injected_signal]))
     p_bkg_sr, p_sig_sr = sr_fraction(stream_bkg), sr_fraction(injected)
     test_sr = test.select(test.in_window(SR))
     assert test_sr.is_signal is not None

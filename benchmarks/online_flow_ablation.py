@@ -9,6 +9,10 @@ sig04-10): AUC, max SIC (>= 25 background events) and the mean background NLL of
 flow, a direct measure of how well the flows learned.
 
     python -m benchmarks.online_flow_ablation [--nodes 2] [--seeds 1 2] [--variants ...]
+
+``--dataset PATH`` streams a ``trigfarm simulate --recipe lhco-like`` dataset instead, split
+by chunk as the headline splits it (``benchmarks/ephemeral_lhco.py``): the capacity study
+at a million events.
 """
 
 from __future__ import annotations
@@ -18,16 +22,26 @@ import json
 import platform
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from analysis.data import Events, load_events
+from analysis.data import Events
 from analysis.metrics import roc
-from benchmarks.ephemeral_lhco import DATA, SR, lhco_dataset
+from benchmarks.ephemeral_lhco import (
+    DATA,
+    IDEALISED_FRACTION,
+    SR,
+    TEST_FRACTION,
+    Dataset,
+    generated_dataset,
+    lhco_dataset,
+)
 from models.flows import FEATURE_INDICES, MJJ_INDEX, ConditionalFlow, FlowMixture
 from models.online import OnlineConfig, OnlineFlow
+from simulator.replay import read_features
 
 # Each variant changes the shipped defaults (OnlineConfig()) in the fields named.
 BEFORE = {
@@ -108,6 +122,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # Capacity at the fast setting (batch 256, lr 1e-2):
     "wider-32": {**FAST, "hidden_features": 32},
+    "wider-64": {**FAST, "hidden_features": 64},
     "deeper-6": {**FAST, "n_transforms": 6},
     "3-members": {**FAST, "n_members": 3},
     "8-members": {**FAST, "n_members": 8},
@@ -128,19 +143,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def lhco_stream(s_over_b: float, seed: int) -> tuple[np.ndarray, Events, Events]:
+def lhco_stream(dataset: Dataset, s_over_b: float, seed: int) -> tuple[np.ndarray, Events, Events]:
     """Stream features (N, 8), shuffled; the labelled test events in the SR; and the
-    validation background in the SR (bkg07-08, which no flow trains on), on which settings
-    are chosen."""
-    dataset = lhco_dataset(quick=False)
-    background = load_events([dataset.stream_background])
-    signal = load_events([dataset.injected_signal])
-    test = load_events(list(dataset.test))
+    validation background in the SR (the idealised background: bkg07-08 of LHCO, which no
+    flow trains on), on which settings are chosen."""
+    background = Events(*read_features([dataset.stream_background]))
+    signal = Events(*read_features([dataset.injected_signal]))
+    test = Events(*read_features(list(dataset.test)))
     n_signal = int(s_over_b * background.in_window(SR).sum() / signal.in_window(SR).mean())
     rng = np.random.default_rng(seed)
     chosen = signal.features[rng.permutation(len(signal))[:n_signal]]
     stream = np.concatenate([background.features, chosen])
-    validation = load_events([dataset.idealised_background])
+    validation = Events(*read_features([dataset.idealised_background]))
     return (
         stream[rng.permutation(len(stream))].astype(np.float32),
         test.select(test.in_window(SR)),
@@ -214,13 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sb", type=float, default=0.05, help="S/B in the SR")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        help="a `trigfarm simulate --recipe lhco-like` folder instead of LHCO (split by chunk "
+        "as in ephemeral_lhco)",
+    )
     args = parser.parse_args(argv)
-    if not DATA.exists():
+    if args.dataset:
+        dataset = generated_dataset(args.dataset.expanduser(), TEST_FRACTION, IDEALISED_FRACTION)
+    elif DATA.exists():
+        dataset = lhco_dataset(quick=False)
+    else:
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
     torch.set_num_threads(1)
-    stream, test_sr, validation_sr = lhco_stream(args.sb, seed=1)
-    print(f"{len(stream)} stream events; test SR {len(test_sr)} events; {args.nodes} nodes")
+    stream, test_sr, validation_sr = lhco_stream(dataset, args.sb, seed=1)
+    print(
+        f"{dataset.name}: {len(stream)} stream events; test SR {len(test_sr)} events; "
+        f"validation SR {len(validation_sr)}; {args.nodes} nodes"
+    )
     rows = []
     for name in args.variants:
         for seed in args.seeds:
@@ -247,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "online_flow_ablation",
         "nodes": args.nodes,
         "s_over_b": args.sb,
+        "dataset": dataset.name,
         "machine": f"{platform.machine()}, 1 torch thread",
         "rows": rows,
     }
