@@ -52,6 +52,7 @@ def test_idealised_and_stored_baselines(models: FlowModels, planted: dict[str, P
     events = Events(*read_features([str(e.path) for e in stored.entries(kind="events")]))
     assert len(events) == 24_000
     truth_bkg = Events(*read_features([str(planted["test"])]))
+    assert truth_bkg.is_signal is not None, "the test split is labelled"
     truth_bkg = truth_bkg.select(~truth_bkg.is_signal)
     test = Events(*read_features([str(planted["test"])]))
     for name in ("cwola_stored", "idealised", "cathode_hybrid"):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import zmq
 
+from deploy.launcher import NodeStatus
 from deploy.run import run_farm
 from deploy.topology import parse_topology
 from models.archive import Archive
@@ -92,15 +93,16 @@ def in_flight_bound(table: dict[str, Any]) -> int:
 
 def fault_when(
     target: str, sig: signal.Signals, *, after_events: int, log: list[float]
-) -> Callable[[dict], None]:
+) -> Callable[[Mapping[str, NodeStatus]], None]:
     """An ``on_update`` that sends ``sig`` to ``target`` once hlt-0 has seen
     ``after_events`` events."""
 
-    def on_update(current: dict) -> None:
+    def on_update(current: Mapping[str, NodeStatus]) -> None:
         node, hlt = current.get(target), current.get("hlt-0")
         if log or node is None or hlt is None or hlt.heartbeat is None:
             return
         if hlt.heartbeat.stats.get("events_in", 0) >= after_events and node.process.is_alive():
+            assert node.process.pid is not None, "a live process has a pid"
             os.kill(node.process.pid, sig)
             log.append(time.monotonic())
 
@@ -258,7 +260,7 @@ def test_ten_thousand_fuzzed_frames_into_a_running_archive(tmp_path: Path) -> No
     assert node.wait_started(30)
     rng = np.random.default_rng(2026)
     valid = [bytes(f) for f in encode(synthetic_batch(8, first_event=0))]
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
     good = 0

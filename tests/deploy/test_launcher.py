@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import main
-from deploy.launcher import Farm, FarmError, plan_farm
+from deploy.launcher import Farm, FarmError, NodeStatus, plan_farm
 from deploy.report import format_report
 from deploy.roles import ROLES
 from deploy.run import run_farm
 from deploy.topology import TopologyError, load_topology, parse_topology
+from nodes.hlt import HLT
+from nodes.learner import FlowLearner
 from stream.version import version
 from tests.deploy.conftest import synthetic_table
 
@@ -186,7 +189,10 @@ def test_each_run_gets_its_own_averaging_rendezvous(tmp_path: Path) -> None:
     (ours,) = {p.launch.rendezvous for p in first}
     (theirs,) = {p.launch.rendezvous for p in second}
     assert ours.startswith("tcp://127.0.0.1:") and ours != theirs
-    learner = ROLES["hlt"].build(first[0].stage, first[0].launch).learner
+    hlt = ROLES["hlt"].build(first[0].stage, first[0].launch)
+    assert isinstance(hlt, HLT)
+    learner = hlt.learner
+    assert isinstance(learner, FlowLearner)
     assert learner.config.average_address == ours and learner.averager is not None
     assert learner.config.average_store == "external"  # the launcher hosts it
     learner.averager.close()
@@ -222,10 +228,11 @@ def test_a_stalled_or_killed_node_costs_only_its_in_flight_events(
     table["source"]["config"]["rate_hz"] = 5_000.0
     faulted: list[float] = []
 
-    def on_update(current: dict) -> None:
+    def on_update(current: Mapping[str, NodeStatus]) -> None:
         relay = current.get("relay-1")
         if not faulted and relay is not None and relay.heartbeat is not None:
             if relay.heartbeat.state == "running" and relay.heartbeat.stats.get("events_in", 0):
+                assert relay.process.pid is not None, "a running node has a pid"
                 os.kill(relay.process.pid, fault)
                 faulted.append(time.monotonic())
 

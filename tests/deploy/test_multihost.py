@@ -210,10 +210,10 @@ def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str], chain:
     hlt_in = stats["hlt-0"]["events_in"] + stats["hlt-1"]["events_in"]
     assert hlt_in == stats["l1"]["events_out"].get("out", 0) == stats["l1"]["accepted"]
     assert stats["hlt-0"]["events_in"] > 0 and stats["hlt-1"]["events_in"] > 0
-    port = ROLES[topology.stage("hlt").role].output_port
-    hlt_out = sum(stats[n]["events_out"].get(port, 0) for n in ("hlt-0", "hlt-1"))
+    out_port = ROLES[topology.stage("hlt").role].output_port
+    hlt_out = sum(stats[n]["events_out"].get(out_port, 0) for n in ("hlt-0", "hlt-1"))
     assert stats["archive"]["events_in"] == hlt_out
-    records = sum(stats[n]["records_out"].get(port, 0) for n in ("hlt-0", "hlt-1"))
+    records = sum(stats[n]["records_out"].get(out_port, 0) for n in ("hlt-0", "hlt-1"))
     assert stats["archive"]["records_in"] == records
     if chain == "physics":
         assert records >= 4  # both flows of both HLT nodes crossed the encrypted link

@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from stream import Node, NodeConfig
+from stream import EventBatch, Node, NodeConfig
 from stream.codec import encode
 from stream.testing import ListSource, Relay, synthetic_batch
 from stream.transport import (
@@ -41,6 +41,7 @@ def test_a_source_waits_for_all_its_peers_before_sending() -> None:
         for sock in (first, second):
             n = 0
             while (message := recv_message(sock, timeout_ms=1000)) is not None:
+                assert isinstance(message, EventBatch)
                 n += len(message)
             counts.append(n)
         assert counts == [30, 30]  # round robin over both from the first batch on

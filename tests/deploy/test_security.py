@@ -60,7 +60,7 @@ def test_only_the_allowed_key_is_admitted(tmp_path: Path) -> None:
         for i in range(4):
             assert send_message(push, synthetic_batch(10, first_event=10 * i), timeout_ms=5000)
         got = [recv_message(good, timeout_ms=5000) for _ in range(4)]
-        assert all(m is not None and len(m) == 10 for m in got)
+        assert all(isinstance(m, EventBatch) and len(m) == 10 for m in got)
         assert recv_message(rogue, timeout_ms=200) is None
         for sock in (push, rogue, good):
             sock.close(linger=0)

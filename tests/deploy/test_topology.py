@@ -185,7 +185,8 @@ def test_role_config_errors_name_the_nested_key(table: dict, message: str) -> No
 def test_learner_tables_are_validated_deeply() -> None:
     table = load_topology("default")
     hlt = table.stage("hlt")
-    bad = hlt.learner | {"signal_region_gev": [3300.0, "x"]}
+    assert hlt.learner is not None
+    bad = {**hlt.learner, "signal_region_gev": [3300.0, "x"]}
     with pytest.raises(
         TopologyError, match=r"^topology\.hlt\.learner\.signal_region_gev\[1\]: expected float"
     ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ N_EVENTS = 10_000  # the issue's bit-exactness check: 10k events
 
 
 @pytest.fixture(scope="module")
-def hls_model(default_model: L1Model, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def hls_model(default_model: L1Model, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """hls4ml's own compiled model (its per-event predict() is the reference)."""
     return build_project(default_model, tmp_path_factory.mktemp("hls") / "prj")
 
@@ -35,8 +36,8 @@ def inputs(default_model: L1Model) -> np.ndarray:
 @pytest.mark.parametrize("kernel", ["hls", "integer"])
 def test_both_kernels_are_bit_identical_to_hls4ml_predict(
     session_emulator: Emulator,
-    hls_model,
-    inputs: np.ndarray,  # type: ignore[no-untyped-def]
+    hls_model: Any,
+    inputs: np.ndarray,
     kernel: str,
 ) -> None:
     emulator = Emulator(
@@ -70,8 +71,8 @@ def test_unknown_kernel_is_refused(session_emulator: Emulator) -> None:
 
 def test_host_rounding_equals_the_firmware_input_conversion(
     session_emulator: Emulator,
-    hls_model,
-    inputs: np.ndarray,  # type: ignore[no-untyped-def]
+    hls_model: Any,
+    inputs: np.ndarray,
 ) -> None:
     """hls4ml's C++ converts unrounded floats to the input ap_fixed itself; our host
     rounding must give the same outputs (ties, saturation of the 3-6 TeV jets included)."""

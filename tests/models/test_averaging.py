@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 import torch
@@ -208,7 +208,16 @@ def _assert_close(actual: list[float], expected: list[float]) -> None:
 
 # -- configuration and single-node behaviour (no network) ---------------------------------
 
-GOOD = {"rank": 0, "world_size": 2, "init_method": "tcp://127.0.0.1:29511"}
+
+class Good(TypedDict):
+    """The settings every ``AveragingConfig`` needs."""
+
+    rank: int
+    world_size: int
+    init_method: str
+
+
+GOOD: Good = {"rank": 0, "world_size": 2, "init_method": "tcp://127.0.0.1:29511"}
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections import Counter
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -15,7 +16,18 @@ from stream.testing import FakeClock
 
 torch.set_num_threads(1)
 
-SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 1}
+
+class Small(TypedDict):
+    """A flow small enough to train in a test."""
+
+    n_transforms: int
+    hidden_features: int
+    n_bins: int
+    n_blocks: int
+    n_members: int
+
+
+SMALL: Small = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 1}
 
 
 def features(n: int, seed: int) -> np.ndarray:
@@ -112,7 +124,7 @@ def test_optimizer_state_is_kept_across_calls() -> None:
 @pytest.mark.parametrize("decay", [0.0, 0.9])
 def test_snapshots_publish_the_polyak_average_of_the_iterates(decay: float) -> None:
     config = OnlineConfig(
-        **{**SMALL, "n_members": 2}, buffer_size=64, batch_size=32, average_decay=decay
+        **(SMALL | {"n_members": 2}), buffer_size=64, batch_size=32, average_decay=decay
     )
     online = OnlineFlow(config)
     online.learn(features(3000, 6))  # calibrates, then trains

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,10 @@ from models.jet_inputs import constituents_from_eta_phi_pt, jet_inputs
 from models.particlenet import (
     PARTICLENET,
     PARTICLENET_LITE,
+    EdgeConv,
     ParticleNet,
     ParticleNetConfig,
+    _Affine,
     knn,
 )
 from models.particlenet_training import TrainConfig, load_labelled_jets, train_tagger
@@ -32,7 +35,9 @@ torch.set_num_threads(1)
 VARIANTS = [PARTICLENET_LITE, PARTICLENET]
 
 
-def random_jets(n_real: list[int], width: int, seed: int = 0, garbage: bool = True):  # type: ignore[no-untyped-def]
+def random_jets(
+    n_real: list[int], width: int, seed: int = 0, garbage: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channel-last random inputs; padded slots hold garbage unless told otherwise."""
     gen = torch.Generator().manual_seed(seed)
     n = len(n_real)
@@ -197,7 +202,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
 
 
 class _Payload:
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[str]]:
         return (print, ("this must never run",))
 
 
@@ -245,6 +250,7 @@ def test_short_training_on_tau_vs_qcd_separates_taus() -> None:
 
 
 def _bn(norm: torch.nn.BatchNorm1d, y: torch.Tensor) -> torch.Tensor:
+    assert norm.running_mean is not None and norm.running_var is not None, "tracks its stats"
     return (y - norm.running_mean) / torch.sqrt(
         norm.running_var + norm.eps
     ) * norm.weight + norm.bias
@@ -254,6 +260,7 @@ def test_edgeconv_matches_a_per_jet_reference() -> None:
     """The packed, folded block equals EdgeConv written out jet by jet from the paper."""
     model = trained_like(PARTICLENET_LITE, seed=6)
     block = model.blocks[0]
+    assert isinstance(block, EdgeConv)
     points, features, mask = random_jets([1, 4, 9, 15], 15, seed=8)
     with torch.no_grad():
         out = block(points, features, mask)
@@ -271,6 +278,7 @@ def test_edgeconv_matches_a_per_jet_reference() -> None:
                     h = x[i] @ w_a.T + (x[nbrs] - x[i]) @ w_b.T
                     h = torch.relu(_bn(block.first_norm, h))
                     for layer in block.layers:
+                        assert isinstance(layer, _Affine)
                         h = torch.relu(_bn(layer.norm, h @ layer.linear.weight.T))
                     pooled = h.mean(0)
                 short = _bn(block.shortcut.norm, x[i] @ block.shortcut.linear.weight.T)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from deploy.cli import main
 from models.checkpoint import load_checkpoint
 from models.particlenet_training import load_labelled_jets, split_indices
-from simulator import generate, make_recipe
+from simulator import Recipe, generate, make_recipe
 from stream.eventfile import CacheWriter
 
 torch.set_num_threads(1)
@@ -22,7 +22,10 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hlt-train")
-    recipes = {"qcd": make_recipe("qcd", pthat_min_gev=400.0), "ttbar": "ttbar"}
+    recipes: dict[str, Recipe | str] = {
+        "qcd": make_recipe("qcd", pthat_min_gev=400.0),
+        "ttbar": "ttbar",
+    }
     out = {}
     for seed, (name, recipe) in enumerate(recipes.items()):
         path = root / f"{name}.h5"

@@ -13,6 +13,7 @@ import torch
 
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
 from models.snapshot import FlowSnapshot, SnapshotError
+from stream import Record
 from stream.codec import decode, encode
 from stream.version import version
 
@@ -57,6 +58,7 @@ def same(a: FlowSnapshot, b: FlowSnapshot) -> None:
 
 def test_record_and_wire_round_trip_is_bit_exact(snapshot: FlowSnapshot) -> None:
     record = decode([bytes(f) for f in encode(snapshot.to_record())])
+    assert isinstance(record, Record)
     again = FlowSnapshot.from_record(record)
     same(snapshot, again)
     flow = snapshot.flow()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +52,8 @@ def median_threshold(emulator: Emulator, batch: EventBatch) -> float:
 
 
 def test_config_validates_and_comes_from_plain_values() -> None:
-    config = L1Config(**{"threshold": 3.0, "seeds": ["met", "ht"], "met_gev": 80.0})
+    table: dict[str, Any] = {"threshold": 3.0, "seeds": ["met", "ht"], "met_gev": 80.0}
+    config = L1Config(**table)
     assert config.seeds == ("met", "ht")
     assert L1Config().seeds == SEEDS
     with pytest.raises(ValueError, match="unknown seed"):
@@ -76,6 +79,7 @@ def test_accepts_on_rz_or_seeds_with_bits_and_scores(emulator: Emulator) -> None
     (emit,) = outcome.emits
     out = emit.message
     assert emit.port == "out"
+    assert isinstance(out, EventBatch)
     np.testing.assert_array_equal(out["event"], batch["event"][want])
     np.testing.assert_array_equal(out["l1_score"], rz[want].astype(np.float32))
     bits = out["l1_bits"]
@@ -133,6 +137,7 @@ def test_feature_level_batch_skips_the_vae_and_uses_the_fatjet_seed(emulator: Em
     outcome = trigger.process(batch)
     assert outcome.accepted == int((pts > 500).sum()) and outcome.accounted == n
     out = outcome.emits[0].message
+    assert isinstance(out, EventBatch)
     assert np.isnan(out["l1_score"]).all()
     assert (out["l1_bits"] == 1 << SEED_BITS["fatjet_pt"]).all()
     assert trigger.report()["unscored"] == n
@@ -148,10 +153,14 @@ def test_nan_rows_are_dropped_and_the_rest_carry_on(emulator: Emulator) -> None:
     assert outcome.dropped == {"nonfinite": 2}
     assert outcome.accounted == 50 and outcome.accepted + outcome.rejected == 48
     if outcome.emits:
-        assert not np.isin([3, 17], outcome.emits[0].message["event"]).any()
+        out = outcome.emits[0].message
+        assert isinstance(out, EventBatch)
+        assert not np.isin([3, 17], out["event"]).any()
 
 
-def test_no_threshold_and_no_calibration_is_a_clear_error(tmp_path, emulator: Emulator) -> None:  # type: ignore[no-untyped-def]
+def test_no_threshold_and_no_calibration_is_a_clear_error(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     import json
     import shutil
 

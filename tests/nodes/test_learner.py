@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -10,12 +11,22 @@ from prometheus_client import REGISTRY
 
 from models.snapshot import FlowSnapshot
 from nodes.learner import FlowLearner, FlowLearnerConfig, build_learner
-from stream.batch import EventBatch
+from stream.batch import EventBatch, Record
 from stream.testing import FakeClock
 
 torch.set_num_threads(1)
 
-SMALL = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1}
+
+class Small(TypedDict):
+    """A flow small enough to train in a test."""
+
+    n_transforms: int
+    hidden_features: int
+    n_bins: int
+    n_blocks: int
+
+
+SMALL: Small = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1}
 
 
 def batch(n: int, lumi: int, seed: int) -> EventBatch:
@@ -42,7 +53,7 @@ def test_snapshots_every_n_events_and_at_lumi_end() -> None:
         snapshot_every_s=0,  # by count only: a slow machine must not add a timed snapshot
     )
     learner = build_learner(config, node_id="hlt-t1")
-    records = []
+    records: list[Record] = []
     for i in range(3):
         records += learner.learn(batch(100, 1, i))
     assert records == []
@@ -73,7 +84,8 @@ def test_snapshots_every_n_events_and_at_lumi_end() -> None:
 
 
 def test_config_from_a_plain_table() -> None:
-    config = FlowLearnerConfig(**{"buffer_size": 256, "signal_region_gev": [3000, 3500]})
+    table: dict[str, Any] = {"buffer_size": 256, "signal_region_gev": [3000, 3500]}
+    config = FlowLearnerConfig(**table)
     assert config.signal_region_gev == (3000.0, 3500.0)
 
 

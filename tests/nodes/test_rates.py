@@ -16,17 +16,19 @@ from deploy.topology import parse_topology
 from nodes.rate_control import LumiRates
 from nodes.source import MB_CM2, GeneratorComponent, Source, SourceConfig
 from simulator.generator import EventGenerator
-from stream.batch import EventBatch
+from stream.batch import EventBatch, Message
 from tests.deploy.conftest import synthetic_table
 
 LUMI = 2e34
 
 
 def _drain(source: Source) -> EventBatch:
-    batches = []
+    messages: list[Message] = []
     while (outcome := source.produce()) is not None:
-        batches += [e.message for e in outcome.emits]
-    return EventBatch.concat(batches)  # type: ignore[arg-type]
+        messages += [e.message for e in outcome.emits]
+    batches = [m for m in messages if isinstance(m, EventBatch)]
+    assert len(batches) == len(messages), "a source emits only event batches"
+    return EventBatch.concat(batches)
 
 
 def test_filtered_block_weights_average_to_sigma_times_filter_efficiency() -> None:

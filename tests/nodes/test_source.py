@@ -13,7 +13,7 @@ import zmq
 
 from nodes.source import SourceConfig, build, lhco_replay, parse_component
 from simulator import generate
-from stream import EventBatch, Node, NodeConfig
+from stream import EventBatch, Node, NodeConfig, Outcome, Producer
 from stream.eventfile import CacheWriter
 from stream.testing import RecordingSink
 from stream.transport import free_tcp_port
@@ -37,8 +37,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def drain(source, limit: int = 10_000) -> list:  # type: ignore[no-untyped-def]
-    outcomes = []
+def drain(source: Producer, limit: int = 10_000) -> list[Outcome]:
+    outcomes: list[Outcome] = []
     for _ in range(limit):
         outcome = source.produce()
         if outcome is None:
@@ -47,8 +47,11 @@ def drain(source, limit: int = 10_000) -> list:  # type: ignore[no-untyped-def]
     raise AssertionError("source never stopped")
 
 
-def batches_of(outcomes: list) -> EventBatch:  # type: ignore[type-arg]
-    return EventBatch.concat(e.message for o in outcomes for e in o.emits)
+def batches_of(outcomes: list[Outcome]) -> EventBatch:
+    messages = [e.message for o in outcomes for e in o.emits]
+    batches = [m for m in messages if isinstance(m, EventBatch)]
+    assert len(batches) == len(messages), "a source emits only event batches"
+    return EventBatch.concat(batches)
 
 
 def test_mixes_by_weight_injects_signal_and_numbers_events(files: dict[str, Path]) -> None:

@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
 
 from simulator.dataset import (
     DATASET_RECIPES,
+    DatasetRecipe,
     dataset_files,
     lhco_like,
     produce_dataset,
@@ -20,10 +22,20 @@ from simulator.dataset import (
 from stream.errors import DataFileError
 from stream.eventfile import read_cache
 
-SMALL = {"seed": 5, "block_size": 20, "chunk_events": 40, "progress": False}
+
+class Settings(TypedDict):
+    """The keyword arguments of ``produce_dataset`` that every test here passes."""
+
+    seed: int
+    block_size: int
+    chunk_events: int
+    progress: bool
 
 
-def tiny() -> object:
+SMALL: Settings = {"seed": 5, "block_size": 20, "chunk_events": 40, "progress": False}
+
+
+def tiny() -> DatasetRecipe:
     return lhco_like(80, 20)
 
 
@@ -88,9 +100,9 @@ def test_interrupted_run_continues_to_identical_files(reference: Path, tmp_path:
 def test_manifest_detects_a_corrupted_chunk(reference: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name, data in files(reference).items():
+    for name, content in files(reference).items():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        (copy / name).write_bytes(data)
+        (copy / name).write_bytes(content)
     (copy / "manifest.json").write_bytes((reference / "manifest.json").read_bytes())
     assert verify_dataset(copy).ok
     damaged = copy / "background" / "chunk-00001.h5"
@@ -110,11 +122,11 @@ def test_manifest_detects_a_corrupted_chunk(reference: Path, tmp_path: Path) -> 
 
 def test_other_settings_are_refused(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "d"
-    produce_dataset(tiny(), out, **{**SMALL, "chunk_events": 80}, stop=lambda: True)
+    produce_dataset(tiny(), out, **(SMALL | {"chunk_events": 80}), stop=lambda: True)
     with pytest.raises(ValueError, match="chunk_events"):
         produce_dataset(tiny(), out, **SMALL)
     with pytest.raises(ValueError, match="multiple of block_size"):
-        produce_dataset(tiny(), tmp_path / "e", **{**SMALL, "chunk_events": 50})
+        produce_dataset(tiny(), tmp_path / "e", **(SMALL | {"chunk_events": 50}))
 
 
 def test_recipe_registry() -> None:

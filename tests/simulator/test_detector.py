@@ -58,10 +58,12 @@ def test_tracking_efficiency_sends_lost_tracks_to_the_hcal() -> None:
     particles = charged_pions(50, seed=3)
     ideal = DetectorModel(track_efficiency=1.0).simulate(particles, np.random.default_rng(4))
     real = DetectorModel(track_efficiency=0.8).simulate(particles, np.random.default_rng(4))
-    assert (ideal.candidates.pid == 211).sum() == particles.counts.sum()
-    tracks = (real.candidates.pid == 211).sum() / particles.counts.sum()
+    ideal_pid, real_pid = ideal.candidates.pid, real.candidates.pid
+    assert ideal_pid is not None and real_pid is not None, "candidates carry a PDG id"
+    assert (ideal_pid == 211).sum() == particles.counts.sum()
+    tracks = (real_pid == 211).sum() / particles.counts.sum()
     assert 0.75 < tracks < 0.85
-    assert (real.candidates.pid == 130).sum() > 0, "lost tracks show up as HCAL cells"
+    assert (real_pid == 130).sum() > 0, "lost tracks show up as HCAL cells"
 
 
 def test_particle_flow_keeps_only_the_excess_over_tracks() -> None:
@@ -74,6 +76,7 @@ def test_particle_flow_keeps_only_the_excess_over_tracks() -> None:
     assert neutral.size < 0.2 * particles.counts.sum()
     noisy = DetectorModel(track_efficiency=1.0, particle_flow=True)
     fakes = noisy.simulate(particles, np.random.default_rng(6)).candidates
+    assert fakes.pid is not None, "candidates carry a PDG id"
     assert (fakes.pid == 130).sum() > neutral.size, "HCAL fluctuations make neutral fakes"
 
 

@@ -113,7 +113,10 @@ def test_source_node_replays_lhco_raw_keeping_its_labels() -> None:
     source = build(config, name="raw")
     outcomes = [source.produce() for _ in range(4)]
     assert outcomes[-1] is None
-    batch = EventBatch.concat([e.message for o in outcomes if o for e in o.emits])
+    messages = [e.message for o in outcomes if o for e in o.emits]
+    batches = [m for m in messages if isinstance(m, EventBatch)]
+    assert len(batches) == len(messages), "a source emits only event batches"
+    batch = EventBatch.concat(batches)
     assert len(batch) == 300
     np.testing.assert_array_equal(np.sort(batch["event"]), np.arange(1, 301))
     # The raw file mixes background and signal; the source keeps the file's labels.

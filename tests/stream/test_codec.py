@@ -52,7 +52,9 @@ def test_event_batch_round_trip(batch: EventBatch) -> None:
             encode(batch)
         assert info.value.reason == "length"
         return
-    assert_batches_equal(decode(encode(batch)), batch)
+    back = decode(encode(batch))
+    assert isinstance(back, EventBatch)
+    assert_batches_equal(back, batch)
 
 
 @given(

@@ -11,6 +11,7 @@ from stream import (
     Emit,
     EventBatch,
     Heartbeat,
+    Message,
     Node,
     NodeConfig,
     Outcome,
@@ -24,7 +25,7 @@ from stream.transport import recv_message, send_message
 from tests.stream.conftest import running
 
 
-def relay_node(name: str, **overrides: object) -> Node:
+def relay_node(name: str, *, control: str | None = None) -> Node:
     config = NodeConfig(
         name=name,
         role="relay",
@@ -32,7 +33,7 @@ def relay_node(name: str, **overrides: object) -> Node:
         outputs={"out": f"@inproc://{name}-out"},
         drain_idle_s=0.2,
         heartbeat_interval_s=0.1,
-        **overrides,
+        control=control,
     )
     return Node(config, Relay(), context=zmq.Context.instance())
 
@@ -47,7 +48,7 @@ def _metric(name: str, node: str, **labels: str) -> float:
 
 
 def test_bad_frames_are_counted_and_the_node_carries_on() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     node = relay_node("bad-input")
     with running(node):
         push = ctx.socket(zmq.PUSH)
@@ -77,7 +78,7 @@ def test_bad_frames_are_counted_and_the_node_carries_on() -> None:
 
 
 def test_a_nonfinite_event_drops_that_event_only() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     node = relay_node("nonfinite")
     batch = synthetic_batch(6, first_event=10)
     signal = np.array([0, 1, 0, 1, 0, 1], "u1")
@@ -118,7 +119,7 @@ def test_a_nonfinite_event_drops_that_event_only() -> None:
 
 
 def test_a_forged_event_count_moves_the_books_by_one_frame() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     node = relay_node("forged")
     forged = [
         # 60-odd bytes declaring 2**63 - 1 events, in this schema version and the next
@@ -156,15 +157,16 @@ class Flaky(Processor):
     def __init__(self) -> None:
         self.calls = 0
 
-    def process(self, message):  # type: ignore[no-untyped-def]
+    def process(self, message: Message) -> Outcome:
         self.calls += 1
         if self.calls % 2 == 0:
             raise RuntimeError("boom")
+        assert isinstance(message, EventBatch)
         return Outcome(rejected=len(message))
 
 
 def test_a_worker_exception_drops_one_batch_only() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     config = NodeConfig(name="flaky", role="test", inputs=("@inproc://flaky-in",), drain_idle_s=0.2)
     node = Node(config, Flaky(), context=ctx)
     with running(node):
@@ -183,7 +185,7 @@ def test_a_worker_exception_drops_one_batch_only() -> None:
 
 
 def test_heartbeats_carry_state_and_counters() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.bind("inproc://control-hb")
@@ -202,11 +204,11 @@ def test_heartbeats_carry_state_and_counters() -> None:
 
 
 def test_records_pass_through_the_runtime() -> None:
-    ctx = zmq.Context.instance()
-    seen: list[Record] = []
+    ctx: zmq.SyncContext = zmq.Context.instance()
+    seen: list[Message] = []
 
     class Keep(Processor):
-        def process(self, message):  # type: ignore[no-untyped-def]
+        def process(self, message: Message) -> Outcome:
             seen.append(message)
             return Outcome()
 
@@ -222,7 +224,7 @@ def test_records_pass_through_the_runtime() -> None:
                 break
             zmq.Poller().poll(20)
     assert node.stats.records_in == 1 and node.stats.events_in == 0
-    assert seen[0].meta["events_seen"] == 7
+    assert isinstance(seen[0], Record) and seen[0].meta["events_seen"] == 7
 
 
 def test_a_final_record_that_cannot_be_delivered_is_counted_as_lost() -> None:
@@ -248,7 +250,7 @@ def test_a_final_record_that_cannot_be_delivered_is_counted_as_lost() -> None:
 
 
 def test_a_source_with_no_room_downstream_counts_deadtime_drops() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     config = NodeConfig(
         name="deadtime",
         role="source",

@@ -6,7 +6,11 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Mapping
+from multiprocessing.context import SpawnProcess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -20,11 +24,19 @@ from stream.transport import free_tcp_port
 SPAWN = mp.get_context("spawn")
 
 
+class Common(TypedDict):
+    """The ``NodeConfig`` settings every node of the pipeline shares."""
+
+    drain_idle_s: float
+    heartbeat_interval_s: float
+    control: str | None
+
+
 def start_pipeline(
     tmp_path: Path, source_params: dict, *, control: str | None = None
-) -> dict[str, mp.Process]:
+) -> dict[str, SpawnProcess]:
     src_port, sink_port = free_tcp_port(), free_tcp_port()
-    common = {"drain_idle_s": 1.0, "heartbeat_interval_s": 0.2, "control": control}
+    common: Common = {"drain_idle_s": 1.0, "heartbeat_interval_s": 0.2, "control": control}
     specs = {
         "source": FakeNodeSpec(
             NodeConfig(
@@ -87,9 +99,11 @@ def wait_until_streaming(control: zmq.Socket, names: list[str], timeout_s: float
     raise AssertionError(f"only {sorted(running)} of {names} ran within {timeout_s} s")
 
 
-def stop(procs: dict[str, mp.Process], names: list[str], timeout_s: float = 30) -> None:
+def stop(procs: Mapping[str, BaseProcess], names: list[str], timeout_s: float = 30) -> None:
     for name in names:
-        os.kill(procs[name].pid, signal.SIGTERM)
+        pid = procs[name].pid
+        assert pid is not None, f"{name} was never started"
+        os.kill(pid, signal.SIGTERM)
     for name in names:
         procs[name].join(timeout_s)
         assert procs[name].exitcode == 0, f"{name} exited with {procs[name].exitcode}"
@@ -124,7 +138,8 @@ def test_every_event_arrives_exactly_once(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_graceful_stop_mid_stream_loses_nothing(tmp_path: Path) -> None:
-    with zmq.Context.instance().socket(zmq.SUB) as control:
+    ctx: zmq.SyncContext = zmq.Context.instance()
+    with ctx.socket(zmq.SUB) as control:
         control.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
         port = control.bind_to_random_port("tcp://127.0.0.1")
         procs = start_pipeline(

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.mark.slow
 def test_prometheus_scrapes_events_in_total() -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     config = NodeConfig(
         name="prom-relay",
         role="relay",
