@@ -18,7 +18,7 @@ The default menu (``--menu``): ``--crossings`` weighted bunch crossings of the s
 ``inclusive`` sample with pileup premixed at ``--mu`` (``weighting = "crossing"``, as in
 ``deploy/topologies/default.toml``) go through the L1 node's seeds and emulated VAE and the
 HLT node's tagger, in this process. Each path's threshold is calibrated to its share of
-the stage's budget on the sample itself (``nodes.l1.calibrate_threshold``: measured, with
+the stage's budget on the sample itself (``firmware.calibrate.calibrate_threshold``: measured, with
 the threshold's statistical range), the shares scaled so that the stage's OR lands on its
 budget (L1 100 kHz, HLT 1 kHz of what the L1 keeps); then the menu is evaluated on the
 same sample (rates per path and stage with sqrt(sum w^2) errors, reductions).
@@ -43,7 +43,7 @@ from typing import Any
 import awkward as ak
 import numpy as np
 
-from nodes.l1 import Calibration, calibrate_threshold
+from firmware.calibrate import RateCalibration, calibrate_threshold
 from nodes.rate_control import RateControlConfig
 from simulator.generator import make_pythia
 from simulator.recipes import MinimumBias
@@ -176,7 +176,7 @@ def _calibrate_stage(
     def values(path: str) -> np.ndarray:
         return np.where(within, obs[keys[path]], -np.inf)
 
-    anomaly: Calibration | None = None
+    anomaly: RateCalibration | None = None
     for target in anomaly_hz:
         try:
             anomaly = calibrate_threshold(
@@ -192,8 +192,8 @@ def _calibrate_stage(
     for path, threshold in fixed_thresholds.items():
         base |= values(path) > threshold
 
-    def menu(scale: float) -> tuple[dict[str, Calibration], np.ndarray]:
-        cal: dict[str, Calibration] = {}
+    def menu(scale: float) -> tuple[dict[str, RateCalibration], np.ndarray]:
+        cal: dict[str, RateCalibration] = {}
         fired = base.copy()
         for path, share in shares.items():
             target = scale * share * budget_hz

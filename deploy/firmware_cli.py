@@ -175,9 +175,9 @@ def _scores(model_dir: Path, data: tuple[Path, ...], max_events: int, cache_dir:
 
     model = load_model(model_dir)
     emulator = load_emulator(model, cache_dir=cache_dir)
-    objects, _ = read_l1_objects(data, max_events=max_events)
+    objects, weights = read_l1_objects(data, max_events=max_events)
     mu, log_var = emulator.encode(scale_l1_objects(objects, model.input_scaling))
-    return model, r_z(mu, log_var)
+    return model, r_z(mu, log_var), weights
 
 
 _model_option = click.option(
@@ -199,7 +199,13 @@ _model_option = click.option(
     help="Background event cache(s), independent of the training sample.",
 )
 @click.option("--rate-hz", type=click.FloatRange(min=0, min_open=True), default=1000.0)
-@click.option("--input-rate-hz", type=click.FloatRange(min=0, min_open=True), default=4e7)
+@click.option(
+    "--input-rate-hz",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4e7,
+    help="The rate the sample stands for (the crossing rate): each of its N events counts "
+    "input_rate_hz / N times its weight (1 for unweighted events).",
+)
 @click.option("--max-events", type=click.IntRange(min=0), default=0, help="0: all events.")
 @click.option(
     "--cache-dir",
@@ -222,8 +228,13 @@ def calibrate(
     from firmware.calibrate import calibrate as calibrate_scores
     from firmware.model import write_card
 
-    model, scores = _scores(model_dir, data, max_events, cache_dir)
-    result = calibrate_scores(scores, rate_hz=rate_hz, input_rate_hz=input_rate_hz)
+    model, scores, weights = _scores(model_dir, data, max_events, cache_dir)
+    try:
+        result = calibrate_scores(
+            scores, rate_hz=rate_hz, input_rate_hz=input_rate_hz, weights=weights
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(result.summary())
     if write:
         card = dict(model.card)

@@ -4,7 +4,7 @@ Only numpy-level modules are imported here; ``firmware.vae``, ``firmware.convert
 ``firmware.boards`` need TensorFlow/hls4ml and are imported explicitly where used.
 """
 
-from firmware.calibrate import Calibration, calibrate
+from firmware.calibrate import Calibration, RateCalibration, calibrate, calibrate_threshold
 from firmware.config import FixedType, LayerQuantization, QuantizationConfig, VAEConfig
 from firmware.emulate import Emulator, load_emulator
 from firmware.inputs import PT_SCALE_GEV, input_mask, round_to_fixed, scale_l1_objects
@@ -20,8 +20,10 @@ __all__ = [
     "L1Model",
     "LayerQuantization",
     "QuantizationConfig",
+    "RateCalibration",
     "VAEConfig",
     "calibrate",
+    "calibrate_threshold",
     "input_mask",
     "load_emulator",
     "load_model",

@@ -149,13 +149,14 @@ def round_to_fixed(values: np.ndarray, fixed: FixedType) -> np.ndarray:
 
 def read_l1_objects(
     paths: str | Path | Sequence[str | Path], *, max_events: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``l1_objects`` (and ``process_id``) from trigfarm event caches.
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read ``l1_objects`` (and the event weights) from trigfarm event caches.
 
     Events with a non-finite L1 object are left out. ``max_events`` 0 reads everything.
 
     Returns:
-        (objects (N, 19, 3) float32, process_id (N,) int16; -1 where the file has none)
+        (objects (N, 19, 3) float32, weights (N,) float64 of weighted crossings, or None
+        when no file has weights (every event counts once))
 
     Raises:
         stream.errors.DataFileError: a file that is not a readable cache.
@@ -165,14 +166,14 @@ def read_l1_objects(
 
     if isinstance(paths, str | Path):
         paths = [paths]
-    objects, process = [], []
+    objects, weights = [], []
     total = 0
     for batch in read_cache(list(paths), columns=("l1_objects",)):
         x = batch["l1_objects"]
-        pid = batch.truth.get("process_id", np.full(len(x), -1, "<i2"))
+        w = batch.truth.get("weight")
         finite = np.isfinite(x).all(axis=(1, 2))
         objects.append(x[finite])
-        process.append(np.asarray(pid)[finite])
+        weights.append(None if w is None else np.asarray(w, np.float64)[finite])
         total += int(finite.sum())
         if max_events and total >= max_events:
             break
@@ -180,7 +181,7 @@ def read_l1_objects(
         msg = f"no usable L1 events in {[str(p) for p in paths]}"
         raise ValueError(msg)
     out = np.concatenate(objects)
-    pids = np.concatenate(process)
-    if max_events:
-        out, pids = out[:max_events], pids[:max_events]
-    return out, pids
+    if all(w is None for w in weights):
+        return out[: max_events or None], None
+    ones = (np.ones(len(x)) if w is None else w for x, w in zip(objects, weights, strict=True))
+    return out[: max_events or None], np.concatenate(list(ones))[: max_events or None]

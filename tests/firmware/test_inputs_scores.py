@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from firmware.calibrate import calibrate
+from firmware.calibrate import calibrate, calibrate_threshold
 from firmware.config import FixedType, LayerQuantization, QuantizationConfig, VAEConfig
 from firmware.inputs import (
     FIXED_SCALING,
     PT_SCALE_GEV,
     InputScaling,
     input_mask,
+    read_l1_objects,
     round_to_fixed,
     scale_l1_objects,
 )
 from firmware.scores import kl_divergence, masked_mse, r_z, sum_mu2
+from stream.batch import EventBatch
+from stream.eventfile import CacheWriter
+from stream.testing import synthetic_batch
 from tests.firmware.conftest import l1_like_objects
 
 
@@ -144,6 +149,65 @@ def test_calibration_too_small_a_sample_is_extrapolated_and_flagged() -> None:
         calibrate(scores, rate_hz=5e7)
     with pytest.raises(ValueError, match="only 10"):
         calibrate(scores[:10], rate_hz=1e3)
+
+
+def test_calibrate_threshold_measures_the_rate_on_weighted_events() -> None:
+    rng = np.random.default_rng(2)
+    values = rng.exponential(10.0, 200_000)
+    # Keep the tail (> 30) whole and 10% of the rest, weighted 10: a biased sample of the
+    # 200k crossings, each standing for 40 MHz / 200k.
+    keep = (values > 30) | (rng.random(values.size) < 0.1)
+    v, w = values[keep], np.where(values[keep] > 30, 1.0, 10.0)
+    hz_per_event = 40e6 / values.size
+    total = hz_per_event * w.sum()
+    target = 0.01 * total
+    cal = calibrate_threshold(v, w, hz_per_event=hz_per_event, target_hz=target)
+    exact = 10.0 * np.log(100)  # exponential: 1% above 10 ln 100
+    assert abs(cal.threshold - exact) < 1.0
+    assert abs(cal.rate_hz - target) < 2 * cal.error_hz + 0.01 * target
+    assert cal.low <= cal.threshold <= cal.high and cal.n_effective > 100
+    with pytest.raises(ValueError, match="larger or more biased sample"):
+        calibrate_threshold(v, w, hz_per_event=hz_per_event, target_hz=1e-6)
+    with pytest.raises(ValueError, match="below the target"):
+        calibrate_threshold(v, w, hz_per_event=hz_per_event, target_hz=2 * total)
+
+
+def test_weighted_calibration_is_the_measured_one_and_never_extrapolated() -> None:
+    """``calibrate`` with weights (``trigfarm firmware calibrate`` on weighted crossings)
+    is ``calibrate_threshold`` at input_rate / N per unit weight, and refuses a target
+    beyond the sample instead of extrapolating it."""
+    rng = np.random.default_rng(7)
+    values = rng.exponential(10.0, 200_000)
+    keep = (values > 30) | (rng.random(values.size) < 0.1)
+    v, w = values[keep], np.where(values[keep] > 30, 1.0, 10.0)
+    input_rate = 40e6 * v.size / values.size  # so that input_rate / len(v) = 40 MHz / 200k
+    result = calibrate(v, rate_hz=4e4, input_rate_hz=input_rate, weights=w)
+    measured = calibrate_threshold(v, w, hz_per_event=input_rate / v.size, target_hz=4e4)
+    assert result.method == "weighted-quantile" and result.reliable
+    assert result.threshold == measured.threshold
+    assert (result.threshold_low, result.threshold_high) == (measured.low, measured.high)
+    assert result.n_above == measured.n_above == int((v > result.threshold).sum())
+    assert abs(result.threshold - 10.0 * np.log(1000)) < 2.0  # 0.1% above 10 ln 1000
+    with pytest.raises(ValueError, match="larger or more biased sample"):
+        calibrate(v, rate_hz=1.0, input_rate_hz=input_rate, weights=w)
+    with pytest.raises(ValueError, match="weights for"):
+        calibrate(v, rate_hz=4e4, input_rate_hz=input_rate, weights=w[:-1])
+
+
+def test_read_l1_objects_returns_the_crossing_weights(tmp_path: Path) -> None:
+    plain, base = synthetic_batch(4, first_event=6), synthetic_batch(6)
+    weighted = EventBatch(
+        base.columns, truth={**base.truth, "weight": np.arange(1, 7, dtype="<f4")}
+    )
+    with CacheWriter(tmp_path / "w.h5") as writer:
+        writer.append(weighted)
+    with CacheWriter(tmp_path / "p.h5") as writer:
+        writer.append(plain)
+    _, weights = read_l1_objects([tmp_path / "w.h5", tmp_path / "p.h5"])
+    assert weights is not None
+    np.testing.assert_array_equal(weights, [1, 2, 3, 4, 5, 6, 1, 1, 1, 1])
+    objects, none = read_l1_objects(tmp_path / "p.h5")
+    assert none is None and len(objects) == 4
 
 
 def test_fitted_standardisation_floors_constant_inputs_and_round_trips_the_card() -> None:

@@ -259,26 +259,3 @@ def test_rate_controlled_seed_moves_its_threshold_per_lumi_block(emulator: Emula
     assert all(r.kind == THRESHOLD_RECORD_KIND for r in records) and len(records) == 11
     # 4 MHz of 40 MHz: 10% of crossings fire once the controller has settled.
     assert np.mean(fractions[6:]) == pytest.approx(0.10, abs=0.02), fractions
-
-
-def test_calibrate_threshold_measures_the_rate_on_weighted_events() -> None:
-    from nodes.l1 import calibrate_threshold
-
-    rng = np.random.default_rng(2)
-    values = rng.exponential(10.0, 200_000)
-    # Keep the tail (> 30) whole and 10% of the rest, weighted 10: a biased sample of the
-    # 200k crossings, each standing for 40 MHz / 200k.
-    keep = (values > 30) | (rng.random(values.size) < 0.1)
-    v, w = values[keep], np.where(values[keep] > 30, 1.0, 10.0)
-    hz_per_event = 40e6 / values.size
-    total = hz_per_event * w.sum()
-    target = 0.01 * total
-    cal = calibrate_threshold(v, w, hz_per_event=hz_per_event, target_hz=target)
-    exact = 10.0 * np.log(100)  # exponential: 1% above 10 ln 100
-    assert abs(cal.threshold - exact) < 1.0
-    assert abs(cal.rate_hz - target) < 2 * cal.error_hz + 0.01 * target
-    assert cal.low <= cal.threshold <= cal.high and cal.n_effective > 100
-    with pytest.raises(ValueError, match="larger or more biased sample"):
-        calibrate_threshold(v, w, hz_per_event=hz_per_event, target_hz=1e-6)
-    with pytest.raises(ValueError, match="below the target"):
-        calibrate_threshold(v, w, hz_per_event=hz_per_event, target_hz=2 * total)
