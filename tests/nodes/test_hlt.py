@@ -3,23 +3,19 @@ and a real source -> HLT -> archive-sink chain over ZeroMQ."""
 
 from __future__ import annotations
 
-import threading
-import time
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from nodes.hlt import ANOMALY_BIT, FIRST_TAG_BIT, PRESCALE_BIT, HLTConfig, build
 from simulator import generate, make_recipe
-from stream import EventBatch, Node, NodeConfig, Record
-from stream.testing import ListSource, RecordingSink
-from stream.transport import free_tcp_port
+from stream import EventBatch, Record
+from stream.testing import ListSource
+from tests.conftest import Chain
 
 torch.set_num_threads(1)
 
@@ -150,9 +146,9 @@ def test_bad_configs_are_refused() -> None:
 
 
 @pytest.mark.slow
-def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
-    ctx = zmq.Context()
-    src_port, archive_port = free_tcp_port(), free_tcp_port()
+def test_source_hlt_archive_over_zeromq(
+    events: dict[str, EventBatch], chain: Callable[..., Chain]
+) -> None:
     nan_batch = events["qcd"].select(slice(0, 8))
     bad = nan_batch["features"].copy()
     bad[2, 1] = np.nan
@@ -168,48 +164,20 @@ def test_source_hlt_archive_over_zeromq(events: dict[str, EventBatch]) -> None:
     valid = valid[valid != nan_event]
     learner = RecordingLearner()
     config = HLTConfig(tag_thresholds={"top": 0.5, "w": 0.5}, prescale_n=10)
-    hlt_node = Node(
-        NodeConfig(
-            "hlt-zmq",
-            "hlt",
-            inputs=(f">tcp://127.0.0.1:{src_port}",),
-            outputs={"archive": f"@tcp://127.0.0.1:{archive_port}"},
-            metrics_port=0,
-            drain_idle_s=0.5,
-            heartbeat_interval_s=0.2,
-        ),
-        build(config, name="hlt-zmq", learner=learner),
-        context=ctx,
-    )
-    sink = RecordingSink()
-    sink_node = Node(
-        NodeConfig(
-            "archive-sink", "sink", inputs=(f">tcp://127.0.0.1:{archive_port}",), drain_idle_s=0.5
-        ),
-        sink,
-        context=ctx,
-    )
-    source_node = Node(
-        NodeConfig("hlt-source", "source", outputs={"out": f"@tcp://127.0.0.1:{src_port}"}),
+    running = chain(
         ListSource(batches),
-        context=ctx,
+        build(config, name="hlt-zmq", learner=learner),
+        names=("hlt-source", "hlt-zmq", "archive-sink"),
+        middle_role="hlt",
+        middle_output="archive",
+        middle_options={"metrics_port": 0, "drain_idle_s": 0.5, "heartbeat_interval_s": 0.2},
     )
-    threads = [threading.Thread(target=n.run, daemon=True) for n in (sink_node, hlt_node)]
-    for thread, node in zip(threads, (sink_node, hlt_node), strict=True):
-        thread.start()
-        assert node.wait_started(10)
-    source_node.run()
-    deadline = time.monotonic() + 60
-    while hlt_node.stats.events_in < sum(len(b) for b in batches) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{hlt_node.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        scraped = reply.read().decode()
-    hlt_node.request_stop()
-    threads[1].join(30)
-    sink_node.request_stop()
-    threads[0].join(30)
-    ctx.term()
+    hlt_node, sink = running.middle, running.sink
+    assert hlt_node is not None
+    running.wait_for_source()
+    running.wait_for_events(hlt_node, sum(len(b) for b in batches))
+    scraped = running.scrape(hlt_node)
+    running.stop()
 
     stats = hlt_node.stats
     assert stats.balanced and stats.events_in == 418

@@ -3,23 +3,21 @@ real source -> L1 -> sink chain over ZeroMQ with the emulated firmware and Prome
 
 from __future__ import annotations
 
-import threading
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 
 from firmware.calibrate import calibrate
 from firmware.emulate import Emulator, load_emulator
 from firmware.model import load_model
 from firmware.scores import r_z
 from nodes.l1 import SEED_BITS, SEEDS, L1Config, build, seed_decisions
-from stream import EventBatch, Node, NodeConfig
-from stream.testing import ListSource, RecordingSink
-from stream.transport import free_tcp_port
+from stream import EventBatch
+from stream.testing import ListSource
+from tests.conftest import Chain
 from tests.firmware.conftest import l1_like_objects
 
 pytestmark = pytest.mark.slow  # builds the hls4ml-emulated L1 model
@@ -173,53 +171,25 @@ def test_no_threshold_and_no_calibration_is_a_clear_error(
         build(L1Config(model_dir=str(tmp_path / "m")), name="l1", emulator=emulator)
 
 
-def test_l1_node_over_zeromq_with_prometheus(emulator: Emulator) -> None:
+def test_l1_node_over_zeromq_with_prometheus(
+    emulator: Emulator, chain: Callable[..., Chain]
+) -> None:
     batches = [l1_batch(200, seed=10 + i, first_event=200 * i) for i in range(5)]
     threshold = median_threshold(emulator, batches[0])
     config = L1Config(threshold=threshold, seeds=("met",))
-    in_port, out_port = free_tcp_port(), free_tcp_port()
-    ctx = zmq.Context()
-    source = Node(
-        NodeConfig("src", "source", outputs={"out": f"@tcp://127.0.0.1:{in_port}"}),
+    running = chain(
         ListSource(batches),
-        context=ctx,
-    )
-    l1_node = Node(
-        NodeConfig(
-            "l1-zmq",
-            "l1",
-            inputs=(f">tcp://127.0.0.1:{in_port}",),
-            outputs={"out": f"@tcp://127.0.0.1:{out_port}"},
-            metrics_port=0,
-            drain_idle_s=0.3,
-        ),
         build(config, name="l1-zmq", emulator=emulator),
-        context=ctx,
+        names=("src", "l1-zmq", "sink"),
+        middle_role="l1",
+        middle_options={"metrics_port": 0, "drain_idle_s": 0.3},
     )
-    sink = RecordingSink()
-    sink_node = Node(
-        NodeConfig("sink", "sink", inputs=(f">tcp://127.0.0.1:{out_port}",), drain_idle_s=0.3),
-        sink,
-        context=ctx,
-    )
-    threads = [threading.Thread(target=n.run, daemon=True) for n in (sink_node, l1_node, source)]
-    for thread, node in zip(threads, (sink_node, l1_node, source), strict=True):
-        thread.start()
-        assert node.wait_started(10)
-    threads[2].join(20)
-    deadline_events = 1000
-    for _ in range(200):
-        if l1_node.stats.events_in >= deadline_events:
-            break
-        threading.Event().wait(0.05)
-    url = f"http://127.0.0.1:{l1_node.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        scraped = reply.read().decode()
-    l1_node.request_stop()
-    threads[1].join(20)
-    sink_node.request_stop()
-    threads[0].join(20)
-    ctx.term()
+    l1_node, sink = running.middle, running.sink
+    assert l1_node is not None
+    running.wait_for_source()
+    running.wait_for_events(l1_node, 1000)
+    scraped = running.scrape(l1_node)
+    running.stop()
     stats = l1_node.stats
     assert stats.events_in == 1000 and stats.balanced
     everything = EventBatch.concat(batches)

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from nodes.source import SourceConfig, build, lhco_replay, parse_component
 from simulator import generate
-from stream import EventBatch, Node, NodeConfig, Outcome, Producer
+from stream import EventBatch, Outcome, Producer
 from stream.eventfile import CacheWriter
-from stream.testing import RecordingSink
-from stream.transport import free_tcp_port
-from tests.conftest import shared_data
+from tests.conftest import Chain, shared_data
 
 
 def write_cache(path: Path, process: str, n: int, seed: int) -> Path:
@@ -258,54 +254,34 @@ def test_components_as_tables_equal_their_shorthand(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_feeds_a_downstream_node_at_the_set_rate(files: dict[str, Path]) -> None:
-    port = free_tcp_port()
-    ctx = zmq.Context()
+def test_feeds_a_downstream_node_at_the_set_rate(
+    files: dict[str, Path], chain: Callable[..., Chain]
+) -> None:
     rate_hz, n_events = 400.0, 800
-    source_node = Node(
-        NodeConfig(
-            "paced-source",
-            "source",
-            outputs={"out": f"@tcp://127.0.0.1:{port}"},
-            metrics_port=0,
-            heartbeat_interval_s=0.2,
+    source = build(
+        SourceConfig(
+            background=(f"cache:{files['qcd']}",),
+            loop=True,
+            rate_hz=rate_hz,
+            batch_size=20,
+            max_events=n_events,
         ),
-        build(
-            SourceConfig(
-                background=(f"cache:{files['qcd']}",),
-                loop=True,
-                rate_hz=rate_hz,
-                batch_size=20,
-                max_events=n_events,
-            ),
-            name="paced-source",
-        ),
-        context=ctx,
+        name="paced-source",
     )
-    sink = RecordingSink()
-    sink_node = Node(
-        NodeConfig("paced-sink", "sink", inputs=(f">tcp://127.0.0.1:{port}",), drain_idle_s=0.5),
-        sink,
-        context=ctx,
-    )
-    sink_thread = threading.Thread(target=sink_node.run, daemon=True)
-    sink_thread.start()
-    assert sink_node.wait_started(10)
-    source_thread = threading.Thread(target=source_node.run, daemon=True)
     t0 = time.monotonic()
-    source_thread.start()
-    assert source_node.wait_started(10)
+    running = chain(
+        source,
+        names=("paced-source", "", "paced-sink"),
+        source_options={"metrics_port": 0, "heartbeat_interval_s": 0.2},
+    )
+    source_node, sink_node, sink = running.source, running.sink_node, running.sink
     scraped = None
-    while source_thread.is_alive():
+    while running.source_running:
         if scraped is None and time.monotonic() - t0 > 1.2:
-            url = f"http://127.0.0.1:{source_node.metrics_port}/metrics"
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                scraped = reply.read().decode()
+            scraped = running.scrape(source_node)
         time.sleep(0.01)
-    source_thread.join(10)
-    sink_node.request_stop()
-    sink_thread.join(10)
-    ctx.term()
+    running.wait_for_source()
+    running.stop()
     elapsed = time.monotonic() - t0
     ids = sink.event_ids()
     assert len(ids) == n_events and sink_node.stats.balanced
