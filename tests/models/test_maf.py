@@ -267,6 +267,7 @@ def test_without_a_compiler_the_torch_path_is_used(
         spline_kernel._load.cache_clear()
 
 
+@pytest.mark.slow
 def test_the_kernel_is_built_once_per_cache_folder(tmp_path: Path) -> None:
     if shutil.which(spline_kernel.COMMAND[0]) is None:
         pytest.skip("no C++ compiler")

@@ -233,6 +233,7 @@ def test_fatjet_path_and_tag_jet_pt(events: dict[str, EventBatch]) -> None:
         HLTConfig(learner_unweight_max=float("nan"))
 
 
+@pytest.mark.slow
 def test_unweighting_feeds_the_learner_the_physical_density(
     events: dict[str, EventBatch],
 ) -> None:

@@ -103,6 +103,7 @@ def test_nsubjettiness_matches_fastjet_contrib() -> None:
     assert (ours[sizes == 1] == 0).all()
 
 
+@pytest.mark.slow
 def test_generator_rows_match_their_constituents() -> None:
     """Each stored fat jet is the sum of its stored constituents (all kept when <= 128)."""
     batch = next(generate("qcd", 16, seed=9, batch_size=16))
@@ -120,6 +121,7 @@ def test_generator_rows_match_their_constituents() -> None:
     )
 
 
+@pytest.mark.slow
 def test_features_layout_gives_the_full_layouts_features() -> None:
     full = EventBatch.concat(list(generate("wprime", 24, seed=3, batch_size=12)))
     lean = EventBatch.concat(list(generate("wprime", 24, seed=3, batch_size=12, layout="features")))

@@ -10,6 +10,7 @@ from simulator import PROCESSES, EventGenerator, generate, make_pythia, make_rec
 from stream.schema import COLUMNS, N_CONSTITUENTS, TRUTH_COLUMNS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROCESSES))
 def test_every_process_fills_the_schema(name: str) -> None:
     recipe = PROCESSES[name]
@@ -40,6 +41,7 @@ def test_every_process_fills_the_schema(name: str) -> None:
     assert (fat[:, 0, 3] >= fat[:, 1, 3]).all(), "fat jets are stored heavier first"
 
 
+@pytest.mark.slow
 def test_blocks_are_reproducible_and_seeds_differ() -> None:
     first = EventGenerator("qcd", seed=11).block(3, 8)
     again = EventGenerator("qcd", seed=11).block(3, 8)
@@ -53,6 +55,7 @@ def test_blocks_are_reproducible_and_seeds_differ() -> None:
     np.testing.assert_array_equal(generator.block(3, 8)["features"], first["features"])
 
 
+@pytest.mark.slow
 def test_both_wprime_charges_generate_without_errors() -> None:
     pythia = make_pythia(PROCESSES["wprime"], seed=3)
     events = pythia.nextBatch(150, "skip")
@@ -65,6 +68,7 @@ def test_both_wprime_charges_generate_without_errors() -> None:
     assert pythia.logger.errorTotalNumber() == 0
 
 
+@pytest.mark.slow
 def test_filter_keeps_only_passing_events() -> None:
     recipe = make_recipe("minbias", event_filter=PROCESSES["l1bkg"].event_filter)
     generator = EventGenerator(make_recipe("l1bkg"), seed=2)

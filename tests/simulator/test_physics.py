@@ -5,10 +5,14 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
+import pytest
 
 from simulator import generate
 from stream.batch import EventBatch
 from stream.schema import FEATURE_NAMES
+
+# Every test here generates Pythia events.
+pytestmark = pytest.mark.slow
 
 COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 N = 300

@@ -56,6 +56,7 @@ def library() -> PileupLibrary:
     return pileup_library(60, seed=4)
 
 
+@pytest.mark.slow
 def test_library_is_generated_once_and_holds_minimum_bias(library: PileupLibrary) -> None:
     assert pileup_library(60, seed=4) is library
     assert library.n_events == 60 and library.pthat_gev.shape == (60,)
@@ -63,6 +64,7 @@ def test_library_is_generated_once_and_holds_minimum_bias(library: PileupLibrary
     assert 50 < library.particles.counts.mean() < 600
 
 
+@pytest.mark.slow
 def test_premixed_pileup_adds_mu_events_of_particles(library: PileupLibrary) -> None:
     recipe = make_recipe("minbias")
     plain = EventGenerator(recipe, seed=2, pileup_library=library)
@@ -77,6 +79,7 @@ def test_premixed_pileup_adds_mu_events_of_particles(library: PileupLibrary) -> 
         plain.block(0, 4, mu=-1.0)
 
 
+@pytest.mark.slow
 def test_inclusive_crossing_weights(library: PileupLibrary) -> None:
     generator = EventGenerator("inclusive", seed=3, pileup_library=library)
     mu = 8.0
