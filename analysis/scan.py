@@ -1,7 +1,7 @@
 """The scan: a bump hunt in every signal-region window, and the look-elsewhere effect.
 
 For each window of ``ScanConfig.windows_gev`` (by default 400 GeV wide, every 200 GeV from
-2.7 to 6 TeV) a method gives a score for the events (its own classifier or likelihood
+2.9 to 6 TeV, fitted from 2.8 TeV: above the selection's turn-on) a method gives a score for the events (its own classifier or likelihood
 ratio for that window, see ``window_scorer``); for each working point the events with the
 highest scores are kept, the dijet function is fitted outside the window and the count
 inside it is tested (``analysis.bumphunt``): one local p-value per (window, working point).
@@ -34,17 +34,20 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
-from analysis.bumphunt import BumpResult, bump_at, fit_background, keep_top
+from analysis.bumphunt import FIT_RANGE_GEV, BumpResult, bump_at, fit_background, keep_top
 
 Window = tuple[float, float]
 GLOBAL_METHODS = ("trials", "toys")
+#: The default scan: START, STOP, WIDTH, STEP of the sliding windows (GeV), inside the
+#: fitted range with one bin to spare at each end.
+SLIDING_WINDOWS_GEV = (2900.0, 6000.0, 400.0, 200.0)
 
 
 def sliding_windows(
-    start_gev: float = 2700.0,
-    stop_gev: float = 6000.0,
-    width_gev: float = 400.0,
-    step_gev: float = 200.0,
+    start_gev: float = SLIDING_WINDOWS_GEV[0],
+    stop_gev: float = SLIDING_WINDOWS_GEV[1],
+    width_gev: float = SLIDING_WINDOWS_GEV[2],
+    step_gev: float = SLIDING_WINDOWS_GEV[3],
 ) -> tuple[Window, ...]:
     """Windows ``width_gev`` wide every ``step_gev`` from ``start_gev``; the last one ends
     at ``stop_gev``.
@@ -69,7 +72,7 @@ class ScanConfig:
 
     windows_gev: tuple[Window, ...] = field(default_factory=sliding_windows)
     efficiencies: tuple[float, ...] = (1.0, 0.2, 0.05, 0.01)
-    fit_range_gev: tuple[float, float] = (2600.0, 7000.0)
+    fit_range_gev: tuple[float, float] = FIT_RANGE_GEV
     bin_gev: float = 100.0
     global_method: str = "trials"
     n_toys: int = 200

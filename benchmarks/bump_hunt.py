@@ -2,7 +2,7 @@
 
 Every row runs the farm's learning path of ``benchmarks.ephemeral_lhco.stream_once`` (the
 real source, two HLT flow learners averaging their flows, the archive), then the scan
-(``analysis.scan``: 16 sliding windows of 400 GeV from 2.7 to 6 TeV, working points
+(``analysis.scan``: 15 sliding windows of 400 GeV from 2.9 to 6 TeV, fitted 2.8-7 TeV, working points
 ε = 1, 0.2, 0.05, 0.01, Poisson-likelihood dijet fits, profile-likelihood local Z with the
 fit uncertainty, Bonferroni global p-value) for each method:
 

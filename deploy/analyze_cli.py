@@ -69,8 +69,9 @@ def _options(function: Any) -> Any:
             "--windows",
             nargs=4,
             type=float,
-            default=(2700.0, 6000.0, 400.0, 200.0),
-            help="Scanned mjj windows: START STOP WIDTH STEP [GeV] (sliding windows).",
+            default=None,
+            help="Scanned mjj windows: START STOP WIDTH STEP [GeV] (sliding windows; default "
+            "analysis.scan.SLIDING_WINDOWS_GEV, 2900 6000 400 200).",
         ),
         click.option(
             "--global-method",
@@ -120,7 +121,7 @@ def _run(
     ensemble: int,
     epochs: int,
     seed: int,
-    windows: tuple[float, float, float, float],
+    windows: tuple[float, float, float, float] | None,
     global_method: str,
     toys: int,
     follow: bool,
@@ -133,7 +134,7 @@ def _run(
     from analysis.data import Events
     from analysis.methods import SearchConfig
     from analysis.report import analyze as run_analysis
-    from analysis.scan import ScanConfig, sliding_windows
+    from analysis.scan import SLIDING_WINDOWS_GEV, ScanConfig, sliding_windows
     from simulator.replay import read_features
 
     config = SearchConfig(
@@ -144,7 +145,7 @@ def _run(
     )
     try:
         scan_config = ScanConfig(
-            windows_gev=sliding_windows(*windows),
+            windows_gev=sliding_windows(*(windows or SLIDING_WINDOWS_GEV)),
             global_method=global_method,
             n_toys=toys,
             seed=seed,

@@ -110,7 +110,7 @@ def test_injected_bump_is_found_at_its_window() -> None:
     mass, width, n_signal = 4200.0, 100.0, 400
     signal = n_signal * np.diff(stats.norm.cdf(EDGES, mass, width))
     counts = toy(rng, MEAN + signal)
-    config = ScanConfig(windows_gev=sliding_windows(2800, 6000, 400, 200), efficiencies=(1.0,))
+    config = ScanConfig(windows_gev=sliding_windows(2900, 6000, 400, 200), efficiencies=(1.0,))
     result = scan(np.repeat(0.5 * (EDGES[1:] + EDGES[:-1]), counts.astype(int)), None, config)
     best = result.best()
     assert best is not None
@@ -126,7 +126,7 @@ def test_global_pvalue_accounts_for_the_number_of_windows() -> None:
     """Over no-signal toys, the smallest of 16 local p-values is below 5% far more often
     than 5% of the time, and the trials-corrected global p-value is not."""
     rng = np.random.default_rng(5)
-    config = ScanConfig(windows_gev=sliding_windows(2800, 6000, 200, 200), efficiencies=(1.0,))
+    config = ScanConfig(windows_gev=sliding_windows(2900, 6100, 200, 200), efficiencies=(1.0,))
     centres = 0.5 * (EDGES[1:] + EDGES[:-1])
     local, global_ = [], []
     for _ in range(25):
