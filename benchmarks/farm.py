@@ -57,6 +57,10 @@ def with_replay(
             "background": [f"cache:{files[0]}"],
             "signal": [f"cache:{files[1]}"],
             "signal_fraction": 0.05,
+            # The cached events are unweighted hard-scatter events: no crossing weights,
+            # no pileup (the default farm's source weights generated crossings).
+            "weighting": "unit",
+            "pileup_mu": 0.0,
             "loop": True,
             "rate_hz": rate_hz,
             "batch_size": batch,
@@ -77,8 +81,10 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             "dropped": s["dropped"],
             "latency_p50_ms": None if s["latency_p50_s"] is None else 1e3 * s["latency_p50_s"],
             "latency_p99_ms": None if s["latency_p99_s"] is None else 1e3 * s["latency_p99_s"],
-            "cpu_s": {n["name"]: n["cpu_s"] for n in s["nodes"]},
-            "cpu_fraction": {n["name"]: (n["cpu_s"] or 0) / report["wall_s"] for n in s["nodes"]},
+            "cpu_s": {n["name"]: n.get("cpu_s") for n in s["nodes"]},
+            "cpu_fraction": {
+                n["name"]: (n.get("cpu_s") or 0) / report["wall_s"] for n in s["nodes"]
+            },
             "busy_fraction": {n["name"]: n["busy_fraction"] for n in s["nodes"]},
             "blocked_fraction": {n["name"]: n["blocked_fraction"] for n in s["nodes"]},
         }
