@@ -8,7 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 import zmq
@@ -16,6 +16,17 @@ import zmq
 from stream.node import Node, NodeConfig, Processor, Producer
 from stream.testing import RecordingSink
 from stream.transport import free_tcp_port
+
+
+class SmallFlow(TypedDict):
+    """The size of a flow small enough to train in a test (``OnlineConfig`` keywords)."""
+
+    n_transforms: int
+    hidden_features: int
+    n_bins: int
+    n_blocks: int
+    n_members: int
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

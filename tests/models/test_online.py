@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import tracemalloc
 from collections import Counter
-from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -13,21 +12,18 @@ import torch
 
 from models.online import OnlineConfig, OnlineFlow
 from stream.testing import FakeClock
+from tests.conftest import SmallFlow
 
 torch.set_num_threads(1)
 
 
-class Small(TypedDict):
-    """A flow small enough to train in a test."""
-
-    n_transforms: int
-    hidden_features: int
-    n_bins: int
-    n_blocks: int
-    n_members: int
-
-
-SMALL: Small = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 1}
+SMALL: SmallFlow = {
+    "n_transforms": 1,
+    "hidden_features": 8,
+    "n_bins": 4,
+    "n_blocks": 1,
+    "n_members": 1,
+}
 
 
 def features(n: int, seed: int) -> np.ndarray:

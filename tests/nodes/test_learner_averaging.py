@@ -5,25 +5,21 @@ their shares differ (the node that finishes first keeps joining rounds)."""
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import pytest
 
 from stream.transport import free_tcp_port
+from tests.conftest import SmallFlow
 
-
-class Small(TypedDict):
-    """A flow small enough to train in a test."""
-
-    n_transforms: int
-    hidden_features: int
-    n_bins: int
-    n_blocks: int
-    n_members: int
-
-
-SMALL: Small = {"n_transforms": 1, "hidden_features": 8, "n_bins": 4, "n_blocks": 1, "n_members": 2}
+SMALL: SmallFlow = {
+    "n_transforms": 1,
+    "hidden_features": 8,
+    "n_bins": 4,
+    "n_blocks": 1,
+    "n_members": 2,
+}
 
 
 def run_node(index: int, count: int, every: int, port: int, out: Any) -> None:
