@@ -1,10 +1,11 @@
 """The scan: a bump hunt in every signal-region window, and the look-elsewhere effect.
 
 For each window of ``ScanConfig.windows_gev`` (by default 400 GeV wide, every 200 GeV from
-2.9 to 6 TeV, fitted from 2.8 TeV: above the selection's turn-on) a method gives a score for the events (its own classifier or likelihood
-ratio for that window, see ``window_scorer``); for each working point the events with the
-highest scores are kept, the dijet function is fitted outside the window and the count
-inside it is tested (``analysis.bumphunt``): one local p-value per (window, working point).
+2.9 to 6 TeV, fitted from 2.8 TeV: above the selection's turn-on) a method gives a score
+for the events (its own classifier or likelihood ratio for that window, see
+``window_scorer``); for each working point the events with the highest scores are kept,
+the dijet function is fitted outside the window and the count inside it is tested
+(``analysis.bumphunt``): one local p-value per (window, working point).
 
 The global p-value is stated with its method:
 

@@ -2,9 +2,9 @@
 
 Every row runs the farm's learning path of ``benchmarks.ephemeral_lhco.stream_once`` (the
 real source, two HLT flow learners averaging their flows, the archive), then the scan
-(``analysis.scan``: 15 sliding windows of 400 GeV from 2.9 to 6 TeV, fitted 2.8-7 TeV, working points
-ε = 1, 0.2, 0.05, 0.01, Poisson-likelihood dijet fits, profile-likelihood local Z with the
-fit uncertainty, Bonferroni global p-value) for each method:
+(``analysis.scan``: 15 sliding windows of 400 GeV from 2.9 to 6 TeV, fitted 2.8-7 TeV,
+working points ε = 1, 0.2, 0.05, 0.01, Poisson-likelihood dijet fits, profile-likelihood
+local Z with the fit uncertainty, Bonferroni global p-value) for each method:
 
 - ``anode``: the ANODE ratio at the window's centre mass (the fix for sculpting);
 - ``anode_event_mass``: the ratio at each event's own mass (the old score, which sculpts);
