@@ -167,21 +167,21 @@ def read_l1_objects(
     if isinstance(paths, str | Path):
         paths = [paths]
     objects, weights = [], []
+    weighted = False
     total = 0
     for batch in read_cache(list(paths), columns=("l1_objects",)):
         x = batch["l1_objects"]
-        w = batch.truth.get("weight")
         finite = np.isfinite(x).all(axis=(1, 2))
+        w = batch.truth.get("weight")
+        weighted |= w is not None
         objects.append(x[finite])
-        weights.append(None if w is None else np.asarray(w, np.float64)[finite])
+        w = np.ones(len(x)) if w is None else np.asarray(w, np.float64)
+        weights.append(w[finite])
         total += int(finite.sum())
         if max_events and total >= max_events:
             break
     if total == 0:
         msg = f"no usable L1 events in {[str(p) for p in paths]}"
         raise ValueError(msg)
-    out = np.concatenate(objects)
-    if all(w is None for w in weights):
-        return out[: max_events or None], None
-    ones = (np.ones(len(x)) if w is None else w for x, w in zip(objects, weights, strict=True))
-    return out[: max_events or None], np.concatenate(list(ones))[: max_events or None]
+    keep = slice(max_events or None)
+    return np.concatenate(objects)[keep], np.concatenate(weights)[keep] if weighted else None
