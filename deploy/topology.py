@@ -387,17 +387,21 @@ def _table(table: Mapping[str, Any], key: str, *, required: bool = False) -> Map
 
 
 def fill_config(cls: type, table: Mapping[str, Any], where: str) -> Any:
-    """``cls(**table)`` for a config dataclass, each value checked against its annotation
-    first (strictly, as the topology's own tables are).
+    """``cls(**table)`` for a config dataclass, each value's type checked against its
+    annotation first (strictly, as the topology's own tables are: a config dataclass
+    converts what it is given, a list to a tuple, "1" to 1).
 
     Raises:
-        TopologyError: an unknown or missing key, a value of the wrong type, or the
-            dataclass's own ``ValueError`` (prefixed with ``where``).
+        TopologyError: an unknown or missing key, a value of the wrong type or out of its
+            bounds (names the key), or one that is bad together with others (prefixed with
+            ``where``).
     """
     values = _validate(_table_model(cls), table, where)
     try:
         return cls(**{key: getattr(values, key) for key in table})
-    except ValueError as exc:
+    except ValidationError as exc:  # a pydantic dataclass's own checks
+        raise _topology_error(exc, table, where, cls) from None
+    except ValueError as exc:  # a plain dataclass's __post_init__
         raise TopologyError(key=where, problem=str(exc)) from exc
 
 
@@ -484,7 +488,8 @@ def _topology_error(
     if bound is not None:
         limit = first["ctx"][bound]
         return TopologyError(key=key, problem=f"must be {_BOUNDS[bound]} {limit}, got {value!r}")
-    return TopologyError(key=key, problem=f"{first['msg']}, got {value!r}")
+    problem = first["msg"].replace("Input should be", "must be", 1)  # a Literal's choices
+    return TopologyError(key=key, problem=f"{problem}, got {value!r}")
 
 
 def _key(loc: tuple[int | str, ...], table: Any, where: str) -> tuple[str, Any]:

@@ -52,11 +52,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Annotated, TypeVar
 from urllib.parse import urlsplit
 
+import pydantic
 import torch
 from prometheus_client import Counter, Gauge
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,28 @@ _NAMESPACE = "trigfarm/averaging/"
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+def _tcp_address(address: str) -> str:
+    """``address`` if it is ``tcp://host:port`` with a host and a port other than 0."""
+    if not address.startswith("tcp://"):
+        msg = f"must look like tcp://host:port, got {address!r}"
+        raise ValueError(msg)
+    try:
+        port = urlsplit(address).port
+    except ValueError as exc:
+        msg = f"{address!r} has an invalid port"
+        raise ValueError(msg) from exc
+    if not urlsplit(address).hostname or port is None or port == 0:
+        msg = f"must name a host and a port, got {address!r}"
+        raise ValueError(msg)
+    return address
+
+
+#: The rendezvous store's address and the round timeout (``FlowLearnerConfig`` takes them).
+TcpAddress = Annotated[str, AfterValidator(_tcp_address)]
+Timeout = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class AveragingConfig:
     """Where and how often a node averages.
 
@@ -101,36 +124,18 @@ class AveragingConfig:
     """
 
     rank: int
-    world_size: int
-    init_method: str
-    every_steps: int = 50
-    timeout_s: float = 10.0
+    world_size: Annotated[int, Field(ge=1)]
+    init_method: TcpAddress
+    every_steps: Annotated[int, Field(ge=1)] = 50
+    timeout_s: Timeout = 10.0
     store_on_rank0: bool = True
 
-    def __post_init__(self) -> None:
-        if self.world_size < 1:
-            msg = f"world_size must be at least 1, got {self.world_size}"
-            raise ValueError(msg)
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> AveragingConfig:
         if not 0 <= self.rank < self.world_size:
             msg = f"rank must lie in [0, {self.world_size}), got {self.rank}"
             raise ValueError(msg)
-        if self.every_steps < 1:
-            msg = f"every_steps must be at least 1, got {self.every_steps}"
-            raise ValueError(msg)
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            msg = f"timeout_s must be a positive number of seconds, got {self.timeout_s}"
-            raise ValueError(msg)
-        if not self.init_method.startswith("tcp://"):
-            msg = f"init_method must look like tcp://host:port, got {self.init_method!r}"
-            raise ValueError(msg)
-        try:
-            port = urlsplit(self.init_method).port
-        except ValueError as exc:
-            msg = f"init_method {self.init_method!r} has an invalid port"
-            raise ValueError(msg) from exc
-        if not urlsplit(self.init_method).hostname or port is None or port == 0:
-            msg = f"init_method must name a host and a port, got {self.init_method!r}"
-            raise ValueError(msg)
+        return self
 
     @property
     def host(self) -> str:

@@ -33,8 +33,10 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import numpy as np
+import pydantic
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
@@ -42,6 +44,7 @@ from nflows.transforms import CompositeTransform, ReversePermutation
 from nflows.transforms.autoregressive import (
     MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
 )
+from pydantic import ConfigDict, Field
 from scipy.special import logsumexp
 
 from models.maf import MAFEnsemble
@@ -53,34 +56,22 @@ MJJ_INDEX = FEATURE_NAMES.index("mjj")
 _EPS = 1e-6
 _CHUNK = 50_000  # rows evaluated at once (bounds memory for large samples)
 
+#: The architecture's counts and sizes (``OnlineConfig``'s copies of its fields use them too).
+Count = Annotated[int, Field(ge=1)]
+Positive = Annotated[float, Field(gt=0)]
 
-@dataclass(frozen=True, slots=True)
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class FlowConfig:
     """Architecture of one conditional flow."""
 
-    n_features: int = len(FLOW_FEATURES)
-    n_transforms: int = 4
-    hidden_features: int = 32
-    n_blocks: int = 2
-    n_bins: int = 8
-    tail_bound: float = 4.0
-    n_members: int = 1
-
-    def __post_init__(self) -> None:
-        for key in (
-            "n_features",
-            "n_transforms",
-            "hidden_features",
-            "n_blocks",
-            "n_bins",
-            "n_members",
-        ):
-            if getattr(self, key) < 1:
-                msg = f"{key} must be >= 1, got {getattr(self, key)}"
-                raise ValueError(msg)
-        if self.tail_bound <= 0:
-            msg = f"tail_bound must be > 0, got {self.tail_bound}"
-            raise ValueError(msg)
+    n_features: Count = len(FLOW_FEATURES)
+    n_transforms: Count = 4
+    hidden_features: Count = 32
+    n_blocks: Count = 2
+    n_bins: Count = 8
+    tail_bound: Positive = 4.0
+    n_members: Count = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -30,17 +30,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
 import torch
+from pydantic import ConfigDict, Field, model_validator
 from torch.optim.swa_utils import AveragedModel
 
 from models.flows import (
     FEATURE_INDICES,
     MJJ_INDEX,
     ConditionalFlow,
+    Count,
     FlowConfig,
+    Positive,
     Preprocessing,
 )
 
@@ -50,7 +54,7 @@ MJJ_EDGES_GEV = np.linspace(1000.0, 9000.0, 161)
 ROLES = ("all", "sideband")
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class OnlineConfig:
     """How the OnlineFlow learns (plain values, so a TOML table can fill it).
 
@@ -79,22 +83,22 @@ class OnlineConfig:
     of 16 at 2e-3 (the previous default) in a sixth of the training time.
     """
 
-    n_transforms: int = 4
-    hidden_features: int = 16
-    n_blocks: int = 2
-    n_bins: int = 8
-    tail_bound: float = 4.0
-    n_members: int = 5
-    buffer_size: int = 2048
-    batch_size: int = 256
-    replay: int = 1
-    learning_rate: float = 1e-2
+    n_transforms: Count = 4
+    hidden_features: Count = 16
+    n_blocks: Count = 2
+    n_bins: Count = 8
+    tail_bound: Positive = 4.0
+    n_members: Count = 5
+    buffer_size: Count = 2048
+    batch_size: Count = 256
+    replay: Count = 1
+    learning_rate: Positive = 1e-2
     warmup_steps: int = 20
     decay_start_steps: int = 75
-    grad_clip: float = 5.0
-    average_decay: float = 0.98
-    budget_s_per_event: float = 0.0
-    calibration_events: int = 2048
+    grad_clip: Positive = 5.0
+    average_decay: Annotated[float, Field(ge=0, lt=1)] = 0.98
+    budget_s_per_event: Annotated[float, Field(ge=0)] = 0.0
+    calibration_events: Count = 2048
     bounds_lower: tuple[float, ...] = ()
     bounds_upper: tuple[float, ...] = ()
     signal_region_gev: tuple[float, float] = (3300.0, 3700.0)
@@ -102,22 +106,10 @@ class OnlineConfig:
     mjj_scale_gev: float = 1000.0
     seed: int = 1
 
-    def __post_init__(self) -> None:
-        for key in ("bounds_lower", "bounds_upper", "signal_region_gev"):
-            object.__setattr__(self, key, tuple(float(v) for v in getattr(self, key)))
-        self.flow_config()
-        for key in ("buffer_size", "batch_size", "calibration_events", "replay"):
-            if getattr(self, key) < 1:
-                msg = f"{key} must be >= 1, got {getattr(self, key)}"
-                raise ValueError(msg)
+    @model_validator(mode="after")
+    def _consistent(self) -> OnlineConfig:
         if self.batch_size > self.buffer_size:
             msg = f"batch_size {self.batch_size} exceeds buffer_size {self.buffer_size}"
-            raise ValueError(msg)
-        if self.learning_rate <= 0 or self.grad_clip <= 0 or self.budget_s_per_event < 0:
-            msg = "learning_rate and grad_clip must be > 0 and budget_s_per_event >= 0"
-            raise ValueError(msg)
-        if not 0 <= self.average_decay < 1:
-            msg = f"average_decay must be in [0, 1), got {self.average_decay}"
             raise ValueError(msg)
         if len(self.bounds_lower) != len(self.bounds_upper) or len(self.bounds_lower) not in (
             0,
@@ -125,10 +117,11 @@ class OnlineConfig:
         ):
             msg = f"bounds_lower/upper need {len(FEATURE_INDICES)} values each, or none"
             raise ValueError(msg)
-        low, high = self.signal_region_gev if len(self.signal_region_gev) == 2 else (1, 0)
+        low, high = self.signal_region_gev
         if not low < high:
             msg = f"signal_region_gev must be (low, high), low < high: {self.signal_region_gev}"
             raise ValueError(msg)
+        return self
 
     def flow_config(self) -> FlowConfig:
         return FlowConfig(

@@ -35,17 +35,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import torch
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
 N_INPUT_FEATURES = 7
 N_COORDINATES = 2
 
 
-@dataclass(frozen=True, slots=True)
+_Width = Annotated[int, Field(ge=1)]
+_Block = Annotated[tuple[_Width, ...], Field(min_length=1)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class ParticleNetConfig:
     """The architecture of one ParticleNet variant.
 
@@ -62,30 +67,18 @@ class ParticleNetConfig:
     """
 
     name: str = "particlenet"
-    n_classes: int = 2
-    n_features: int = N_INPUT_FEATURES
-    n_coordinates: int = N_COORDINATES
-    n_particles: int = 128
-    k: int = 16
-    conv_channels: tuple[tuple[int, ...], ...] = ((64, 64, 64), (128, 128, 128), (256, 256, 256))
-    fc_channels: int = 256
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "conv_channels", tuple(tuple(c) for c in self.conv_channels))
-        if self.n_classes < 2:
-            msg = f"n_classes must be >= 2, got {self.n_classes}"
-            raise ValueError(msg)
-        for key in ("n_features", "n_coordinates", "n_particles", "k", "fc_channels"):
-            if getattr(self, key) < 1:
-                msg = f"{key} must be >= 1, got {getattr(self, key)}"
-                raise ValueError(msg)
-        if not self.conv_channels or any(not c or min(c) < 1 for c in self.conv_channels):
-            msg = f"conv_channels needs non-empty blocks of positive widths: {self.conv_channels}"
-            raise ValueError(msg)
-        if not 0 <= self.dropout < 1:
-            msg = f"dropout must be in [0, 1), got {self.dropout}"
-            raise ValueError(msg)
+    n_classes: Annotated[int, Field(ge=2)] = 2
+    n_features: _Width = N_INPUT_FEATURES
+    n_coordinates: _Width = N_COORDINATES
+    n_particles: _Width = 128
+    k: _Width = 16
+    conv_channels: Annotated[tuple[_Block, ...], Field(min_length=1)] = (
+        (64, 64, 64),
+        (128, 128, 128),
+        (256, 256, 256),
+    )
+    fc_channels: _Width = 256
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
     def with_classes(self, n_classes: int, **changes: Any) -> ParticleNetConfig:
         """The same variant with another number of classes (and other fields changed)."""

@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
 import torch
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from models.anomaly import Mahalanobis
@@ -164,7 +166,7 @@ def split_indices(
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class TrainConfig:
     """How to train; the architecture is a ``ParticleNetConfig``.
 
@@ -180,25 +182,22 @@ class TrainConfig:
         mass_decorrelate: resample the training classes to a common jet-mass histogram.
     """
 
-    epochs: int = 10
-    batch_size: int = 256
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=2)] = 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
     time_budget_s: float = 0.0
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     seed: int = 0
     mahalanobis_jets: int = 20_000
     mass_decorrelate: bool = False
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2:
-            msg = f"need epochs >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}"
-            raise ValueError(msg)
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1):
-            raise ValueError("val_fraction and test_fraction must be in [0, 1)")
+    @model_validator(mode="after")
+    def _leaves_training_jets(self) -> TrainConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave >= 10% for training")
+        return self
 
 
 @dataclass(slots=True)

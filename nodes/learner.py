@@ -29,14 +29,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 import numpy as np
+import pydantic
 import torch
 from prometheus_client import Counter, Gauge
+from pydantic import ConfigDict, Field
 
-from models.averaging import AveragingConfig, ParameterAverager
+from models.averaging import AveragingConfig, ParameterAverager, TcpAddress, Timeout
 from models.flows import Preprocessing
 from models.online import MJJ_EDGES_GEV, ROLES, OnlineConfig, OnlineFlow
 from models.snapshot import FlowSnapshot
@@ -55,7 +57,7 @@ BAD_EVENTS = Counter(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class FlowLearnerConfig(OnlineConfig):
     """An ``OnlineConfig`` plus when to publish snapshots.
 
@@ -78,28 +80,14 @@ class FlowLearnerConfig(OnlineConfig):
         average_timeout_s: the longest a dead or stalled peer may stall a node, once.
     """
 
-    snapshot_every_events: int = 50_000
-    snapshot_every_s: float = 30.0
+    snapshot_every_events: Annotated[int, Field(ge=0)] = 50_000
+    snapshot_every_s: Annotated[float, Field(ge=0)] = 30.0
     snapshot_at_lumi_end: bool = True
-    torch_threads: int = 1
-    average_every_steps: int = 0
-    average_address: str = "tcp://127.0.0.1:29400"
-    average_store: str = "node0"
-    average_timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        OnlineConfig.__post_init__(self)
-        if self.snapshot_every_events < 0 or self.torch_threads < 0 or self.snapshot_every_s < 0:
-            msg = "snapshot_every_events, snapshot_every_s and torch_threads must be >= 0"
-            raise ValueError(msg)
-        if self.average_every_steps < 0:
-            msg = f"average_every_steps must be >= 0, got {self.average_every_steps}"
-            raise ValueError(msg)
-        if self.average_store not in ("node0", "external"):
-            msg = f"average_store must be 'node0' or 'external', got {self.average_store!r}"
-            raise ValueError(msg)
-        if self.average_every_steps:
-            self.averaging(0, 2)  # validates the address and timeout
+    torch_threads: Annotated[int, Field(ge=0)] = 1
+    average_every_steps: Annotated[int, Field(ge=0)] = 0
+    average_address: TcpAddress = "tcp://127.0.0.1:29400"
+    average_store: Literal["node0", "external"] = "node0"
+    average_timeout_s: Timeout = 30.0
 
     def averaging(self, node_index: int, node_count: int) -> AveragingConfig:
         """The averaging settings of node ``node_index`` of ``node_count``."""

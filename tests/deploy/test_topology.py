@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from deploy.cli import main
 from deploy.roles import ROLES
-from deploy.topology import SHIPPED, TopologyError, load_topology, parse_topology
+from deploy.topology import SHIPPED, TopologyError, fill_config, load_topology, parse_topology
+from nodes.learner import FlowLearnerConfig
 from tests.deploy.conftest import synthetic_table, write_topology
 
 
@@ -193,6 +194,29 @@ def test_learner_tables_are_validated_deeply() -> None:
         ROLES["hlt"].check(
             table.with_changes(hlt={"learner": bad}).stage("hlt"), "topology.hlt", deep=True
         )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"buffer_size": 0}, "topology.hlt.learner.buffer_size: must be >= 1, got 0"),
+        ({"average_decay": 1}, "topology.hlt.learner.average_decay: must be < 1.0, got 1"),
+        (
+            {"average_store": "rank0"},
+            "topology.hlt.learner.average_store: must be 'node0' or 'external', got 'rank0'",
+        ),
+        (
+            {"average_address": "tcp://hlt-0"},
+            "topology.hlt.learner.average_address: must name a host and a port, got 'tcp://hlt-0'",
+        ),
+        ({"buffer_size": 16}, "topology.hlt.learner: batch_size 256 exceeds buffer_size 16"),
+    ],
+)
+def test_config_values_are_named_in_one_line(table: dict, message: str) -> None:
+    """The config dataclass's own pydantic checks, after the table's types."""
+    with pytest.raises(TopologyError) as info:
+        fill_config(FlowLearnerConfig, table, "topology.hlt.learner")
+    assert str(info.value) == message
 
 
 def test_with_changes_validates_the_changed_fields() -> None:

@@ -221,24 +221,25 @@ GOOD: Good = {"rank": 0, "world_size": 2, "init_method": "tcp://127.0.0.1:29511"
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "message"),
     [
-        {"rank": 2},
-        {"rank": -1},
-        {"world_size": 0, "rank": 0},
-        {"every_steps": 0},
-        {"timeout_s": 0.0},
-        {"timeout_s": -1.0},
-        {"timeout_s": math.nan},
-        {"init_method": "env://"},
-        {"init_method": "127.0.0.1:29511"},
-        {"init_method": "tcp://127.0.0.1"},
-        {"init_method": "tcp://:29511"},
-        {"init_method": "tcp://127.0.0.1:notaport"},
+        ({"rank": 2}, r"rank must lie in \[0, 2\), got 2"),
+        ({"rank": -1}, r"rank must lie in \[0, 2\), got -1"),
+        ({"world_size": 0, "rank": 0}, r"(?m)^world_size$"),
+        ({"every_steps": 0}, r"(?m)^every_steps$"),
+        ({"timeout_s": 0.0}, r"(?m)^timeout_s$"),
+        ({"timeout_s": -1.0}, r"(?m)^timeout_s$"),
+        ({"timeout_s": math.nan}, r"(?m)^timeout_s$"),
+        ({"timeout_s": math.inf}, r"(?m)^timeout_s$"),
+        ({"init_method": "env://"}, r"(?m)^init_method\n.*must look like tcp://"),
+        ({"init_method": "127.0.0.1:29511"}, r"(?m)^init_method\n.*must look like tcp://"),
+        ({"init_method": "tcp://127.0.0.1"}, r"(?m)^init_method\n.*must name a host and a port"),
+        ({"init_method": "tcp://:29511"}, r"(?m)^init_method\n.*must name a host and a port"),
+        ({"init_method": "tcp://127.0.0.1:notaport"}, r"(?m)^init_method\n.*invalid port"),
     ],
 )
-def test_config_rejects_bad_values(change: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+def test_config_rejects_bad_values(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         AveragingConfig(**{**GOOD, **change})
 
 

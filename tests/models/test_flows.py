@@ -180,3 +180,14 @@ def test_parameters_round_trip_exactly() -> None:
     assert other.log_prob(x, m) == flow.log_prob(x, m)
     with pytest.raises(ValueError, match="names differ"):
         other.load_parameter_arrays({"nope": np.zeros(1, "f4")})
+
+
+@pytest.mark.parametrize(
+    "key", ["n_features", "n_transforms", "hidden_features", "n_blocks", "n_bins", "n_members"]
+)
+def test_a_flow_config_needs_positive_sizes(key: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        FlowConfig(**{key: 0})
+    with pytest.raises(ValueError, match=r"(?m)^tail_bound$"):
+        FlowConfig(tail_bound=0.0)
+    assert FlowConfig.from_json(FlowConfig(n_bins=3).to_json()) == FlowConfig(n_bins=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,10 +145,46 @@ def test_snapshots_publish_the_polyak_average_of_the_iterates(decay: float) -> N
     assert same == (decay == 0.0)
 
 
-def test_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="batch_size"):
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("n_transforms", 0),
+        ("hidden_features", 0),
+        ("n_blocks", 0),
+        ("n_bins", 0),
+        ("n_members", 0),
+        ("tail_bound", 0.0),
+        ("buffer_size", 0),
+        ("batch_size", 0),
+        ("replay", 0),
+        ("calibration_events", 0),
+        ("learning_rate", 0.0),
+        ("grad_clip", -1.0),
+        ("budget_s_per_event", -1.0),
+        ("average_decay", 1.0),
+        ("average_decay", -0.5),
+        ("signal_region_gev", (3300.0,)),
+        ("bounds_lower", ("low",)),
+    ],
+)
+def test_config_names_a_bad_field(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}(\.\d+)?$"):
+        OnlineConfig(**{key: value})
+
+
+def test_config_checks_fields_together() -> None:
+    with pytest.raises(ValueError, match="batch_size 32 exceeds buffer_size 16"):
         OnlineConfig(buffer_size=16, batch_size=32)
-    with pytest.raises(ValueError, match="signal_region"):
+    with pytest.raises(ValueError, match="signal_region_gev must be"):
         OnlineConfig(signal_region_gev=(3700.0, 3300.0))
-    with pytest.raises(ValueError, match="average_decay"):
-        OnlineConfig(average_decay=1.0)
+    with pytest.raises(ValueError, match="bounds_lower/upper need 4 values"):
+        OnlineConfig(bounds_lower=(0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="unexpected_keyword_argument"):
+        OnlineConfig(buffer=16)  # type: ignore[call-arg]
+
+
+def test_config_takes_lists_for_tuples() -> None:
+    table: dict[str, Any] = {"signal_region_gev": [3000, 4000]}  # as TOML or JSON gives it
+    config = OnlineConfig(**table)
+    assert config.signal_region_gev == (3000.0, 4000.0)
+    assert all(isinstance(v, float) for v in config.signal_region_gev)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -229,12 +231,50 @@ def test_a_truncated_or_garbled_checkpoint_is_a_one_line_error(tmp_path: Path) -
         load_checkpoint(tmp_path)
 
 
-def test_bad_configs() -> None:
-    with pytest.raises(ValueError, match="n_classes"):
-        ParticleNetConfig(n_classes=1)
-    with pytest.raises(ValueError, match="dropout"):
-        ParticleNetConfig(dropout=1.0)
-    assert ParticleNetConfig(**PARTICLENET_LITE.to_dict()) == PARTICLENET_LITE
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [
+        ("n_classes", 1, "n_classes"),
+        ("n_features", 0, "n_features"),
+        ("n_coordinates", 0, "n_coordinates"),
+        ("n_particles", 0, "n_particles"),
+        ("k", 0, "k"),
+        ("fc_channels", 0, "fc_channels"),
+        ("dropout", 1.0, "dropout"),
+        ("dropout", -0.1, "dropout"),
+        ("conv_channels", (), "conv_channels"),
+        ("conv_channels", ((8, 8), ()), "conv_channels.1"),
+        ("conv_channels", ((8, 0),), "conv_channels.0.1"),
+    ],
+)
+def test_bad_configs_name_the_field(key: str, value: Any, where: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{where}$"):
+        ParticleNetConfig(**{key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("epochs", 0),
+        ("batch_size", 1),
+        ("val_fraction", 1.0),
+        ("val_fraction", -0.1),
+        ("test_fraction", 1.0),
+    ],
+)
+def test_bad_train_configs_name_the_field(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        TrainConfig(**{key: value})
+
+
+def test_a_train_config_leaves_jets_to_train_on() -> None:
+    with pytest.raises(ValueError, match="must leave >= 10% for training"):
+        TrainConfig(val_fraction=0.5, test_fraction=0.4)
+
+
+def test_a_model_card_rebuilds_its_config() -> None:
+    card = json.loads(json.dumps(PARTICLENET_LITE.to_dict()))  # lists, as in model.json
+    assert ParticleNetConfig(**card) == PARTICLENET_LITE
 
 
 @pytest.mark.slow

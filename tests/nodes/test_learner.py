@@ -6,6 +6,7 @@ import json
 from typing import Any, TypedDict
 
 import numpy as np
+import pytest
 import torch
 from prometheus_client import REGISTRY
 
@@ -87,6 +88,29 @@ def test_config_from_a_plain_table() -> None:
     table: dict[str, Any] = {"buffer_size": 256, "signal_region_gev": [3000, 3500]}
     config = FlowLearnerConfig(**table)
     assert config.signal_region_gev == (3000.0, 3500.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("snapshot_every_events", -1),
+        ("snapshot_every_s", -1.0),
+        ("torch_threads", -1),
+        ("average_every_steps", -1),
+        ("average_store", "rank0"),
+        ("average_address", "tcp://127.0.0.1"),
+        ("average_timeout_s", 0.0),
+        ("buffer_size", 0),  # OnlineConfig's fields are checked too
+    ],
+)
+def test_config_names_a_bad_field(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        FlowLearnerConfig(**{key: value})
+
+
+def test_config_keeps_the_online_configs_checks_of_fields_together() -> None:
+    with pytest.raises(ValueError, match="batch_size 32 exceeds buffer_size 16"):
+        FlowLearnerConfig(buffer_size=16, batch_size=32)
 
 
 def test_non_finite_events_are_counted_and_never_trained_on() -> None:
