@@ -33,12 +33,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-ANOMALY_SCORES = ("max_softmax", "entropy", "mahalanobis")
+AnomalyScore = Literal["max_softmax", "entropy", "mahalanobis"]
+ANOMALY_SCORES: tuple[str, ...] = get_args(AnomalyScore)
 
 
 def max_softmax_score(logits: Tensor) -> Tensor:

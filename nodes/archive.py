@@ -32,12 +32,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import h5py
+import pydantic
 from prometheus_client import Counter, Gauge
+from pydantic import ConfigDict, Field
 
 from models.archive import EVENTS_KIND, connect_index, file_sha256
 from models.snapshot import SNAPSHOT_KIND, FlowSnapshot, SnapshotError
@@ -54,7 +55,7 @@ RECORDS = Counter("archive_records", "Records received by the archive", ["node",
 BYTES = Gauge("archive_bytes_stored", "Bytes stored by the archive", ["node", "kind"])
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class ArchiveConfig:
     """Where and how the archive stores.
 
@@ -65,17 +66,10 @@ class ArchiveConfig:
         chunk_events: HDF5 chunk length along the event axis.
     """
 
-    out_dir: str
+    out_dir: Annotated[str, Field(min_length=1)]
     store_events: bool = True
-    events_per_file: int = 200_000
-    chunk_events: int = 1024
-
-    def __post_init__(self) -> None:
-        if not self.out_dir:
-            raise ValueError("out_dir must be set")
-        if self.events_per_file < 1 or self.chunk_events < 1:
-            msg = "events_per_file and chunk_events must be >= 1"
-            raise ValueError(msg)
+    events_per_file: Annotated[int, Field(ge=1)] = 200_000
+    chunk_events: Annotated[int, Field(ge=1)] = 1024
 
 
 def _last_event_file_sequence(folder: Path) -> int:

@@ -54,14 +54,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, field
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
 import torch
 from prometheus_client import Counter, Histogram
+from pydantic import ConfigDict, Field
 
-from models.anomaly import ANOMALY_SCORES
+from models.anomaly import AnomalyScore
 from models.checkpoint import DEFAULT_CHECKPOINT, Tagger, load_checkpoint
 from models.jet_inputs import jet_inputs
 from nodes.learning import Learner
@@ -103,7 +105,7 @@ HLT_UNTAGGED = Counter(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class HLTConfig:
     """The HLT node's model and menu (plain values, so a TOML table can fill it).
 
@@ -123,42 +125,16 @@ class HLTConfig:
     """
 
     checkpoint: str = str(DEFAULT_CHECKPOINT)
-    torch_threads: int = 1
-    batch_size: int = 512
-    anomaly_score: str = "mahalanobis"
+    torch_threads: Annotated[int, Field(ge=1)] = 1
+    batch_size: Annotated[int, Field(ge=1)] = 512
+    anomaly_score: AnomalyScore = "mahalanobis"
     anomaly_threshold: float | None = None
-    tag_thresholds: Mapping[str, float] = field(default_factory=dict)
-    prescale_n: int = 0
-    fatjet_pt_gev: float | None = None
-    tag_jet_pt_gev: float = 0.0
-    learner_unweight_max: float = 0.0
+    tag_thresholds: Mapping[str, Annotated[float, Field(ge=0, le=1)]] = field(default_factory=dict)
+    prescale_n: Annotated[int, Field(ge=0)] = 0
+    fatjet_pt_gev: Annotated[float, Field(ge=0)] | None = None
+    tag_jet_pt_gev: Annotated[float, Field(ge=0)] = 0.0
+    learner_unweight_max: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tag_thresholds", dict(self.tag_thresholds))
-        if self.torch_threads < 1 or self.batch_size < 1:
-            msg = f"torch_threads and batch_size must be >= 1: {self.torch_threads}, "
-            msg += f"{self.batch_size}"
-            raise ValueError(msg)
-        if self.anomaly_score not in ANOMALY_SCORES:
-            msg = f"anomaly_score must be one of {ANOMALY_SCORES}, got {self.anomaly_score!r}"
-            raise ValueError(msg)
-        if self.prescale_n < 0:
-            msg = f"prescale_n must be >= 0, got {self.prescale_n}"
-            raise ValueError(msg)
-        if self.fatjet_pt_gev is not None and not self.fatjet_pt_gev >= 0:
-            msg = f"fatjet_pt_gev must be >= 0, got {self.fatjet_pt_gev}"
-            raise ValueError(msg)
-        if not (np.isfinite(self.learner_unweight_max) and self.learner_unweight_max >= 0):
-            msg = f"learner_unweight_max must be >= 0, got {self.learner_unweight_max}"
-            raise ValueError(msg)
-        if not self.tag_jet_pt_gev >= 0:
-            msg = f"tag_jet_pt_gev must be >= 0, got {self.tag_jet_pt_gev}"
-            raise ValueError(msg)
-        for name, value in self.tag_thresholds.items():
-            if not 0 <= value <= 1:
-                msg = f"tag_thresholds[{name!r}] must be a probability, got {value}"
-                raise ValueError(msg)
 
 
 def _finite_rows(batch: EventBatch) -> np.ndarray:

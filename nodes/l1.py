@@ -42,13 +42,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, field
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from firmware.emulate import Emulator, load_emulator
 from firmware.inputs import FIXED_SCALING, InputScaling
@@ -133,7 +135,19 @@ L1_SCORE = ScoreHistograms()
 REGISTRY.register(L1_SCORE)
 
 
-@dataclass(frozen=True, slots=True)
+def _known_seeds(seeds: tuple[str, ...]) -> tuple[str, ...]:
+    """``seeds`` if every one is in ``SEEDS``."""
+    unknown = set(seeds) - set(SEEDS)
+    if unknown:
+        msg = f"unknown seed(s) {sorted(unknown)}; choose from {SEEDS}"
+        raise ValueError(msg)
+    return seeds
+
+
+_Cut = Annotated[float, Field(ge=0)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class L1Config:
     """The L1 node's parameters (plain values, so a TOML table can fill it).
 
@@ -152,61 +166,34 @@ class L1Config:
     """
 
     model_dir: str = str(DEFAULT_MODEL_DIR)
-    threshold: float | None = None
+    threshold: Annotated[float, Field(allow_inf_nan=False)] | None = None
     anomaly: bool = True
-    seeds: tuple[str, ...] = SEEDS
+    seeds: Annotated[tuple[str, ...], AfterValidator(_known_seeds)] = SEEDS
     cache_dir: str = ""
-    emulator_threads: int = 1
-    single_jet_pt_gev: float = 180.0
-    ht_gev: float = 360.0
-    ht_jet_pt_gev: float = 30.0
-    ht_jet_abs_eta: float = 2.5
-    single_egamma_pt_gev: float = 30.0
-    single_muon_pt_gev: float = 22.0
-    met_gev: float = 100.0
-    fatjet_pt_gev: float = 400.0
-    rate_targets_hz: Mapping[str, float] = field(default_factory=dict)
+    emulator_threads: Annotated[int, Field(ge=1)] = 1
+    single_jet_pt_gev: _Cut = 180.0
+    ht_gev: _Cut = 360.0
+    ht_jet_pt_gev: _Cut = 30.0
+    ht_jet_abs_eta: _Cut = 2.5
+    single_egamma_pt_gev: _Cut = 30.0
+    single_muon_pt_gev: _Cut = 22.0
+    met_gev: _Cut = 100.0
+    fatjet_pt_gev: _Cut = 400.0
+    rate_targets_hz: Mapping[str, Annotated[float, Field(gt=0)]] = field(default_factory=dict)
     rate_control: Mapping[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        seeds = (self.seeds,) if isinstance(self.seeds, str) else tuple(self.seeds)
-        object.__setattr__(self, "seeds", seeds)
-        object.__setattr__(self, "rate_targets_hz", dict(self.rate_targets_hz))
-        object.__setattr__(self, "rate_control", dict(self.rate_control))
-        enabled = {*seeds, *(("anomaly",) if self.anomaly else ())}
+    @model_validator(mode="after")
+    def _controlled_paths(self) -> L1Config:
+        enabled = {*self.seeds, *(("anomaly",) if self.anomaly else ())}
         off = set(self.rate_targets_hz) - enabled
         if off:
             msg = f"rate_targets_hz names path(s) {sorted(off)} that are not enabled"
             raise ValueError(msg)
-        for path, target in self.rate_targets_hz.items():
-            RateControlConfig(path=path, target_hz=target, initial_threshold=1.0)
         unknown_gains = set(self.rate_control) - _CONTROL_KEYS
         if unknown_gains:
             msg = f"rate_control has unknown key(s) {sorted(unknown_gains)}; use {_CONTROL_KEYS}"
             raise ValueError(msg)
-        unknown = set(seeds) - set(SEEDS)
-        if unknown:
-            msg = f"unknown seed(s) {sorted(unknown)}; choose from {SEEDS}"
-            raise ValueError(msg)
-        if self.emulator_threads < 1:
-            msg = f"emulator_threads must be >= 1, got {self.emulator_threads}"
-            raise ValueError(msg)
-        if self.threshold is not None and not np.isfinite(self.threshold):
-            msg = f"threshold must be finite, got {self.threshold}"
-            raise ValueError(msg)
-        for key in (
-            "single_jet_pt_gev",
-            "ht_gev",
-            "ht_jet_pt_gev",
-            "ht_jet_abs_eta",
-            "single_egamma_pt_gev",
-            "single_muon_pt_gev",
-            "met_gev",
-            "fatjet_pt_gev",
-        ):
-            if getattr(self, key) < 0:
-                msg = f"{key} must be >= 0, got {getattr(self, key)}"
-                raise ValueError(msg)
+        return self
 
 
 def _leading_pt(objects: np.ndarray, slot: slice) -> np.ndarray:

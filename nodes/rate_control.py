@@ -47,9 +47,12 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import numpy as np
+import pydantic
 from prometheus_client import Counter, Gauge
+from pydantic import ConfigDict, Field, model_validator
 
 from stream.batch import EventBatch, Record
 
@@ -173,7 +176,11 @@ class LumiRates:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+_Gain = Annotated[float, Field(ge=0)]
+_Positive = Annotated[float, Field(gt=0)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class RateControlConfig:
     """One controlled path.
 
@@ -190,47 +197,33 @@ class RateControlConfig:
         min_slope, max_slope: bounds on the measured slope s.
     """
 
-    path: str
-    target_hz: float
+    path: Annotated[str, Field(min_length=1)]
+    target_hz: _Positive
     initial_threshold: float
-    kp: float = 0.1
-    ki: float = 0.4
-    min_threshold: float = 1e-6
+    kp: _Gain = 0.1
+    ki: _Gain = 0.4
+    min_threshold: _Positive = 1e-6
     max_threshold: float = 1e9
-    max_step: float = 0.5
-    max_error: float = 2.0
-    delta: float = 0.05
-    min_slope: float = 0.5
+    max_step: _Positive = 0.5
+    max_error: _Positive = 2.0
+    delta: _Positive = 0.05
+    min_slope: _Positive = 0.5
     max_slope: float = 200.0
-    kf: float = 1.0
-    drift_smoothing: float = 0.2
+    kf: _Gain = 1.0
+    drift_smoothing: Annotated[float, Field(gt=0, le=1)] = 0.2
 
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("a controlled path needs a name")
-        if not self.target_hz > 0:
-            msg = f"target_hz must be > 0, got {self.target_hz}"
-            raise ValueError(msg)
-        if not 0 < self.min_threshold <= self.initial_threshold <= self.max_threshold:
+    @model_validator(mode="after")
+    def _ordered(self) -> RateControlConfig:
+        if not self.min_threshold <= self.initial_threshold <= self.max_threshold:
             msg = (
-                f"need 0 < min_threshold <= initial_threshold <= max_threshold, got "
+                f"need min_threshold <= initial_threshold <= max_threshold, got "
                 f"{self.min_threshold}, {self.initial_threshold}, {self.max_threshold}"
             )
             raise ValueError(msg)
-        if not 0 < self.drift_smoothing <= 1:
-            msg = f"drift_smoothing must be in (0, 1], got {self.drift_smoothing}"
-            raise ValueError(msg)
-        for key in ("kp", "ki", "kf"):
-            if getattr(self, key) < 0:
-                msg = f"{key} must be >= 0, got {getattr(self, key)}"
-                raise ValueError(msg)
-        for key in ("max_step", "max_error", "delta", "min_slope"):
-            if not getattr(self, key) > 0:
-                msg = f"{key} must be > 0, got {getattr(self, key)}"
-                raise ValueError(msg)
         if self.max_slope < self.min_slope:
             msg = f"max_slope ({self.max_slope}) must be >= min_slope ({self.min_slope})"
             raise ValueError(msg)
+        return self
 
     def build(self, *, node: str = "") -> RateController:
         """A controller at ``initial_threshold``."""

@@ -83,11 +83,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import parse_qsl
 
 import numpy as np
+import pydantic
 from prometheus_client import Counter, Gauge
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from simulator.detector import DetectorModel
 from simulator.generator import EventGenerator, derived_seed, pileup_library
@@ -111,14 +113,26 @@ SOURCE_BAD_INPUT = Counter(
     "source_bad_input", "Unreadable files and rows skipped by the source", ["node", "reason"]
 )
 
-WEIGHTINGS = ("unit", "cross_section", "crossing")
+Weighting = Literal["unit", "cross_section", "crossing"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 #: 1 mb in cm^2.
 MB_CM2 = 1e-27
 
-_SEQUENCE_FIELDS = ("background", "background_weights", "signal", "signal_weights")
+
+def _component(spec: str | Mapping[str, Any]) -> str | Mapping[str, Any]:
+    """``spec`` if it parses as a component (``parse_component``)."""
+    parse_component(spec)
+    return spec
 
 
-@dataclass(frozen=True, slots=True)
+_Components = tuple[Annotated[str | Mapping[str, Any], AfterValidator(_component)], ...]
+_Weights = tuple[Annotated[float, Field(ge=0)], ...]
+_Count = Annotated[int, Field(ge=1)]
+_AtLeastZero = Annotated[int, Field(ge=0)]
+_Mu = Annotated[float, Field(ge=0, le=1000)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class SourceConfig:
     """The source's parameters (plain values, so a TOML table can fill it).
 
@@ -151,60 +165,42 @@ class SourceConfig:
         pileup_library_events: minimum-bias events in the pileup library.
     """
 
-    background: tuple[str | Mapping[str, Any], ...] = ("qcd",)
-    background_weights: tuple[float, ...] = ()
-    signal: tuple[str | Mapping[str, Any], ...] = ()
-    signal_weights: tuple[float, ...] = ()
-    signal_fraction: float = 0.0
-    rate_hz: float = 0.0
-    batch_size: int = 256
-    max_events: int = 0
+    background: Annotated[_Components, Field(min_length=1)] = ("qcd",)
+    background_weights: _Weights = ()
+    signal: _Components = ()
+    signal_weights: _Weights = ()
+    signal_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    rate_hz: Annotated[float, Field(ge=0)] = 0.0
+    batch_size: _Count = 256
+    max_events: _AtLeastZero = 0
     loop: bool = False
-    run: int = 1
-    first_event: int = 1
-    events_per_lumi: int = 100_000
+    run: _AtLeastZero = 1
+    first_event: _AtLeastZero = 1
+    events_per_lumi: _Count = 100_000
     seed: int = 1
-    chunk_size: int = 4096
-    generator_workers: int = 0
-    generator_block: int = 64
-    weighting: str = "unit"
-    luminosity_cm2s: float = 2e34
-    crossing_rate_hz: float = 40e6
-    pileup_mu: float = 0.0
-    pileup_mu_end: float | None = None
-    pileup_ramp_lumis: int = 1
-    pileup_library_events: int = 2000
+    chunk_size: _Count = 4096
+    generator_workers: _AtLeastZero = 0
+    generator_block: _Count = 64
+    weighting: Weighting = "unit"
+    luminosity_cm2s: Annotated[float, Field(gt=0)] = 2e34
+    crossing_rate_hz: Annotated[float, Field(gt=0)] = 40e6
+    pileup_mu: _Mu = 0.0
+    pileup_mu_end: _Mu | None = None
+    pileup_ramp_lumis: _Count = 1
+    pileup_library_events: _Count = 2000
 
-    def __post_init__(self) -> None:
-        for key in _SEQUENCE_FIELDS:
-            value = getattr(self, key)
-            if isinstance(value, str | Mapping):
-                value = (value,)
-            object.__setattr__(self, key, tuple(value))
-        if not self.background:
-            raise ValueError("background needs at least one component")
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceConfig:
         for stream in ("background", "signal"):
             specs, weights = getattr(self, stream), getattr(self, f"{stream}_weights")
             if weights and len(weights) != len(specs):
                 msg = f"{stream}_weights has {len(weights)} entries for {len(specs)} components"
                 raise ValueError(msg)
-            if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
-                msg = f"{stream}_weights must be >= 0 with a positive sum, got {weights}"
+            if weights and sum(weights) <= 0:
+                msg = f"{stream}_weights must have a positive sum, got {weights}"
                 raise ValueError(msg)
-            for spec in specs:
-                parse_component(spec)
-        if not 0 <= self.signal_fraction < 1:
-            msg = f"signal_fraction must be in [0, 1), got {self.signal_fraction}"
-            raise ValueError(msg)
         if self.signal_fraction > 0 and not self.signal:
             raise ValueError("signal_fraction > 0 needs signal components")
-        for key in ("batch_size", "events_per_lumi", "chunk_size", "generator_block"):
-            if getattr(self, key) < 1:
-                msg = f"{key} must be >= 1, got {getattr(self, key)}"
-                raise ValueError(msg)
-        if self.weighting not in WEIGHTINGS:
-            msg = f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
-            raise ValueError(msg)
         pileup = self.pileup_mu > 0 or bool(self.pileup_mu_end)
         if self.weighting != "unit" or pileup:
             replays = [s for s in (*self.background, *self.signal) if parse_component(s).layout]
@@ -212,27 +208,9 @@ class SourceConfig:
                 what = f"weighting {self.weighting!r}" if self.weighting != "unit" else "pileup"
                 msg = f"{what} needs generator components, not {replays}"
                 raise ValueError(msg)
-        for key in ("pileup_mu", "pileup_mu_end"):
-            value = getattr(self, key)
-            if value is not None and not (np.isfinite(value) and 0 <= value <= 1000):
-                msg = f"{key} must be in [0, 1000], got {value}"
-                raise ValueError(msg)
         if self.weighting == "crossing" and not self.pileup_mu > 0:
             raise ValueError("weighting 'crossing' needs pileup_mu > 0 (premixed pileup)")
-        if self.pileup_ramp_lumis < 1 or self.pileup_library_events < 1:
-            msg = (
-                "pileup_ramp_lumis and pileup_library_events must be >= 1, got "
-                f"{self.pileup_ramp_lumis} and {self.pileup_library_events}"
-            )
-            raise ValueError(msg)
-        for key in ("luminosity_cm2s", "crossing_rate_hz"):
-            if not getattr(self, key) > 0:
-                msg = f"{key} must be > 0, got {getattr(self, key)}"
-                raise ValueError(msg)
-        for key in ("rate_hz", "max_events", "generator_workers", "run", "first_event"):
-            if getattr(self, key) < 0:
-                msg = f"{key} must be >= 0, got {getattr(self, key)}"
-                raise ValueError(msg)
+        return self
 
     def mu_at(self, lumi: int) -> float:
         """The pileup mu of lumi block ``lumi`` (1-based) under the configured profile."""

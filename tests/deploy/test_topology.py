@@ -120,10 +120,17 @@ def test_real_source_config_is_validated() -> None:
     table = load_topology("default")
     assert table.stage("source").config["signal"] == ["wprime"]
 
-    with pytest.raises(TopologyError, match=r"signal_fraction must be in \[0, 1\)"):
+    with pytest.raises(
+        TopologyError,
+        match=r"^topology\.source\.config\.signal_fraction: must be < 1\.0, got 2\.0$",
+    ):
         ROLES["source"].make_config(
             {"signal": ["wprime"], "signal_fraction": 2.0}, "topology.source.config"
         )
+    with pytest.raises(
+        TopologyError, match=r"^topology\.source\.config\.signal\[1\]: component 'higgs' is neither"
+    ):
+        ROLES["source"].make_config({"signal": ["wprime", "higgs"]}, "topology.source.config")
 
 
 def test_unreadable_files_are_named(tmp_path) -> None:

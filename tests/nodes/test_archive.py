@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -242,3 +243,12 @@ def test_archive_node_over_zeromq(tmp_path: Path) -> None:
     assert stored.verify() == []
     assert [s.sequence for s in stored.snapshots()] == [5]
     assert len(stored.event_features()) == 250
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("out_dir", ""), ("events_per_file", 0), ("chunk_events", 0)]
+)
+def test_bad_config_values_name_the_field(key: str, value: Any) -> None:
+    good: dict[str, Any] = {"out_dir": "archive"}
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        ArchiveConfig(**{**good, key: value})

@@ -54,12 +54,37 @@ def test_config_validates_and_comes_from_plain_values() -> None:
     config = L1Config(**table)
     assert config.seeds == ("met", "ht")
     assert L1Config().seeds == SEEDS
-    with pytest.raises(ValueError, match="unknown seed"):
-        L1Config(seeds=("single_tau",))
-    with pytest.raises(ValueError, match="met_gev"):
-        L1Config(met_gev=-1.0)
-    with pytest.raises(ValueError, match="finite"):
-        L1Config(threshold=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("seeds", ("single_jet", "single_tau")),
+        ("threshold", float("nan")),
+        ("threshold", float("inf")),
+        ("emulator_threads", 0),
+        ("single_jet_pt_gev", -1.0),
+        ("ht_gev", -1.0),
+        ("ht_jet_pt_gev", -1.0),
+        ("ht_jet_abs_eta", -1.0),
+        ("single_egamma_pt_gev", -1.0),
+        ("single_muon_pt_gev", -1.0),
+        ("met_gev", -1.0),
+        ("fatjet_pt_gev", -1.0),
+        ("rate_targets_hz", {"ht": 0.0}),
+    ],
+)
+def test_bad_config_values_name_the_field(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}(\.\w+)?$"):
+        L1Config(**{key: value})
+
+
+def test_config_checks_rate_control_against_the_paths() -> None:
+    with pytest.raises(ValueError, match=r"names path\(s\) \['met'\] that are not enabled"):
+        L1Config(seeds=("ht",), rate_targets_hz={"met": 1e3})
+    with pytest.raises(ValueError, match=r"rate_control has unknown key\(s\) \['gain'\]"):
+        L1Config(rate_control={"gain": 1.0})
+    assert L1Config(rate_targets_hz={"anomaly": 1e3}).rate_targets_hz == {"anomaly": 1e3}
 
 
 def test_accepts_on_rz_or_seeds_with_bits_and_scores(emulator: Emulator) -> None:

@@ -3,6 +3,8 @@ threshold drifts far off."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy import optimize, stats
@@ -66,11 +68,36 @@ def test_controller_holds_target_on_a_mu_ramp_while_a_fixed_threshold_drifts() -
     assert controller.threshold > start
 
 
-def test_controller_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="target_hz must be > 0"):
-        RateControlConfig(path="p", target_hz=0.0, initial_threshold=1.0)
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("path", ""),
+        ("target_hz", 0.0),
+        ("min_threshold", 0.0),
+        ("kp", -0.1),
+        ("ki", -0.1),
+        ("kf", -0.1),
+        ("max_step", 0.0),
+        ("max_error", 0.0),
+        ("delta", 0.0),
+        ("min_slope", 0.0),
+        ("drift_smoothing", 0.0),
+        ("drift_smoothing", 1.5),
+    ],
+)
+def test_controller_config_names_a_bad_field(key: str, value: Any) -> None:
+    good: dict[str, Any] = {"path": "p", "target_hz": 1.0, "initial_threshold": 1.0}
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        RateControlConfig(**{**good, key: value})
+
+
+def test_controller_config_checks_fields_together() -> None:
     with pytest.raises(ValueError, match="min_threshold <= initial_threshold"):
-        RateControlConfig(path="p", target_hz=1.0, initial_threshold=-1.0)
+        RateControlConfig(path="p", target_hz=1.0, initial_threshold=1e-9)
+    with pytest.raises(ValueError, match="initial_threshold <= max_threshold"):
+        RateControlConfig(path="p", target_hz=1.0, initial_threshold=1e10)
+    with pytest.raises(ValueError, match=r"max_slope \(0.1\) must be >= min_slope"):
+        RateControlConfig(path="p", target_hz=1.0, initial_threshold=1.0, max_slope=0.1)
 
 
 def test_a_block_without_events_firing_lowers_the_threshold() -> None:

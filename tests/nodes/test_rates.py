@@ -106,9 +106,12 @@ def test_source_rates_equal_sigma_times_luminosity_times_efficiency() -> None:
 def test_unit_weighting_counts_crossings_and_rejects_nothing_new() -> None:
     with pytest.raises(ValueError, match="needs generator components"):
         SourceConfig(background=("lhco-features:x.h5",), weighting="cross_section")
-    with pytest.raises(ValueError, match="weighting must be one of"):
-        SourceConfig(weighting="pb")
-    with pytest.raises(ValueError, match="luminosity_cm2s must be > 0"):
+    table: dict[str, Any] = {"weighting": "pb"}
+    with pytest.raises(
+        ValueError, match=r"(?m)^weighting\n.*'unit', 'cross_section' or 'crossing'"
+    ):
+        SourceConfig(**table)
+    with pytest.raises(ValueError, match=r"(?m)^luminosity_cm2s$"):
         SourceConfig(luminosity_cm2s=0.0)
 
 
