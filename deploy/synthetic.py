@@ -6,24 +6,23 @@ accounting, not physics; ``deploy/topologies/synthetic.toml`` runs them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+import pydantic
+from pydantic import ConfigDict, Field
 
 from stream.node import Processor, Producer
 from stream.testing import ListSource, RecordingSink, Relay, synthetic_batch
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class SyntheticSourceConfig:
     """A source of random schema-shaped batches; ``rate_hz`` in events per second (0: as
     fast as the outputs take them)."""
 
-    events: int = 10_000
-    batch_size: int = 256
-    rate_hz: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.events < 1 or self.batch_size < 1 or self.rate_hz < 0:
-            msg = f"events and batch_size must be >= 1 and rate_hz >= 0, got {self}"
-            raise ValueError(msg)
+    events: Annotated[int, Field(ge=1)] = 10_000
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    rate_hz: Annotated[float, Field(ge=0)] = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -387,9 +387,9 @@ def _table(table: Mapping[str, Any], key: str, *, required: bool = False) -> Map
 
 
 def fill_config(cls: type, table: Mapping[str, Any], where: str) -> Any:
-    """``cls(**table)`` for a config dataclass, each value's type checked against its
-    annotation first (strictly, as the topology's own tables are: a config dataclass
-    converts what it is given, a list to a tuple, "1" to 1).
+    """``cls(**table)`` for a config dataclass, each value's type checked strictly against
+    its annotation first, as the topology's own tables are; ``cls``, a pydantic dataclass,
+    then checks the values (in lax mode, which would take "1" for 1).
 
     Raises:
         TopologyError: an unknown or missing key, a value of the wrong type or out of its
@@ -399,10 +399,8 @@ def fill_config(cls: type, table: Mapping[str, Any], where: str) -> Any:
     values = _validate(_table_model(cls), table, where)
     try:
         return cls(**{key: getattr(values, key) for key in table})
-    except ValidationError as exc:  # a pydantic dataclass's own checks
+    except ValidationError as exc:  # a pydantic dataclass's checks of its values
         raise _topology_error(exc, table, where, cls) from None
-    except ValueError as exc:  # a plain dataclass's __post_init__
-        raise TopologyError(key=where, problem=str(exc)) from exc
 
 
 @functools.cache

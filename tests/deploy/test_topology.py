@@ -110,7 +110,9 @@ def test_deep_validation_checks_role_configs() -> None:
     with pytest.raises(TopologyError, match=r"^topology\.source\.config\.colour: unknown key"):
         parse_topology(unknown, roles=ROLES, deep=True)
     bad_value = _mutate(("source", "config", "events"), 0)
-    with pytest.raises(TopologyError, match=r"^topology\.source\.config: events and batch_size"):
+    with pytest.raises(
+        TopologyError, match=r"^topology\.source\.config\.events: must be >= 1, got 0$"
+    ):
         parse_topology(bad_value, roles=ROLES, deep=True)
     # shallow loading leaves role configs to the node processes
     parse_topology(unknown, roles=ROLES)
@@ -224,6 +226,20 @@ def test_config_values_are_named_in_one_line(table: dict, message: str) -> None:
     with pytest.raises(TopologyError) as info:
         fill_config(FlowLearnerConfig, table, "topology.hlt.learner")
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("events", 0, "must be >= 1, got 0"),
+        ("batch_size", 0, "must be >= 1, got 0"),
+        ("rate_hz", -1.0, "must be >= 0.0, got -1.0"),
+    ],
+)
+def test_synthetic_source_values_are_named(key: str, value: object, problem: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        ROLES["synthetic-source"].make_config({key: value}, "topology.source.config")
+    assert str(info.value) == f"topology.source.config.{key}: {problem}"
 
 
 def test_with_changes_validates_the_changed_fields() -> None:
