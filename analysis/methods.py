@@ -7,10 +7,13 @@ labelled test events that score them.
 - ``cwola_flows``: all-data flow samples at signal-region mjj (label 1) against samples at
   sideband mjj (label 0), mjj drawn from the spectrum the flows saw (CWoLa, arXiv:1708.02949).
 - ``cathode``: sideband flow interpolated into the signal region (label 0) against
-  all-data flow samples there, or against the stored signal-region events where the
+  data-flow samples there, or against the stored signal-region events where the
   archive kept them (the hybrid) (CATHODE, arXiv:2109.00546).
-- ``anode``: log p_all(x|m) - log p_sideband(x|m), the likelihood ratio evaluated
+- ``anode``: log p_data(x|m) - log p_sideband(x|m), the likelihood ratio evaluated
   directly (ANODE, arXiv:2001.04990).
+
+The data flow is the signal-region flow where the archive has one (it learned only
+signal-region events, several steps each), else the all-data flow.
 - ``cwola_stored``: CWoLa on stored events, the conventional path that keeps everything.
 - ``idealised``: stored signal-region events against independent true background there.
 """
@@ -57,6 +60,13 @@ class FlowModels:
     mjj_edges: np.ndarray
     events_seen: int
     nodes: tuple[str, ...]
+    signal_region: FlowMixture | None = None
+
+    @property
+    def data(self) -> FlowMixture:
+        """The density of the data in the signal region: the signal-region flow if
+        archived, else the all-data flow."""
+        return self.all_data if self.signal_region is None else self.signal_region
 
     @staticmethod
     def from_snapshots(snapshots: Sequence[FlowSnapshot]) -> FlowModels:
@@ -80,6 +90,7 @@ class FlowModels:
             np.asarray(first.arrays["mjj_edges"]),
             sum(s.events_seen for s in by_role["all"]),
             tuple(sorted({s.node_id for s in by_role["all"]})),
+            mixtures.get("signal_region"),
         )
 
     def sample_mjj(
@@ -127,7 +138,7 @@ def cathode(models: FlowModels, config: SearchConfig, *, stored: Events | None =
     )
     if stored is None:
         m_data = models.sample_mjj([config.signal_region_gev], n, rng)
-        data = models.all_data.sample(m_data, seed=config.seed * 10 + 4)
+        data = models.data.sample(m_data, seed=config.seed * 10 + 4)
     else:
         data = _x(stored.select(stored.in_window(config.signal_region_gev)).features)
     return _classify(data, background, config)
@@ -136,7 +147,7 @@ def cathode(models: FlowModels, config: SearchConfig, *, stored: Events | None =
 def anode_scores(models: FlowModels, features: np.ndarray) -> np.ndarray:
     x, mjj = _x(features), np.asarray(features)[:, MJJ_INDEX]
     with np.errstate(invalid="ignore"):
-        ratio = models.all_data.log_prob(x, mjj) - models.sideband.log_prob(x, mjj)
+        ratio = models.data.log_prob(x, mjj) - models.sideband.log_prob(x, mjj)
     # Outside both flows' support (-inf - -inf) an event is not evidence of anything.
     return np.where(np.isnan(ratio), -np.inf, ratio)
 

@@ -58,11 +58,11 @@ class SnapshotError(FrameError):
 class FlowSnapshot:
     """One flow's state at one moment, with provenance.
 
-    ``role`` is ``"all"`` (trained on every event) or ``"sideband"`` (never saw a
-    signal-region event). ``training`` (JSON) says how it was trained: minibatch, replay
-    factor, learning rate, averaging nodes. ``arrays`` holds ``param/<name>`` (float32),
-    ``pre/<name>`` (float64) and ``mjj_hist``/``mjj_edges`` (the mjj spectrum of the events
-    seen).
+    ``role`` is ``"all"`` (trained on every event), ``"sideband"`` (never saw a
+    signal-region event) or ``"signal_region"`` (saw only those). ``training`` (JSON) says
+    how it was trained: minibatch, replay factor, learning rate, averaging nodes.
+    ``arrays`` holds ``param/<name>`` (float32), ``pre/<name>`` (float64) and
+    ``mjj_hist``/``mjj_edges`` (the mjj spectrum of the events seen).
     """
 
     node_id: str

@@ -129,16 +129,12 @@ class FlowLearner:
             config = replace(config, batch_size=max(1, config.batch_size // node_count))
         self._rounds_done = 0
         self._learned_at_round = 0
-        self._training = json.dumps(
-            {
-                "batch_size": config.batch_size,
-                "replay": config.replay,
-                "learning_rate": config.learning_rate,
-                "n_members": config.n_members,
-                "averaged_over_nodes": node_count if self.averager else 1,
-            },
-            sort_keys=True,
-        )
+        self._training: dict[str, Any] = {
+            "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "n_members": config.n_members,
+            "averaged_over_nodes": node_count if self.averager else 1,
+        }
         self.online = OnlineFlow(
             config,
             clock=clock,
@@ -300,7 +296,9 @@ class FlowLearner:
                 loss=stats.loss_ema,
                 sequence=self.snapshots,
                 signal_region_gev=self.config.signal_region_gev,
-                training=self._training,
+                training=json.dumps(
+                    {**self._training, "replay": trainer.config.replay}, sort_keys=True
+                ),
             )
             out.append(snap.to_record())
         log.info("%s: snapshot %d after %d events", self.node_id, self.snapshots, self.events_seen)

@@ -93,6 +93,6 @@ def test_cli_writes_plots_and_summary(planted: dict[str, Path]) -> None:
     assert tight["local_significance"] > max(5.0, loose["local_significance"])
     assert scan["best_window_gev"] == [3300.0, 3700.0]
     assert scan["global_significance"] > 3
-    # 2 nodes x 2 flows, at the two lumi-block ends and at the finish.
-    assert summary["storage"]["flow_snapshot"]["files"] == 12
+    # 2 nodes x 3 flows, at the two lumi-block ends and at the finish.
+    assert summary["storage"]["flow_snapshot"]["files"] == 18
     assert np.isfinite(summary["storage"]["flow_bytes_per_event_seen_latest"])

@@ -29,6 +29,7 @@ from deploy.launcher import NodeStatus
 from deploy.run import run_farm
 from deploy.topology import parse_topology
 from models.archive import Archive
+from models.online import ROLES
 from nodes.archive import ArchiveConfig, ArchiveNode
 from stream.codec import encode
 from stream.node import Node, NodeConfig
@@ -118,7 +119,7 @@ def assert_books_and_flows(report: dict[str, Any], out: Path, survivors: list[st
     assert store.verify() == []
     latest = {(s.node_id, s.role) for s in store.snapshots(latest_per_node=True)}
     for node in survivors:
-        assert {(node, "all"), (node, "sideband")} <= latest, latest
+        assert {(node, role) for role in ROLES} <= latest, latest
 
 
 def test_kill_9_of_one_hlt_node_costs_only_its_in_flight_events(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def features(n: int, seed: int) -> np.ndarray:
 
 
 def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> None:
-    seen: dict[str, Counter] = {"all": Counter(), "sideband": Counter()}
+    seen: dict[str, Counter] = {"all": Counter(), "sideband": Counter(), "signal_region": Counter()}
     config = OnlineConfig(**SMALL, buffer_size=96, batch_size=32, calibration_events=100)
     online = OnlineFlow(config, on_step=lambda role, idx: seen[role].update(idx.tolist()))
     x = features(1000, 0)
@@ -54,6 +54,20 @@ def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> Non
         (np.linspace(1000, 9000, 161)[:-1] >= low) & (np.linspace(1000, 9000, 161)[1:] <= high)
     ]
     assert in_sr_hist.sum() == 0
+    # The signal-region flow learns the SR events only, each signal_region_replay times.
+    n_sr = int((~sideband).sum())
+    assert sorted(seen["signal_region"]) == list(range(n_sr))
+    assert set(seen["signal_region"].values()) == {config.signal_region_replay}
+    sr_stats = online.trainers["signal_region"].stats
+    assert sr_stats.offered == sr_stats.learned == n_sr
+    assert sr_stats.mjj_hist.sum() == n_sr
+    assert sr_stats.mjj_min_gev >= low and sr_stats.mjj_max_gev < high
+
+
+def test_no_signal_region_flow_at_replay_0() -> None:
+    online = OnlineFlow(OnlineConfig(**SMALL, calibration_events=100, signal_region_replay=0))
+    online.learn(features(300, 3))
+    assert sorted(online.trainers) == ["all", "sideband"]
 
 
 def test_memory_does_not_grow_with_the_number_of_events() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.online import ROLES
 from stream.transport import free_tcp_port
 from tests.conftest import SmallFlow
 
@@ -83,7 +84,7 @@ def run_stage(count: int, every: int) -> dict[int, tuple[dict, dict]]:
 def test_two_nodes_publish_one_averaged_flow() -> None:
     results = run_stage(2, every=4)
     (flows_0, report_0), (flows_1, report_1) = results[0], results[1]
-    for role in ("all", "sideband"):
+    for role in ROLES:
         assert flows_0[role].keys() == flows_1[role].keys()
         for name, value in flows_0[role].items():
             if name.startswith(("param/", "pre/")):
