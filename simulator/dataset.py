@@ -38,14 +38,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import h5py
 import numpy as np
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from simulator.detector import DetectorModel
-from simulator.generator import LAYOUTS, GeneratorStats, derived_seed
+from simulator.generator import GeneratorStats, Layout, derived_seed
 from simulator.jets import JetConfig
 from simulator.recipes import EventFilter, Recipe, make_recipe
 from stream.errors import DataFileError
@@ -62,40 +64,43 @@ MANIFEST = "manifest.json"
 LHCO_FATJET_PT_MIN_GEV = 1200.0
 
 
-@dataclass(frozen=True, slots=True)
+def _identifier(name: str) -> str:
+    """``name`` if it is a plain identifier (it names the component's files)."""
+    if not name.isidentifier():
+        msg = f"component name must be a plain identifier, got {name!r}"
+        raise ValueError(msg)
+    return name
+
+
+@pydantic.dataclasses.dataclass(
+    frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid")
+)
 class Component:
     """One part of a dataset: ``n_events`` events (after the recipe's filter) of ``process``."""
 
-    name: str
+    name: Annotated[str, AfterValidator(_identifier)]
     process: Recipe
-    n_events: int
-
-    def __post_init__(self) -> None:
-        if self.n_events < 1:
-            msg = f"component {self.name!r}: n_events must be >= 1, got {self.n_events}"
-            raise ValueError(msg)
-        if not self.name.isidentifier():
-            msg = f"component name must be a plain identifier, got {self.name!r}"
-            raise ValueError(msg)
+    n_events: Annotated[int, Field(ge=1)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(
+    frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid")
+)
 class DatasetRecipe:
     """A named dataset: its components (each with its own seed stream) and the layout."""
 
     name: str
-    components: tuple[Component, ...]
-    layout: str = "features"
+    components: Annotated[tuple[Component, ...], Field(min_length=1)]
+    layout: Layout = "features"
     description: str = ""
 
-    def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            msg = f"layout must be one of {LAYOUTS}, got {self.layout!r}"
-            raise ValueError(msg)
+    @model_validator(mode="after")
+    def _distinct_names(self) -> DatasetRecipe:
         names = [c.name for c in self.components]
-        if not names or len(set(names)) != len(names):
+        if len(set(names)) != len(names):
             msg = f"a dataset needs components with distinct names, got {names}"
             raise ValueError(msg)
+        return self
 
     @property
     def n_events(self) -> int:
@@ -111,8 +116,16 @@ def lhco_like(n_background: int = 1_000_000, n_signal: int | None = None) -> Dat
     return DatasetRecipe(
         name="lhco-like",
         components=(
-            Component("background", make_recipe("qcd", event_filter=selection), n_background),
-            Component("signal", make_recipe("wprime", event_filter=selection), n_signal),
+            Component(
+                name="background",
+                process=make_recipe("qcd", event_filter=selection),
+                n_events=n_background,
+            ),
+            Component(
+                name="signal",
+                process=make_recipe("wprime", event_filter=selection),
+                n_events=n_signal,
+            ),
         ),
         description="QCD dijets + W'->XY after the LHCO fat-jet selection, features only",
     )

@@ -46,42 +46,43 @@ raised the jet mass (mJ1 KS 0.034 -> 0.043), so it is off by default. A coarser 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
+import pydantic
+from pydantic import ConfigDict, Field, model_validator
 
 from simulator.particles import Particles, delta_phi
 
 _ECAL_LIKE = (11, 22, 111, 221)
 #: Where a cell's candidate points: the energy-weighted centroid of its deposits, or a
 #: uniformly random point inside the cell (Delphes' ``SmearTowerCenter``).
-_POSITIONS = ("centroid", "uniform")
+_Position = Literal["centroid", "uniform"]
+_Probability = Annotated[float, Field(ge=0, le=1)]
+_CONFIG = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class CellGrid:
     """A calorimeter region: |eta| range, cell size, resolution and threshold."""
 
     eta_min: float
     eta_max: float
-    deta: float
-    nphi: int
+    deta: Annotated[float, Field(gt=0)]
+    nphi: Annotated[int, Field(ge=1)]
     stochastic: float
     constant: float
     noise_gev: float
     threshold_gev: float
     significance_min: float = 0.0
-    position: str = "centroid"
+    position: _Position = "centroid"
 
-    def __post_init__(self) -> None:
-        if self.position not in _POSITIONS:
-            msg = f"position must be one of {_POSITIONS}, got {self.position!r}"
+    @model_validator(mode="after")
+    def _eta_range(self) -> CellGrid:
+        if self.eta_max <= self.eta_min:
+            msg = f"bad cell grid: eta {self.eta_min}-{self.eta_max}"
             raise ValueError(msg)
-        if self.deta <= 0 or self.nphi < 1 or self.eta_max <= self.eta_min:
-            msg = (
-                f"bad cell grid: deta {self.deta}, nphi {self.nphi}, "
-                f"eta {self.eta_min}-{self.eta_max}"
-            )
-            raise ValueError(msg)
+        return self
 
     def sigma_gev(self, energy: np.ndarray) -> np.ndarray:
         """Absolute energy resolution: a sqrt(E) (+) b E (+) c."""
@@ -90,7 +91,7 @@ class CellGrid:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class DetectorModel:
     """Acceptance, resolutions, granularity and lepton identification (see module doc).
 
@@ -103,7 +104,7 @@ class DetectorModel:
     tracker_eta_max: float = 2.5
     track_pt_min_gev: float = 0.5
     track_resolution: tuple[float, float] = (0.005, 1e-4)
-    track_efficiency: float = 0.95
+    track_efficiency: _Probability = 0.95
     particle_flow: bool = False
     muon_eta_max: float = 2.4
     muon_resolution: tuple[float, float] = (0.01, 1e-4)
@@ -140,28 +141,20 @@ class DetectorModel:
         threshold_gev=4.0,
         position="uniform",
     )
-    electron_efficiency: tuple[float, float] = (0.90, 0.80)
-    photon_efficiency: tuple[float, float] = (0.90, 0.80)
+    electron_efficiency: tuple[_Probability, _Probability] = (0.90, 0.80)
+    photon_efficiency: tuple[_Probability, _Probability] = (0.90, 0.80)
     barrel_eta_max: float = 1.5
-    muon_efficiency: float = 0.95
+    muon_efficiency: _Probability = 0.95
     isolation_cone: float = 0.3
     isolation_max: float = 0.5
     lepton_pt_min_gev: float = 3.0
 
-    def __post_init__(self) -> None:
-        for key in ("electron_efficiency", "photon_efficiency"):
-            if not all(0 <= x <= 1 for x in getattr(self, key)):
-                msg = f"{key} values must be in [0, 1], got {getattr(self, key)}"
-                raise ValueError(msg)
-        if not 0 <= self.track_efficiency <= 1:
-            msg = f"track_efficiency must be in [0, 1], got {self.track_efficiency}"
-            raise ValueError(msg)
-        if not 0 <= self.muon_efficiency <= 1:
-            msg = f"muon_efficiency must be in [0, 1], got {self.muon_efficiency}"
-            raise ValueError(msg)
+    @model_validator(mode="after")
+    def _tracker_inside_ecal(self) -> DetectorModel:
         if self.tracker_eta_max > self.ecal.eta_max:
             msg = "tracker_eta_max must not exceed the ECAL acceptance"
             raise ValueError(msg)
+        return self
 
     def simulate(
         self, particles: Particles, rng: np.random.Generator, *, objects: bool = True

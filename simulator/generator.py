@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import awkward as ak
 import numpy as np
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 #: What a batch holds: every schema column ("full": L1 objects, fat jets, constituents,
 #: features), or only the fat jets and the features ("features": no lepton
 #: identification, no R=0.4 jets and no constituent table are made, which is faster).
-LAYOUTS = ("full", "features")
+Layout = Literal["full", "features"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 _PYTHIA_SEED_MAX = 900_000_000
 _PILEUP_STREAM = 1

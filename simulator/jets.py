@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import awkward as ak
 import fastjet
 import numpy as np
+import pydantic
+from pydantic import ConfigDict, Field
 
 from simulator.detector import Objects
 from simulator.particles import Particles, delta_phi, pseudorapidity, rapidity
@@ -28,10 +31,13 @@ fastjet._swig.ClusterSequence.set_fastjet_banner_stream(None)
 _FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 #: How tau_N is computed: FastJet contrib's definition, or the LHCO features files' own.
-TAU_CONVENTIONS = ("fastjet", "lhco-features")
+TauConvention = Literal["fastjet", "lhco-features"]
+TAU_CONVENTIONS: tuple[str, ...] = get_args(TauConvention)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(
+    frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid")
+)
 class JetConfig:
     """Jet definitions and the L1 object selection.
 
@@ -47,27 +53,16 @@ class JetConfig:
             ``"lhco-features"`` (the LHCO features files' own way, see ``nsubjettiness``).
     """
 
-    fatjet_radius: float = 1.0
+    fatjet_radius: Annotated[float, Field(gt=0)] = 1.0
     fatjet_pt_min_gev: float = 20.0
-    max_constituents: int = N_CONSTITUENTS
-    jet_radius: float = 0.4
+    max_constituents: Annotated[int, Field(ge=1)] = N_CONSTITUENTS
+    jet_radius: Annotated[float, Field(gt=0)] = 0.4
     jet_pt_min_gev: float = 15.0
     jet_eta_max: float = 4.0
     egamma_eta_max: float = 3.0
     muon_eta_max: float = 2.4
     nsubjettiness_r0: float = 1.0
-    tau_convention: str = "fastjet"
-
-    def __post_init__(self) -> None:
-        if self.tau_convention not in TAU_CONVENTIONS:
-            msg = f"tau_convention must be one of {TAU_CONVENTIONS}, got {self.tau_convention!r}"
-            raise ValueError(msg)
-        if self.jet_radius <= 0 or self.fatjet_radius <= 0:
-            msg = f"jet radii must be > 0, got {self.jet_radius} and {self.fatjet_radius}"
-            raise ValueError(msg)
-        if self.max_constituents < 1:
-            msg = f"max_constituents must be >= 1, got {self.max_constituents}"
-            raise ValueError(msg)
+    tau_convention: TauConvention = "fastjet"
 
 
 @dataclass(frozen=True, slots=True)

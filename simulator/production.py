@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from simulator.detector import CellGrid, DetectorModel
+from simulator.detector import DetectorModel
 from simulator.generator import EventGenerator, GeneratorStats, resolve
 from simulator.jets import JetConfig
-from simulator.recipes import PROCESSES, EventFilter, Recipe
+from simulator.recipes import PROCESSES, Recipe
 from stream.batch import EventBatch
 from stream.eventfile import CacheInfo, CacheWriter
 
@@ -63,23 +63,12 @@ def recipe_from_dict(body: dict[str, Any]) -> Recipe:
     if kind not in kinds:
         msg = f"unknown recipe kind {kind!r}; known: {sorted(kinds)}"
         raise ValueError(msg)
-    fields["event_filter"] = EventFilter(**fields.get("event_filter", {}))
-    for key in ("extra_settings", "mass_window"):
-        if key in fields:
-            fields[key] = tuple(fields[key])
-    return kinds[kind](**fields)
+    return kinds[kind](**fields)  # its event filter from a table, lists as tuples
 
 
 def detector_from_dict(body: dict[str, Any]) -> DetectorModel:
-    """Rebuild a detector model from ``dataclasses.asdict``."""
-    fields = dict(body)
-    for key in ("ecal", "hcal", "forward"):
-        if key in fields:
-            fields[key] = CellGrid(**fields[key])
-    for key, value in fields.items():
-        if isinstance(value, list):
-            fields[key] = tuple(value)
-    return DetectorModel(**fields)
+    """Rebuild a detector model from ``dataclasses.asdict`` (cell grids from tables)."""
+    return DetectorModel(**body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import field
+from typing import Annotated, Any, ClassVar, Literal
+
+import pydantic
+from pydantic import ConfigDict, Field, model_validator
 
 #: Pythia lines that silence the banner, the init listing and the event listings.
 QUIET_SETTINGS = (
@@ -36,8 +39,16 @@ QUIET_SETTINGS = (
 
 _QUARKS = "1 2 3 4 5"
 
+#: A recipe's name and pT-hat cut; a subclass that changes their defaults keeps the
+#: constraints only by annotating its fields with these again.
+Name = Annotated[str, Field(min_length=1)]
+PtHat = Annotated[float, Field(ge=0)]
+_Cut = Annotated[float, Field(ge=0)] | None
+_Mass = Annotated[float, Field(gt=0)]
+_CONFIG = ConfigDict(extra="forbid")
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class EventFilter:
     """Keep an event if ANY configured condition holds (``None`` switches a condition off).
 
@@ -46,16 +57,9 @@ class EventFilter:
     condition ``None`` every event is kept.
     """
 
-    lepton_pt_gev: float | None = None
-    jet_pt_gev: float | None = None
-    fatjet_pt_gev: float | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("lepton_pt_gev", "jet_pt_gev", "fatjet_pt_gev"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                msg = f"filter {key} must be >= 0 or None, got {value}"
-                raise ValueError(msg)
+    lepton_pt_gev: _Cut = None
+    jet_pt_gev: _Cut = None
+    fatjet_pt_gev: _Cut = None
 
     @property
     def active(self) -> bool:
@@ -63,7 +67,7 @@ class EventFilter:
         return any(v is not None for v in (self.lepton_pt_gev, self.jet_pt_gev, self.fatjet_pt_gev))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class Recipe:
     """Settings shared by every process; subclasses add their physics knobs.
 
@@ -84,40 +88,28 @@ class Recipe:
 
     kind: ClassVar[str] = "recipe"
 
-    name: str
+    name: Name
     process_id: int
     is_signal: bool = False
-    seed: int = 1
-    ecm_gev: float = 13000.0
-    pthat_min_gev: float = 0.0
+    seed: Annotated[int, Field(ge=0, le=900_000_000)] = 1  # Pythia's range
+    ecm_gev: Annotated[float, Field(gt=0)] = 13000.0
+    pthat_min_gev: PtHat = 0.0
     pthat_max_gev: float = -1.0
     mpi: bool = False
     isr: bool = True
     fsr: bool = True
     hadron_decays: bool = True
-    pileup_mean: float = 0.0
+    pileup_mean: Annotated[float, Field(ge=0)] = 0.0
     event_filter: EventFilter = field(default_factory=EventFilter)
     extra_settings: tuple[str, ...] = ()
     description: str = ""
 
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("a recipe needs a name")
-        if not 0 <= self.seed <= 900_000_000:
-            msg = f"seed must be in [0, 900000000] (Pythia's range), got {self.seed}"
-            raise ValueError(msg)
-        if self.ecm_gev <= 0:
-            msg = f"ecm_gev must be > 0, got {self.ecm_gev}"
-            raise ValueError(msg)
-        if self.pthat_min_gev < 0:
-            msg = f"pthat_min_gev must be >= 0, got {self.pthat_min_gev}"
-            raise ValueError(msg)
+    @model_validator(mode="after")
+    def _pthat_range(self) -> Recipe:
         if 0 <= self.pthat_max_gev <= self.pthat_min_gev:
             msg = f"pthat_max_gev ({self.pthat_max_gev}) must exceed pthat_min_gev or be < 0"
             raise ValueError(msg)
-        if self.pileup_mean < 0:
-            msg = f"pileup_mean must be >= 0, got {self.pileup_mean}"
-            raise ValueError(msg)
+        return self
 
     def process_settings(self) -> tuple[str, ...]:
         """The Pythia lines that define the hard process and its decays."""
@@ -148,7 +140,7 @@ def _onoff(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class QCDDijet(Recipe):
     """QCD 2->2 (``HardQCD:all``), pT-hat > 1 TeV by default, for the LHCO selection (a
     fat jet above 1.2 TeV), which keeps about 40% of these events.
@@ -164,15 +156,15 @@ class QCDDijet(Recipe):
 
     kind: ClassVar[str] = "qcd_dijet"
 
-    name: str = "qcd"
+    name: Name = "qcd"
     process_id: int = 0
-    pthat_min_gev: float = 1000.0
+    pthat_min_gev: PtHat = 1000.0
 
     def process_settings(self) -> tuple[str, ...]:
         return ("HardQCD:all = on",)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class WprimeXY(Recipe):
     """W' -> X Y with X -> qq and Y -> qq, the LHC Olympics 2020 R&D signal.
 
@@ -190,22 +182,19 @@ class WprimeXY(Recipe):
 
     kind: ClassVar[str] = "wprime_xy"
 
-    name: str = "wprime"
+    name: Name = "wprime"
     process_id: int = 1
     is_signal: bool = True
     m_wprime_gev: float = 3500.0
-    m_x_gev: float = 500.0
-    m_y_gev: float = 100.0
-    width_fraction: float = 0.01
+    m_x_gev: _Mass = 500.0
+    m_y_gev: _Mass = 100.0
+    width_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.01
     mass_window: tuple[float, float] = (0.5, 1.5)
-    x_prongs: int = 2
-    y_prongs: int = 2
+    x_prongs: Literal[2, 3] = 2
+    y_prongs: Literal[2, 3] = 2
 
-    def __post_init__(self) -> None:
-        Recipe.__post_init__(self)
-        if self.m_x_gev <= 0 or self.m_y_gev <= 0:
-            msg = f"m_x_gev and m_y_gev must be > 0, got {self.m_x_gev}, {self.m_y_gev}"
-            raise ValueError(msg)
+    @model_validator(mode="after")
+    def _decay_fits(self) -> WprimeXY:
         low = self.mass_window[0] * self.m_wprime_gev
         if low <= self.m_x_gev + self.m_y_gev:
             msg = (
@@ -213,13 +202,7 @@ class WprimeXY(Recipe):
                 f"= {self.m_x_gev + self.m_y_gev:g}"
             )
             raise ValueError(msg)
-        if not 0 < self.width_fraction < 0.5:
-            msg = f"width_fraction must be in (0, 0.5), got {self.width_fraction}"
-            raise ValueError(msg)
-        for key in ("x_prongs", "y_prongs"):
-            if getattr(self, key) not in (2, 3):
-                msg = f"{key} must be 2 or 3, got {getattr(self, key)}"
-                raise ValueError(msg)
+        return self
 
     def process_settings(self) -> tuple[str, ...]:
         m, lo, hi = self.m_wprime_gev, *self.mass_window
@@ -255,15 +238,15 @@ class WprimeXY(Recipe):
         return tuple(lines)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class TopPair(Recipe):
     """ttbar (gg and qqbar); with ``hadronic`` both W decay to quarks: boosted top jets."""
 
     kind: ClassVar[str] = "ttbar"
 
-    name: str = "ttbar"
+    name: Name = "ttbar"
     process_id: int = 3
-    pthat_min_gev: float = 400.0
+    pthat_min_gev: PtHat = 400.0
     hadronic: bool = True
 
     def process_settings(self) -> tuple[str, ...]:
@@ -273,22 +256,16 @@ class TopPair(Recipe):
         return tuple(lines)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class BosonJet(Recipe):
     """A W or Z boson recoiling against a parton, decaying to quarks: boosted W/Z jets."""
 
     kind: ClassVar[str] = "boson_jet"
 
-    name: str = "wjet"
+    name: Name = "wjet"
     process_id: int = 4
-    pthat_min_gev: float = 400.0
-    boson: str = "W"
-
-    def __post_init__(self) -> None:
-        Recipe.__post_init__(self)
-        if self.boson not in ("W", "Z"):
-            msg = f"boson must be 'W' or 'Z', got {self.boson!r}"
-            raise ValueError(msg)
+    pthat_min_gev: PtHat = 400.0
+    boson: Literal["W", "Z"] = "W"
 
     def process_settings(self) -> tuple[str, ...]:
         if self.boson == "W":
@@ -307,13 +284,13 @@ class BosonJet(Recipe):
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class MinimumBias(Recipe):
     """Inelastic non-diffractive pp (``SoftQCD:nonDiffractive``), MPI on; also the pileup."""
 
     kind: ClassVar[str] = "minimum_bias"
 
-    name: str = "minbias"
+    name: Name = "minbias"
     process_id: int = 10
     mpi: bool = True
 
@@ -321,7 +298,7 @@ class MinimumBias(Recipe):
         return ("SoftQCD:nonDiffractive = on",)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class InclusiveQCD(Recipe):
     """Inclusive non-diffractive pp, from minimum bias up to TeV jets, in two stitched
     slices of the hardest scatter's pT-hat (Pythia's ``main322`` mode 5):
@@ -342,28 +319,20 @@ class InclusiveQCD(Recipe):
 
     kind: ClassVar[str] = "inclusive_qcd"
 
-    name: str = "inclusive"
+    name: Name = "inclusive"
     process_id: int = 16
     mpi: bool = True
-    pthat_split_gev: float = 20.0
-    bias_power: float = 4.0
-    hard_share: float = 0.5
+    pthat_split_gev: Annotated[float, Field(gt=0)] = 20.0
+    bias_power: Annotated[float, Field(ge=0)] = 4.0
+    hard_share: Annotated[float, Field(gt=0, lt=1)] = 0.5
     #: truth process id of the soft slice's events (the hard ones get ``process_id``).
     soft_process_id: int = 10
 
-    def __post_init__(self) -> None:
-        Recipe.__post_init__(self)
+    @model_validator(mode="after")
+    def _split_not_range(self) -> InclusiveQCD:
         if self.pthat_min_gev or self.pthat_max_gev >= 0:
             raise ValueError("inclusive QCD sets its pT-hat range with pthat_split_gev")
-        if self.pthat_split_gev <= 0:
-            msg = f"pthat_split_gev must be > 0, got {self.pthat_split_gev}"
-            raise ValueError(msg)
-        if not 0 < self.hard_share < 1:
-            msg = f"hard_share must be in (0, 1), got {self.hard_share}"
-            raise ValueError(msg)
-        if self.bias_power < 0:
-            msg = f"bias_power must be >= 0, got {self.bias_power}"
-            raise ValueError(msg)
+        return self
 
     def process_settings(self) -> tuple[str, ...]:
         """The hard slice's lines (the soft slice is ``soft_recipe()``)."""
@@ -389,7 +358,7 @@ class InclusiveQCD(Recipe):
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class L1Background(Recipe):
     """The L1 background: the hard tail of minimum bias (QCD 2->2 above ``pthat_min_gev``,
     MPI on) kept only if it has an isolated e/gamma or muon above 10 GeV or an L1 jet above
@@ -402,10 +371,10 @@ class L1Background(Recipe):
 
     kind: ClassVar[str] = "l1_background"
 
-    name: str = "l1bkg"
+    name: Name = "l1bkg"
     process_id: int = 11
     mpi: bool = True
-    pthat_min_gev: float = 20.0
+    pthat_min_gev: PtHat = 20.0
     event_filter: EventFilter = field(
         default_factory=lambda: EventFilter(lepton_pt_gev=10.0, jet_pt_gev=30.0)
     )
@@ -414,7 +383,7 @@ class L1Background(Recipe):
         return ("HardQCD:all = on",)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ScalarToFourLeptons(Recipe):
     """A neutral scalar A (Pythia's h, PDG 25, re-massed) -> Z* Z* -> 4 leptons (e, mu),
     produced in gluon fusion; the L1 signal of Govorkova et al. with m(A) = 50 GeV.
@@ -425,7 +394,7 @@ class ScalarToFourLeptons(Recipe):
 
     kind: ClassVar[str] = "scalar_4l"
 
-    name: str = "a4l"
+    name: Name = "a4l"
     process_id: int = 12
     is_signal: bool = True
     mpi: bool = True
@@ -442,13 +411,13 @@ class ScalarToFourLeptons(Recipe):
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class HiggsTauTau(Recipe):
     """Higgs (gluon fusion) -> tau tau, taus decayed by Pythia (needs hadron decays)."""
 
     kind: ClassVar[str] = "higgs_tautau"
 
-    name: str = "htautau"
+    name: Name = "htautau"
     process_id: int = 13
     is_signal: bool = True
     mpi: bool = True
@@ -463,13 +432,13 @@ class HiggsTauTau(Recipe):
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class WToLepton(Recipe):
     """Inclusive W -> e nu or mu nu (``WeakSingleBoson:ffbar2W``)."""
 
     kind: ClassVar[str] = "w_lnu"
 
-    name: str = "wlnu"
+    name: Name = "wlnu"
     process_id: int = 14
     is_signal: bool = True
     mpi: bool = True
@@ -478,13 +447,13 @@ class WToLepton(Recipe):
         return ("WeakSingleBoson:ffbar2W = on", "24:onMode = off", "24:onIfAny = 11 13")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, config=_CONFIG)
 class ZToLeptons(Recipe):
     """Inclusive Z -> ee or mu mu, pure Z (no photon interference)."""
 
     kind: ClassVar[str] = "z_ll"
 
-    name: str = "zll"
+    name: Name = "zll"
     process_id: int = 15
     is_signal: bool = True
     mpi: bool = True

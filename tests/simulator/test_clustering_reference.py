@@ -151,6 +151,15 @@ def test_lhco_features_convention_reproduces_the_lhco_file() -> None:
     assert np.mean(differ > 0.05) > 0.05
 
 
-def test_unknown_tau_convention_is_refused() -> None:
-    with pytest.raises(ValueError, match="tau_convention"):
-        JetConfig(tau_convention="wta")
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("tau_convention", "wta"),
+        ("jet_radius", 0.0),
+        ("fatjet_radius", -1.0),
+        ("max_constituents", 0),
+    ],
+)
+def test_bad_jet_settings_name_the_field(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        JetConfig(**{key: value})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from typing import TypedDict
 import numpy as np
 import pytest
 
+from simulator import PROCESSES
 from simulator.dataset import (
     DATASET_RECIPES,
+    Component,
     DatasetRecipe,
     dataset_files,
     lhco_like,
@@ -166,3 +169,18 @@ def test_cli_survives_sigint_and_two_workers_give_the_same_bytes(
     assert files(out) == files(reference)
     verify = subprocess.run([*command, "--verify"], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and "checksums ok" in verify.stdout
+
+
+def test_bad_components_and_recipes_name_the_field() -> None:
+    qcd = PROCESSES["qcd"]
+    with pytest.raises(ValueError, match=r"(?m)^n_events$"):
+        Component(name="background", process=qcd, n_events=0)
+    with pytest.raises(ValueError, match=r"(?m)^name\n.*must be a plain identifier, got 'a b'"):
+        Component(name="a b", process=qcd, n_events=1)
+    with pytest.raises(ValueError, match=r"(?m)^components$"):
+        DatasetRecipe(name="empty", components=())
+    with pytest.raises(ValueError, match=r"(?m)^layout$"):
+        dataclasses.replace(tiny(), layout="raw")  # type: ignore[arg-type]
+    twice = tuple(Component(name="a", process=qcd, n_events=n) for n in (1, 2))
+    with pytest.raises(ValueError, match=r"distinct names, got \['a', 'a'\]"):
+        DatasetRecipe(name="twice", components=twice)

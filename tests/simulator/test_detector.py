@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,13 +90,31 @@ def test_objects_false_gives_the_same_candidates() -> None:
     assert lean.egamma.pt.size == 0 and (lean.met_x == 0).all()
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [
+        ("track_efficiency", 1.5, "track_efficiency"),
+        ("muon_efficiency", -0.1, "muon_efficiency"),
+        ("electron_efficiency", (0.9, 1.1), "electron_efficiency.1"),
+        ("photon_efficiency", (-0.1, 0.8), "photon_efficiency.0"),
+    ],
+)
+def test_bad_detector_settings_name_the_field(key: str, value: Any, where: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{where}$"):
+        DetectorModel(**{key: value})
+
+
+@pytest.mark.parametrize(("key", "value"), [("position", "centre"), ("deta", 0.0), ("nphi", 0)])
+def test_bad_cell_grids_name_the_field(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        dataclasses.replace(DetectorModel().ecal, **{key: value})
+
+
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="position"):
-        dataclasses.replace(DetectorModel().ecal, position="centre")
-    with pytest.raises(ValueError, match="track_efficiency"):
-        DetectorModel(track_efficiency=1.5)
-    with pytest.raises(ValueError, match="cell grid"):
+    with pytest.raises(ValueError, match=r"bad cell grid: eta 1\.0-1\.0"):
         CellGrid(
-            eta_min=0, eta_max=1, deta=0, nphi=1, stochastic=0, constant=0, noise_gev=0,
+            eta_min=1, eta_max=1, deta=0.1, nphi=1, stochastic=0, constant=0, noise_gev=0,
             threshold_gev=0,
         )  # fmt: skip
+    with pytest.raises(ValueError, match="tracker_eta_max must not exceed the ECAL acceptance"):
+        DetectorModel(tracker_eta_max=3.5)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import awkward as ak
 import numpy as np
 import pytest
@@ -88,9 +91,48 @@ def test_pileup_adds_soft_activity() -> None:
     assert n_jets[1] > n_jets[0]
 
 
+@pytest.mark.parametrize(
+    ("process", "changes", "where"),
+    [
+        ("qcd", {"seed": -1}, "seed"),
+        ("qcd", {"seed": 900_000_001}, "seed"),
+        ("qcd", {"ecm_gev": 0.0}, "ecm_gev"),
+        ("qcd", {"pileup_mean": -1.0}, "pileup_mean"),
+        ("qcd", {"event_filter": {"jet_pt_gev": -1.0}}, "event_filter.jet_pt_gev"),
+        ("qcd", {"event_filter": {"lepton_pt_gev": -1.0}}, "event_filter.lepton_pt_gev"),
+        ("qcd", {"event_filter": {"fatjet_pt_gev": -1.0}}, "event_filter.fatjet_pt_gev"),
+        ("wprime", {"m_x_gev": 0.0}, "m_x_gev"),
+        ("wprime", {"m_y_gev": -1.0}, "m_y_gev"),
+        ("wprime", {"width_fraction": 0.5}, "width_fraction"),
+        ("wprime", {"x_prongs": 4}, "x_prongs"),
+        ("wprime", {"y_prongs": 1}, "y_prongs"),
+        ("wjet", {"boson": "H"}, "boson"),
+        ("inclusive", {"pthat_split_gev": 0.0}, "pthat_split_gev"),
+        ("inclusive", {"bias_power": -1.0}, "bias_power"),
+        ("inclusive", {"hard_share": 1.0}, "hard_share"),
+    ],
+)
+def test_bad_recipe_fields_are_named(process: str, changes: dict, where: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{where}$"):
+        make_recipe(process, **changes)
+
+
+@pytest.mark.parametrize("process", sorted(PROCESSES))
+def test_every_recipe_keeps_the_shared_constraints(process: str) -> None:
+    """A subclass that changes a default keeps the constraint only by annotating again."""
+    changes: dict[str, Any]
+    for changes in ({"name": ""}, {"pthat_min_gev": -1.0}):
+        with pytest.raises(ValueError, match=rf"(?m)^{next(iter(changes))}$"):
+            dataclasses.replace(PROCESSES[process], **changes)
+
+
 def test_bad_recipe_values_are_named() -> None:
     with pytest.raises(ValueError, match="m_wprime_gev"):
         make_recipe("wprime", m_wprime_gev=500.0)
+    with pytest.raises(ValueError, match=r"pthat_max_gev \(500.0\) must exceed pthat_min_gev"):
+        make_recipe("qcd", pthat_max_gev=500.0)
+    with pytest.raises(ValueError, match="inclusive QCD sets its pT-hat range"):
+        make_recipe("inclusive", pthat_min_gev=5.0)
     with pytest.raises(ValueError, match="no parameter"):
         make_recipe("qcd", m_x_gev=3.0)
     with pytest.raises(KeyError, match="known"):
