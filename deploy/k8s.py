@@ -7,12 +7,16 @@ Pods run ``trigfarm node <stage> --index <ordinal>`` on a ConfigMap copy of the 
 whose hosts are rewritten to those names. The archive stage keeps its output on a
 PersistentVolumeClaim per pod (``volumeClaimTemplates``). Pods carry the
 ``prometheus.io/scrape`` annotations; metrics listen on 0.0.0.0 inside the pod network.
+The kubelet does in the cluster what ``trigfarm run`` does on one host: it polls each
+node's metrics endpoint every heartbeat interval and restarts a pod that has not answered
+for ``stall_after_s`` (stopped, hung or dead), once the pod has started.
 With CURVE on, each stage's Secret holds its own secret key and every public key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from urllib.parse import urlsplit
 
 from deploy.roles import ROLES
 from deploy.security import key_paths
-from deploy.topology import Topology, TopologyError
+from deploy.topology import FarmSettings, Topology, TopologyError
 
 METRICS_PORT = 9100
 DEFAULT_BASE_PORT = 5550
@@ -28,6 +32,9 @@ TOPOLOGY_MOUNT = "/etc/trigfarm"
 KEYS_MOUNT = "/etc/trigfarm/keys"
 DATA_MOUNT = "/data"
 LABEL = "app.kubernetes.io/name"
+#: How long a pod may take to serve metrics after it starts (TensorFlow and torch imports,
+#: model loading), as ``trigfarm run`` waits for its nodes (``start_timeout_s``).
+START_TIMEOUT_S = 180
 
 
 def _k8s_topology_toml(topology: Topology, namespace: str) -> str:
@@ -76,6 +83,26 @@ def _k8s_topology_toml(topology: Topology, namespace: str) -> str:
             lines.append(f"learner = {_inline(learner)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _probes(farm: FarmSettings) -> dict[str, Any]:
+    """Liveness: the metrics endpoint polled every heartbeat interval (the kubelet's floor is
+    1 s), the pod restarted after ``stall_after_s`` without an answer; it starts counting
+    once the startup probe has seen the endpoint answer, within ``START_TIMEOUT_S``."""
+    period = max(1, math.ceil(farm.heartbeat_interval_s))
+    check = {"httpGet": {"path": "/metrics", "port": METRICS_PORT}, "timeoutSeconds": period}
+    return {
+        "startupProbe": {
+            **check,
+            "periodSeconds": period,
+            "failureThreshold": math.ceil(START_TIMEOUT_S / period),
+        },
+        "livenessProbe": {
+            **check,
+            "periodSeconds": period,
+            "failureThreshold": max(1, math.ceil(farm.stall_after_s / period)),
+        },
+    }
 
 
 def _inline(table: Any) -> str:
@@ -165,6 +192,7 @@ def manifests(
             "command": ["/bin/sh", "-c", command],
             "ports": [*data_ports, {"name": "metrics", "containerPort": METRICS_PORT}],
             "volumeMounts": mounts,
+            **_probes(topology.farm),
             "resources": {
                 "requests": {"cpu": f"{stage.threads * 500}m", "memory": "1Gi"},
                 "limits": {"cpu": str(stage.threads), "memory": "4Gi"},

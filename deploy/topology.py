@@ -238,8 +238,12 @@ class Topology:
         """A copy with some stage fields replaced: ``with_changes(hlt={"count": 4})``.
 
         Raises:
-            TopologyError: a changed value that is invalid (names the key).
+            TopologyError: a changed value that is invalid, or a stage the topology does
+                not have (names the key).
         """
+        unknown = sorted(set(stage_changes) - {stage.name for stage in self.stages})
+        if unknown:
+            raise TopologyError(key=f"topology.{unknown[0]}", problem="no such stage")
         stages = []
         for stage in self.stages:
             changes = dict(stage_changes.get(stage.name, {}))
@@ -480,6 +484,10 @@ def _topology_error(
         return TopologyError(key=key, problem=f"unknown key; known: {known}")
     if kind in ("missing", "missing_argument"):
         return TopologyError(key=key, problem="missing")
+    last = first["loc"][-1] if first["loc"] else None
+    if isinstance(value, str) and isinstance(last, str) and first.get("input") != value:
+        # a field of what the string was parsed into, as "wprime?m_x_gev=-5" is a recipe's
+        key, value = f"{key}.{last}", first.get("input")
     if error is not None:
         return TopologyError(key=key, problem=str(error))
     bound = next((b for b in _BOUNDS if b in first.get("ctx", {})), None)

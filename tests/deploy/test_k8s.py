@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,28 @@ def test_default_topology_manifests_validate() -> None:
     assert services["hlt"]["spec"]["clusterIP"] == "None"
     command = sets["hlt"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     assert "trigfarm node hlt" in command and "--index ${HOSTNAME##*-}" in command
+
+
+@pytest.mark.parametrize(("interval_s", "stall_s"), [(0.5, 60.0), (2.0, 7.0)])
+def test_the_kubelet_expires_a_silent_pod_after_stall_after_s(
+    interval_s: float, stall_s: float
+) -> None:
+    default = load_topology("default")
+    farm = replace(default.farm, heartbeat_interval_s=interval_s, stall_after_s=stall_s)
+    topology = replace(default, farm=farm)
+    for obj in manifests(topology, namespace="tf"):
+        if obj["kind"] != "StatefulSet":
+            continue
+        validate(obj)
+        container = obj["spec"]["template"]["spec"]["containers"][0]
+        live, start = container["livenessProbe"], container["startupProbe"]
+        for probe in (live, start):
+            assert probe["httpGet"] == {"path": "/metrics", "port": 9100}
+        period = live["periodSeconds"]
+        assert period == max(1, interval_s)  # a heartbeat interval, at the kubelet's floor
+        # silent for stall_after_s (rounded up to a whole probe period), then restarted
+        assert stall_s <= period * live["failureThreshold"] < stall_s + period
+        assert start["periodSeconds"] * start["failureThreshold"] >= 180
 
 
 def test_cluster_topology_is_a_valid_topology() -> None:

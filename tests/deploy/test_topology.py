@@ -133,6 +133,12 @@ def test_real_source_config_is_validated() -> None:
         TopologyError, match=r"^topology\.source\.config\.signal\[1\]: component 'higgs' is neither"
     ):
         ROLES["source"].make_config({"signal": ["wprime", "higgs"]}, "topology.source.config")
+    for spec in ("wprime?m_x_gev=-5", {"process": "wprime", "m_x_gev": -5.0}):
+        with pytest.raises(TopologyError) as info:
+            ROLES["source"].make_config({"signal": [spec]}, "topology.source.config")
+        assert (
+            str(info.value) == "topology.source.config.signal[0].m_x_gev: must be > 0.0, got -5.0"
+        )
 
 
 def test_unreadable_files_are_named(tmp_path) -> None:
@@ -246,6 +252,8 @@ def test_with_changes_validates_the_changed_fields() -> None:
     topology = load_topology("default")
     with pytest.raises(TopologyError, match=r"^topology\.hlt\.count: must be >= 1, got 0"):
         topology.with_changes(hlt={"count": 0})
+    with pytest.raises(TopologyError, match=r"^topology\.farm: no such stage"):
+        topology.with_changes(farm={"stall_after_s": 1.0})
 
 
 @pytest.mark.parametrize("command", [["run", "--topology"], ["node", "relay", "--config"]])
