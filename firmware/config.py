@@ -7,13 +7,20 @@ model directory says exactly which bit widths its firmware uses.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, field
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 _FIXED = re.compile(r"^ap_(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)\s*(?:,\s*(\w+)\s*)?(?:,\s*(\w+)\s*)?>$")
 
 
-@dataclass(frozen=True, slots=True)
+_CONFIG = ConfigDict(extra="forbid")
+_Size = Annotated[int, Field(ge=1)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=_CONFIG)
 class FixedType:
     """An ``ap_fixed<width, integer, rounding, saturation>`` type (``integer`` counts the sign).
 
@@ -22,16 +29,18 @@ class FixedType:
         0.001953125
     """
 
-    width: int
+    width: Annotated[int, Field(ge=1)]
     integer: int
     signed: bool = True
     rounding: str = "AP_TRN"
     saturation: str = "AP_WRAP"
 
-    def __post_init__(self) -> None:
-        if self.width < 1 or self.integer > self.width:
+    @model_validator(mode="after")
+    def _integer_fits(self) -> FixedType:
+        if self.integer > self.width:
             msg = f"bad fixed-point type: width {self.width}, integer {self.integer}"
             raise ValueError(msg)
+        return self
 
     @classmethod
     def parse(cls, text: str) -> FixedType:
@@ -42,8 +51,8 @@ class FixedType:
             raise ValueError(msg)
         unsigned, width, integer, rounding, saturation = match.groups()
         return cls(
-            int(width),
-            int(integer),
+            width=int(width),
+            integer=int(integer),
             signed=not unsigned,
             rounding=rounding or "AP_TRN",
             saturation=saturation or "AP_WRAP",
@@ -73,7 +82,17 @@ class FixedType:
         return f"{kind}<{self.width},{self.integer}{extra}>"
 
 
-@dataclass(frozen=True, slots=True)
+def _fixed_type(text: str) -> str:
+    """``text`` if it parses as an ``ap_fixed`` type (``FixedType.parse``)."""
+    FixedType.parse(text)
+    return text
+
+
+#: An ``ap_fixed<...>`` type as hls4ml writes it.
+FixedTypeText = Annotated[str, AfterValidator(_fixed_type)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=_CONFIG)
 class LayerQuantization:
     """One encoder Dense layer: QKeras quantizers for training, hls4ml types for firmware.
 
@@ -84,27 +103,27 @@ class LayerQuantization:
     that the sums are exact (so the emulator equals QKeras bit for bit).
     """
 
-    weight_bits: int = 8
-    weight_integer: int = 3
+    weight_bits: Annotated[int, Field(ge=2, le=32)] = 8
+    weight_integer: Annotated[int, Field(ge=0)] = 3
     activation_bits: int = 8
     activation_integer: int = 3
-    accum: str = "ap_fixed<32,16>"
-    result: str = "ap_fixed<32,16>"
+    accum: FixedTypeText = "ap_fixed<32,16>"
+    result: FixedTypeText = "ap_fixed<32,16>"
 
-    def __post_init__(self) -> None:
-        if not 2 <= self.weight_bits <= 32 or not 0 <= self.weight_integer < self.weight_bits:
+    @model_validator(mode="after")
+    def _integers_fit(self) -> LayerQuantization:
+        if self.weight_integer >= self.weight_bits:
             msg = f"bad weight quantizer ({self.weight_bits}, {self.weight_integer})"
             raise ValueError(msg)
         if self.activation_bits and not 0 <= self.activation_integer <= self.activation_bits:
             msg = f"bad activation quantizer ({self.activation_bits}, {self.activation_integer})"
             raise ValueError(msg)
-        FixedType.parse(self.accum)
-        FixedType.parse(self.result)
+        return self
 
     @property
     def weight_type(self) -> FixedType:
         """The firmware type of the quantized weights (QKeras integer + sign bit)."""
-        return FixedType(self.weight_bits, self.weight_integer + 1)
+        return FixedType(width=self.weight_bits, integer=self.weight_integer + 1)
 
     @property
     def activation_type(self) -> FixedType | None:
@@ -112,8 +131,8 @@ class LayerQuantization:
         if not self.activation_bits:
             return None
         return FixedType(
-            self.activation_bits,
-            self.activation_integer,
+            width=self.activation_bits,
+            integer=self.activation_integer,
             signed=False,
             rounding="AP_RND_CONV",
             saturation="AP_SAT",
@@ -132,7 +151,17 @@ def _head() -> LayerQuantization:
 ENCODER_LAYERS = ("enc_dense1", "enc_dense2", "z_mean", "z_log_var")
 
 
-@dataclass(frozen=True, slots=True)
+def _linear(layer: LayerQuantization) -> LayerQuantization:
+    """``layer`` if it has no activation (the latent heads)."""
+    if layer.activation_bits:
+        raise ValueError("must be linear (activation_bits=0)")
+    return layer
+
+
+_LinearLayer = Annotated[LayerQuantization, AfterValidator(_linear)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=_CONFIG)
 class QuantizationConfig:
     """Per-layer quantization of the encoder and the firmware's input and output types.
 
@@ -141,26 +170,14 @@ class QuantizationConfig:
     the concatenated (mu, log sigma^2) vector; 24 bits convert to float32 without loss.
     """
 
-    input_type: str = "ap_fixed<16,7,AP_RND_CONV,AP_SAT>"
+    input_type: FixedTypeText = "ap_fixed<16,7,AP_RND_CONV,AP_SAT>"
     enc_dense1: LayerQuantization = field(default_factory=_hidden)
     enc_dense2: LayerQuantization = field(
         default_factory=lambda: LayerQuantization(accum="ap_fixed<24,12>", result="ap_fixed<24,12>")
     )
-    z_mean: LayerQuantization = field(default_factory=_head)
-    z_log_var: LayerQuantization = field(default_factory=_head)
-    output: str = "ap_fixed<24,12>"
-
-    def __post_init__(self) -> None:
-        FixedType.parse(self.input_type)
-        FixedType.parse(self.output)
-        for name in ENCODER_LAYERS:
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                object.__setattr__(self, name, LayerQuantization(**value))
-        for name in ("z_mean", "z_log_var"):
-            if getattr(self, name).activation_bits:
-                msg = f"{name} must be linear (activation_bits=0)"
-                raise ValueError(msg)
+    z_mean: _LinearLayer = field(default_factory=_head)
+    z_log_var: _LinearLayer = field(default_factory=_head)
+    output: FixedTypeText = "ap_fixed<24,12>"
 
     @property
     def input_fixed(self) -> FixedType:
@@ -178,7 +195,7 @@ class QuantizationConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=_CONFIG)
 class VAEConfig:
     """Architecture and training of the L1 VAE (Govorkova et al., Nature MI 2022, dense VAE).
 
@@ -187,26 +204,14 @@ class VAEConfig:
     plus ``beta`` x KL divergence to N(0, 1).
     """
 
-    hidden: tuple[int, int] = (32, 16)
-    latent: int = 3
-    beta: float = 0.01
-    learning_rate: float = 1e-3
-    epochs: int = 60
-    batch_size: int = 256
-    validation_fraction: float = 0.1
+    hidden: tuple[_Size, _Size] = (32, 16)
+    latent: _Size = 3
+    beta: Annotated[float, Field(ge=0)] = 0.01
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    epochs: _Size = 60
+    batch_size: _Size = 256
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     seed: int = 1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(self.hidden))
-        if len(self.hidden) != 2 or min(self.hidden) < 1 or self.latent < 1:
-            msg = f"need two hidden sizes > 0 and latent >= 1, got {self.hidden}, {self.latent}"
-            raise ValueError(msg)
-        if self.beta < 0 or self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1:
-            msg = "beta must be >= 0; learning_rate, epochs and batch_size > 0"
-            raise ValueError(msg)
-        if not 0 <= self.validation_fraction < 1:
-            msg = f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
-            raise ValueError(msg)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,11 +19,12 @@ input ``ap_fixed`` type, so the firmware sees exactly the rounded, scaled values
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
+from pydantic import ConfigDict, Field
 
 from firmware.config import FixedType
 from stream.schema import N_L1_OBJECTS
@@ -32,26 +33,21 @@ PT_SCALE_GEV = 32.0
 N_INPUTS = N_L1_OBJECTS * 3
 
 
-@dataclass(frozen=True, slots=True)
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Scale = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_PerInput = Field(min_length=N_INPUTS, max_length=N_INPUTS)
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class InputScaling:
     """Per-input affine scaling: input_i = (value_i - mean[i]) / std[i], 57 of each.
 
     ``mean`` and ``std`` are in the objects' own units (GeV, eta, rad), in input order.
     """
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: Annotated[tuple[_Finite, ...], _PerInput]
+    std: Annotated[tuple[_Scale, ...], _PerInput]
     method: str = "fixed"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.mean) != N_INPUTS or len(self.std) != N_INPUTS:
-            msg = f"need {N_INPUTS} means and stds, got {len(self.mean)} and {len(self.std)}"
-            raise ValueError(msg)
-        if not all(np.isfinite(self.mean)) or not all(s > 0 and np.isfinite(s) for s in self.std):
-            msg = "input scaling needs finite means and finite, positive stds"
-            raise ValueError(msg)
 
     @classmethod
     def fit(cls, l1_objects: np.ndarray, *, min_std: float = 0.01) -> InputScaling:
@@ -70,7 +66,9 @@ class InputScaling:
         mean = x.mean(axis=0) * unit
         std = np.maximum(x.std(axis=0), min_std) * unit
         return cls(
-            tuple(mean), tuple(std), method=f"standardised on background, min_std {min_std:g}"
+            mean=tuple(mean),
+            std=tuple(std),
+            method=f"standardised on background, min_std {min_std:g}",
         )
 
     @classmethod
@@ -78,7 +76,7 @@ class InputScaling:
         """The scaling of a model card's ``input_scaling`` entry (fixed if it has no stats)."""
         if not entry or "mean" not in entry:
             return FIXED_SCALING
-        return cls(entry["mean"], entry["std"], method=entry.get("method", "fitted"))
+        return cls(mean=entry["mean"], std=entry["std"], method=entry.get("method", "fitted"))
 
     def apply(self, l1_objects: np.ndarray) -> np.ndarray:
         """(N, 19, 3) objects -> (N, 57) float32 inputs."""
@@ -105,7 +103,9 @@ class InputScaling:
 
 #: pT / 32 GeV (a 5-bit shift of the hardware pT word); eta and phi as they are.
 FIXED_SCALING = InputScaling(
-    (0.0,) * N_INPUTS, (PT_SCALE_GEV, 1.0, 1.0) * N_L1_OBJECTS, method="fixed: pT / 32 GeV"
+    mean=(0.0,) * N_INPUTS,
+    std=(PT_SCALE_GEV, 1.0, 1.0) * N_L1_OBJECTS,
+    method="fixed: pT / 32 GeV",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,46 @@ def test_configs_validate_and_round_trip() -> None:
         LayerQuantization(accum="int")
     assert VAEConfig(**VAEConfig().to_dict()) == VAEConfig()
     one_layer: Any = (32,)  # the annotation forbids it; a config file can still hold it
-    with pytest.raises(ValueError, match="hidden"):
+    with pytest.raises(ValueError, match=r"(?m)^hidden\.1$"):
         VAEConfig(hidden=one_layer)
+
+
+@pytest.mark.parametrize(
+    ("make", "where"),
+    [
+        (lambda: FixedType(width=0, integer=0), "width"),
+        (lambda: LayerQuantization(weight_bits=1), "weight_bits"),
+        (lambda: LayerQuantization(weight_bits=33), "weight_bits"),
+        (lambda: LayerQuantization(weight_integer=-1), "weight_integer"),
+        (lambda: LayerQuantization(result="ap_fixed<8>"), "result"),
+        (lambda: QuantizationConfig(input_type="float"), "input_type"),
+        (lambda: QuantizationConfig(output="ap_fixed<8,9>"), "output"),
+        (lambda: QuantizationConfig(z_log_var=LayerQuantization()), "z_log_var"),
+        (
+            lambda: QuantizationConfig(**dict[str, Any](enc_dense2={"weight_bits": 64})),
+            "enc_dense2.weight_bits",
+        ),
+        (lambda: VAEConfig(hidden=(32, 0)), "hidden.1"),
+        (lambda: VAEConfig(latent=0), "latent"),
+        (lambda: VAEConfig(beta=-1.0), "beta"),
+        (lambda: VAEConfig(learning_rate=0.0), "learning_rate"),
+        (lambda: VAEConfig(epochs=0), "epochs"),
+        (lambda: VAEConfig(batch_size=0), "batch_size"),
+        (lambda: VAEConfig(validation_fraction=1.0), "validation_fraction"),
+    ],
+)
+def test_bad_firmware_configs_name_the_field(make: Callable[[], object], where: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{where}$"):
+        make()
+
+
+def test_firmware_configs_check_fields_together() -> None:
+    with pytest.raises(ValueError, match=r"bad fixed-point type: width 4, integer 8"):
+        FixedType.parse("ap_fixed<4,8>")
+    with pytest.raises(ValueError, match=r"bad weight quantizer \(8, 8\)"):
+        LayerQuantization(weight_integer=8)
+    with pytest.raises(ValueError, match=r"bad activation quantizer \(8, 9\)"):
+        LayerQuantization(activation_integer=9)
 
 
 def test_score_formulas_against_explicit_sums() -> None:
@@ -222,7 +261,11 @@ def test_fitted_standardisation_floors_constant_inputs_and_round_trips_the_card(
     assert scaling.std[8 * 3] == pytest.approx(0.1 * PT_SCALE_GEV)
     assert InputScaling.from_card(scaling.to_card()) == scaling
     assert InputScaling.from_card({"pt": "pT / 32 GeV"}) == FIXED_SCALING
-    with pytest.raises(ValueError, match="positive"):
-        InputScaling((0.0,) * 57, (0.0,) * 57)
+    with pytest.raises(ValueError, match=r"(?m)^std\.0$"):
+        InputScaling(mean=(0.0,) * 57, std=(0.0,) * 57)
+    with pytest.raises(ValueError, match=r"(?m)^mean\.3$"):
+        InputScaling(mean=(0.0,) * 3 + (float("nan"),) * 54, std=(1.0,) * 57)
+    with pytest.raises(ValueError, match=r"(?m)^std\n.*at least 57 items"):
+        InputScaling(mean=(0.0,) * 57, std=(1.0,) * 56)
     with pytest.raises(ValueError, match="min_std"):
         InputScaling.fit(objects, min_std=0.0)
