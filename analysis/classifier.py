@@ -7,29 +7,27 @@ probabilities (as in CATHODE's ensembling of the best epochs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+import pydantic
 import torch
+from pydantic import ConfigDict, Field
+
+_Count = Annotated[int, Field(ge=1)]
 
 
-@dataclass(frozen=True, slots=True)
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class ClassifierConfig:
     """Ensemble size and training settings."""
 
-    n_models: int = 3
-    hidden: int = 64
-    n_layers: int = 3
-    epochs: int = 20
-    batch_size: int = 256
+    n_models: _Count = 3
+    hidden: _Count = 64
+    n_layers: _Count = 3
+    epochs: _Count = 20
+    batch_size: _Count = 256
     learning_rate: float = 1e-3
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("n_models", "hidden", "n_layers", "epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                msg = f"{key} must be >= 1, got {getattr(self, key)}"
-                raise ValueError(msg)
 
 
 def _mlp(n_in: int, config: ClassifierConfig) -> torch.nn.Sequential:

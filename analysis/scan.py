@@ -29,10 +29,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
 from matplotlib.figure import Figure
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from scipy import stats
 
 from analysis.bumphunt import FIT_RANGE_GEV, BumpResult, bump_at, fit_background, keep_top
@@ -67,38 +69,41 @@ def sliding_windows(
     return tuple(windows)
 
 
-@dataclass(frozen=True, slots=True)
+def _global_method(method: str) -> str:
+    """``method`` if it is one of ``GLOBAL_METHODS``."""
+    if method not in GLOBAL_METHODS:
+        msg = f"must be one of {GLOBAL_METHODS}, got {method!r}"
+        raise ValueError(msg)
+    return method
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class ScanConfig:
     """Windows, working points, binning and how the global p-value is computed."""
 
-    windows_gev: tuple[Window, ...] = field(default_factory=sliding_windows)
-    efficiencies: tuple[float, ...] = (1.0, 0.2, 0.05, 0.01)
+    windows_gev: Annotated[tuple[Window, ...], Field(min_length=1)] = field(
+        default_factory=sliding_windows
+    )
+    efficiencies: Annotated[
+        tuple[Annotated[float, Field(gt=0, le=1)], ...], Field(min_length=1)
+    ] = (1.0, 0.2, 0.05, 0.01)
     fit_range_gev: tuple[float, float] = FIT_RANGE_GEV
-    bin_gev: float = 100.0
-    global_method: str = "trials"
-    n_toys: int = 200
+    bin_gev: Annotated[float, Field(gt=0)] = 100.0
+    global_method: Annotated[str, AfterValidator(_global_method)] = "trials"
+    n_toys: Annotated[int, Field(ge=1)] = 200
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _windows_inside_fit_range(self) -> ScanConfig:
         lo, hi = self.fit_range_gev
-        if not (lo < hi and self.bin_gev > 0):
-            msg = f"need fit_range low < high and bin_gev > 0, got {self.fit_range_gev}"
+        if not lo < hi:
+            msg = f"need fit_range low < high, got {self.fit_range_gev}"
             raise ValueError(msg)
-        if not self.windows_gev:
-            raise ValueError("need at least one window")
         for a, b in self.windows_gev:
             if not (lo + self.bin_gev <= a < b <= hi - self.bin_gev):
                 msg = f"window ({a}, {b}) needs a sideband bin inside fit range {lo}..{hi}"
                 raise ValueError(msg)
-        if not self.efficiencies or not all(0 < e <= 1 for e in self.efficiencies):
-            msg = f"efficiencies must be in (0, 1], got {self.efficiencies}"
-            raise ValueError(msg)
-        if self.global_method not in GLOBAL_METHODS:
-            msg = f"global_method must be one of {GLOBAL_METHODS}, got {self.global_method!r}"
-            raise ValueError(msg)
-        if self.n_toys < 1:
-            msg = f"n_toys must be >= 1, got {self.n_toys}"
-            raise ValueError(msg)
+        return self
 
     @property
     def edges(self) -> np.ndarray:

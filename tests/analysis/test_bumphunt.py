@@ -4,6 +4,8 @@ events in 2.6-7 TeV, shaped like the LHCO background), so every expectation is e
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -15,6 +17,7 @@ from analysis.bumphunt import (
     fit_background,
     profile_significance,
 )
+from analysis.classifier import ClassifierConfig
 from analysis.scan import ScanConfig, scan, sliding_windows
 
 EDGES = np.arange(2600.0, 7001.0, 100.0)
@@ -158,3 +161,33 @@ def test_toy_global_pvalue_is_between_local_and_bonferroni() -> None:
     assert best is not None
     assert best.pvalue <= toys.global_pvalue
     assert toys.global_pvalue <= min(1.0, toys.n_trials * best.pvalue) + 1 / 41
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [
+        ("windows_gev", (), "windows_gev"),
+        ("efficiencies", (), "efficiencies"),
+        ("efficiencies", (1.0, 0.0), "efficiencies.1"),
+        ("efficiencies", (1.5,), "efficiencies.0"),
+        ("bin_gev", 0.0, "bin_gev"),
+        ("global_method", "bonferroni", "global_method"),
+        ("n_toys", 0, "n_toys"),
+    ],
+)
+def test_bad_scan_configs_name_the_field(key: str, value: Any, where: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{where}$"):
+        ScanConfig(**{key: value})
+
+
+def test_scan_windows_must_leave_sideband_bins() -> None:
+    with pytest.raises(ValueError, match=r"need fit_range low < high"):
+        ScanConfig(fit_range_gev=(6000.0, 2000.0))
+    with pytest.raises(ValueError, match=r"window \(2000\.0, 2400\.0\) needs a sideband bin"):
+        ScanConfig(windows_gev=((2000.0, 2400.0),))
+
+
+@pytest.mark.parametrize("key", ["n_models", "hidden", "n_layers", "epochs", "batch_size"])
+def test_bad_classifier_configs_name_the_field(key: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{key}$"):
+        ClassifierConfig(**{key: 0})
