@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -135,6 +136,7 @@ def _run(
     from analysis.methods import SearchConfig
     from analysis.report import analyze as run_analysis
     from analysis.scan import SLIDING_WINDOWS_GEV, ScanConfig, sliding_windows
+    from deploy.topology import config_error
     from simulator.replay import read_features
 
     config = SearchConfig(
@@ -144,14 +146,20 @@ def _run(
         seed=seed,
     )
     try:
-        scan_config = ScanConfig(
-            windows_gev=sliding_windows(*(windows or SLIDING_WINDOWS_GEV)),
-            global_method=global_method,
-            n_toys=toys,
-            seed=seed,
-        )
+        scanned = sliding_windows(*(windows or SLIDING_WINDOWS_GEV))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--windows") from exc
+    scan_values: dict[str, Any] = {
+        "windows_gev": scanned,
+        "global_method": global_method,
+        "n_toys": toys,
+        "seed": seed,
+    }
+    try:
+        scan_config = ScanConfig(**scan_values)
+    except ValidationError as exc:
+        problem = config_error(exc, scan_values, "scan", ScanConfig)
+        raise click.BadParameter(str(problem), param_hint="--windows") from None
     if follow:
         _follow(method, archive_dir, out_dir, config, scan_config, poll_s, max_updates, timeout_s)
         return

@@ -7,9 +7,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+from pydantic import ValidationError
 
+from deploy.topology import config_error
 from simulator.dataset import DATASET_RECIPES, produce_dataset, verify_dataset
 from simulator.generator import LAYOUTS
 from simulator.production import simulate_to_file
@@ -164,6 +167,8 @@ def simulate(
     if recipe_name is not None:
         if process_name is not None:
             raise click.UsageError("use either --process or --recipe, not both")
+        if settings:
+            raise click.UsageError("--set changes a --process recipe; a --recipe has no --set")
         _dataset(
             recipe_name,
             events,
@@ -182,9 +187,13 @@ def simulate(
     if process_name is None or out is None:
         raise click.UsageError("--process and --out are required (or --recipe, or --list)")
     recipe = PROCESSES[process_name]
+    changes: dict[str, Any] = {}
     try:
         changes = dict(parse_parameter(recipe, text) for text in settings)
         recipe = make_recipe(process_name, **changes)
+    except ValidationError as exc:
+        problem = config_error(exc, changes, process_name, type(recipe))
+        raise click.BadParameter(str(problem), param_hint="--set") from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from exc
     if out.exists() and not force:

@@ -2,10 +2,10 @@
 
 A topology is a TOML file validated by pydantic into frozen dataclasses. ``[farm]`` names
 the chain of stages in order; every stage is a table of its own (``[source]``, ``[l1]``,
-``[hlt]``, ``[archive]``), whose ``config`` sub-table fills the node module's config
-dataclass (``nodes.l1.L1Config(**table)``, its types checked by pydantic, its values by the
-dataclass). Values are checked strictly (no "1" for an int) and errors name the bad key as
-a dotted path in one line, e.g. ``topology.hlt.threads: expected int, got 'x'``.
+``[hlt]``, ``[archive]``), whose ``config`` sub-table fills the node module's config, a
+pydantic dataclass (``nodes.l1.L1Config(**table)``) whose fields declare their bounds.
+Types are checked strictly (no "1" for an int) and errors name the bad key as a dotted
+path in one line, e.g. ``topology.hlt.threads: expected int, got 'x'``.
 
 The roles live in ``deploy.roles``, which builds on this module: a caller that wants each
 stage's role checked passes the registry in (``load_topology(path, roles=ROLES)``).
@@ -58,7 +58,7 @@ class TopologyError(ValueError):
 
 class _FieldError(ValueError):
     """Raised inside validation for a value that is bad together with others: names the
-    field to blame (``_topology_error`` turns it into the dotted key)."""
+    field to blame (``config_error`` turns it into the dotted key)."""
 
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
@@ -404,7 +404,7 @@ def fill_config(cls: type, table: Mapping[str, Any], where: str) -> Any:
     try:
         return cls(**{key: getattr(values, key) for key in table})
     except ValidationError as exc:  # a pydantic dataclass's checks of its values
-        raise _topology_error(exc, table, where, cls) from None
+        raise config_error(exc, table, where, cls) from None
 
 
 @functools.cache
@@ -447,7 +447,7 @@ def _validate(cls: type[_T], table: Mapping[str, Any], where: str) -> _T:
     try:
         return cls(**{key: _tuples(value) for key, value in table.items()})
     except ValidationError as exc:
-        raise _topology_error(exc, table, where, cls) from None
+        raise config_error(exc, table, where, cls) from None
 
 
 def _tuples(value: Any) -> Any:
@@ -458,11 +458,12 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def _topology_error(
+def config_error(
     exc: ValidationError, table: Mapping[str, Any], where: str, cls: type
 ) -> TopologyError:
-    """The first failing key of ``exc`` as a one-line ``TopologyError``; the expectations
-    of a union's members are joined (``expected str | int``)."""
+    """The first failing key of ``exc`` (from validating ``table`` into ``cls``) as a
+    one-line ``TopologyError`` keyed under ``where``; the expectations of a union's members
+    are joined (``expected str | int``). The command lines use it for their options too."""
     errors = exc.errors()
     key, value = _key(errors[0]["loc"], table, where)
     first = errors[0]

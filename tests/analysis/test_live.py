@@ -137,3 +137,18 @@ def test_cli_follow_prints_two_updates(planted: dict[str, Path], tmp_path: Path)
     history = json.loads((tmp_path / "live" / "live.json").read_text())
     assert [h["events_seen"] for h in history] == [12_000, 24_000]
     assert (tmp_path / "live" / "live_significance.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("windows", "problem"),
+    [
+        (["3000", "2000", "400", "200"], "need 0 < width <= stop - start"),
+        (["1000", "1800", "400", "200"], "scan: window (1000.0, 1400.0) needs a sideband bin"),
+    ],
+)
+def test_bad_windows_are_a_one_line_error(tmp_path: Path, windows: list[str], problem: str) -> None:
+    args = ["analyze", "anode", "--archive", str(tmp_path), "--windows", *windows]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert f"Invalid value for --windows: {problem}" in result.output, result.output
+    assert "validation error" not in result.output

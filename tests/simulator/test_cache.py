@@ -176,3 +176,11 @@ def test_cli_makes_a_file_and_refuses_to_overwrite(tmp_path: Path) -> None:
     assert again.exit_code != 0 and "exists" in again.output
     bad = CliRunner().invoke(main, [*args[:-3], "--set", "m_x_gev=3", "--force"])
     assert bad.exit_code != 0 and "m_x_gev" in bad.output
+    # a bad value: one line naming the recipe's key, no pydantic dump
+    bad = CliRunner().invoke(main, [*args[:-3], "--set", "pileup_mean=-1", "--force"])
+    assert bad.exit_code == 2
+    assert "Invalid value for --set: zll.pileup_mean: must be >= 0" in bad.output, bad.output
+    assert "validation error" not in bad.output and "pydantic.dev" not in bad.output
+    recipe = ["simulate", "--recipe", "lhco-like", "--out", str(out), "--set", "pileup_mean=0"]
+    ignored = CliRunner().invoke(main, recipe)
+    assert ignored.exit_code == 2 and "a --recipe has no --set" in ignored.output
