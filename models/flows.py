@@ -9,7 +9,9 @@ x is four LHCO features taken from the ``features`` column (``FLOW_FEATURES``: m
 is mapped to (0, 1) with bounds from a calibration sample or the configuration, sent
 through a logit and standardised. Its log-Jacobian is added in ``log_prob``, so densities
 are in physical units (per GeV for masses) and flows with different preprocessing can be
-mixed. Outside the bounds the density is zero (log density -inf).
+mixed. Outside the bounds the density is zero (log density -inf). A flow holds its
+preprocessing as float64 buffers (``PreprocessingBuffers``), so its ``state_dict`` is
+self-contained.
 
 A flow may be an ensemble of ``n_members`` MAFs trained on the same events from different
 initial weights: its density is their average (exact, by log-sum-exp), which cancels
@@ -33,7 +35,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import pydantic
@@ -86,7 +88,8 @@ class Preprocessing:
     """x -> standardised logit of (x - lower) / (upper - lower); mjj -> (mjj - shift) / scale.
 
     Arrays are float64 with one entry per feature; fixed before the run and stored with
-    the flow's parameters.
+    the flow's parameters (a flow holds them as ``PreprocessingBuffers``, which computes
+    ``forward``, ``inverse`` and ``context`` here too).
     """
 
     lower: np.ndarray
@@ -188,31 +191,85 @@ class Preprocessing:
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z and log|dz/dx| per row; x is clamped into the bounds (see ``inside``)."""
-        lower = _tensor(self.lower, x.dtype)
-        width = _tensor(self.upper - self.lower, x.dtype)
-        mean = _tensor(self.mean, x.dtype)
-        std = _tensor(self.std, x.dtype)
-        u = ((x - lower) / width).clamp(_EPS, 1 - _EPS)
-        z = (torch.log(u) - torch.log1p(-u) - mean) / std
-        log_jac = -(torch.log(width) + torch.log(u) + torch.log1p(-u) + torch.log(std))
+        return PreprocessingBuffers(self).forward(x)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Physical x for standardised logit z."""
+        return PreprocessingBuffers(self).inverse(z)
+
+    def context(self, mjj_gev: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The flow's (N, 1) context for dijet masses in GeV."""
+        return PreprocessingBuffers(self).context(mjj_gev)
+
+
+class PreprocessingBuffers(torch.nn.Module):
+    """A ``Preprocessing`` as float64 buffers named as in ``Preprocessing.arrays``, so that
+    it is in its owner's ``state_dict``. Forward and inverse compute in the input's dtype
+    (float32 in training) from the values cast as ``Preprocessing`` always cast them; the
+    casts are made once per dtype and device (not per call), and again after
+    ``load_state_dict``, the one way to change the buffers."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    mjj: torch.Tensor  # (shift, scale) in GeV
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        for name, array in preprocessing.arrays().items():
+            self.register_buffer(name, torch.tensor(array, dtype=torch.float64))
+        self._casts: dict[tuple[torch.dtype, torch.device], _Cast] = {}
+        self.register_load_state_dict_post_hook(_forget_casts)
+
+    def value(self) -> Preprocessing:
+        """The buffers' values as a ``Preprocessing`` (copies)."""
+        return Preprocessing.from_arrays({k: v.cpu().numpy() for k, v in self.named_buffers()})
+
+    def _cast(self, dtype: torch.dtype) -> _Cast:
+        """The values in ``dtype``; the width is taken in float64 first, as it always was."""
+        key = (dtype, self.lower.device)
+        if key not in self._casts:
+            width = self.upper - self.lower
+            values = (self.lower, width, self.mean, self.std, self.mjj[0], self.mjj[1])
+            self._casts[key] = _Cast(*(v.to(dtype) for v in values))
+        return self._casts[key]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z and log|dz/dx| per row; x is clamped into the bounds (``Preprocessing.inside``)."""
+        c = self._cast(x.dtype)
+        u = ((x - c.lower) / c.width).clamp(_EPS, 1 - _EPS)
+        z = (torch.log(u) - torch.log1p(-u) - c.mean) / c.std
+        log_jac = -(torch.log(c.width) + torch.log(u) + torch.log1p(-u) + torch.log(c.std))
         return z, log_jac.sum(dim=1)
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """Physical x for standardised logit z."""
-        lower = _tensor(self.lower, z.dtype)
-        width = _tensor(self.upper - self.lower, z.dtype)
-        mean = _tensor(self.mean, z.dtype)
-        std = _tensor(self.std, z.dtype)
-        return lower + width * torch.sigmoid(z * std + mean)
+        c = self._cast(z.dtype)
+        return c.lower + c.width * torch.sigmoid(z * c.std + c.mean)
 
     def context(self, mjj_gev: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """The flow's (N, 1) context for dijet masses in GeV."""
+        """The flow's (N, 1) float32 context for dijet masses in GeV."""
         mjj = torch.from_numpy(np.array(mjj_gev, dtype=np.float32)).reshape(-1, 1)
-        return (mjj - self.mjj_shift_gev) / self.mjj_scale_gev
+        c = self._cast(mjj.dtype)
+        return (mjj - c.mjj_shift) / c.mjj_scale
 
 
-def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, copy=True)).to(dtype)
+class _Cast(NamedTuple):
+    """``PreprocessingBuffers``' values in one dtype (the shift and scale 0-d)."""
+
+    lower: torch.Tensor
+    width: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    mjj_shift: torch.Tensor
+    mjj_scale: torch.Tensor
+
+
+def _forget_casts(module: torch.nn.Module, _: object) -> None:
+    """After ``load_state_dict``: the casts are of the old values."""
+    assert isinstance(module, PreprocessingBuffers)
+    module._casts.clear()
 
 
 def build_maf(config: FlowConfig) -> Flow:
@@ -238,7 +295,8 @@ def build_maf(config: FlowConfig) -> Flow:
 
 class ConditionalFlow(torch.nn.Module):
     """p(x | mjj) in physical units: a MAF (or the average of ``n_members`` MAFs) on
-    preprocessed features.
+    preprocessed features. The preprocessing is the buffers of ``pre`` (``pre.lower``, ...
+    in the ``state_dict``); ``preprocessing`` reads it back as a ``Preprocessing``.
 
     Example:
         >>> import numpy as np
@@ -257,7 +315,7 @@ class ConditionalFlow(torch.nn.Module):
             )
             raise ValueError(msg)
         self.config = config
-        self.preprocessing = preprocessing
+        self.pre = PreprocessingBuffers(preprocessing)
         self.maf = MAFEnsemble(
             n_members=config.n_members,
             n_features=config.n_features,
@@ -267,6 +325,11 @@ class ConditionalFlow(torch.nn.Module):
             n_bins=config.n_bins,
             tail_bound=config.tail_bound,
         )
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing held in ``pre``, as a value (a copy)."""
+        return self.pre.value()
 
     def nflows_members(self) -> list[Flow]:
         """The members as nflows MAFs with the same parameters (the reference)."""
@@ -280,8 +343,8 @@ class ConditionalFlow(torch.nn.Module):
     def loss(self, x: np.ndarray, mjj_gev: np.ndarray) -> torch.Tensor:
         """Mean negative log-likelihood in preprocessed space, summed over the members: each
         member's gradient is that of its own likelihood (the training objective)."""
-        z, _ = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
-        context = self.preprocessing.context(mjj_gev)
+        z, _ = self.pre.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
+        context = self.pre.context(mjj_gev)
         return -self.maf.log_prob(z, context).mean(dim=1).sum()
 
     def _log_prob_z(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -293,8 +356,8 @@ class ConditionalFlow(torch.nn.Module):
     def log_prob(self, x: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
         """log p(x | mjj) per row in physical units; -inf outside the preprocessing bounds."""
         x = np.asarray(x, dtype=np.float64)
-        z, log_jac = self.preprocessing.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
-        context = self.preprocessing.context(mjj_gev)
+        z, log_jac = self.pre.forward(torch.from_numpy(np.array(x, dtype=np.float32)))
+        context = self.pre.context(mjj_gev)
         out = np.empty(len(x))
         for start in range(0, len(x), _CHUNK):
             rows = slice(start, start + _CHUNK)
@@ -317,10 +380,10 @@ class ConditionalFlow(torch.nn.Module):
                 rows = np.flatnonzero(which == member)
                 for start in range(0, rows.size, _CHUNK):
                     chunk = rows[start : start + _CHUNK]
-                    context = self.preprocessing.context(mjj[chunk])
+                    context = self.pre.context(mjj[chunk])
                     noise = torch.randn(len(chunk), self.config.n_features)
                     z = self.maf.sample_member(member, noise, context)
-                    out[chunk] = self.preprocessing.inverse(z.double()).numpy()
+                    out[chunk] = self.pre.inverse(z.double()).numpy()
         return out
 
     def parameter_arrays(self) -> dict[str, np.ndarray]:

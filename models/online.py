@@ -306,7 +306,7 @@ class StreamTrainer:
         self.flow.train()
         # the flow's loss (ConditionalFlow.loss) and its clipped gradients: one call of the
         # fused flow kernel when it is available (models.flow_kernel), else autograd
-        pre = self.flow.preprocessing
+        pre = self.flow.pre
         z, _ = pre.forward(torch.from_numpy(x))
         loss, _ = self.flow.maf.nll_backward(z, pre.context(mjj), max_norm=self.config.grad_clip)
         self.optimizer.step()
