@@ -3,6 +3,7 @@ sampling that matches the density, and parameters that round-trip."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -180,6 +181,89 @@ def test_parameters_round_trip_exactly() -> None:
     assert other.log_prob(x, m) == flow.log_prob(x, m)
     with pytest.raises(ValueError, match="names differ"):
         other.load_parameter_arrays({"nope": np.zeros(1, "f4")})
+
+
+def calibrated_flow(seed: int) -> ConditionalFlow:
+    """A 4-feature ensemble with calibrated (not float32-representable) preprocessing."""
+    rng = np.random.default_rng(seed)
+    sample = rng.normal(size=(500, 4)) * [50, 30, 0.2, 0.2] + [300, 100, 0.5, 0.5]
+    torch.manual_seed(seed)
+    config = FlowConfig(n_transforms=2, hidden_features=16, n_members=2)
+    flow = ConditionalFlow(config, Preprocessing.calibrate(sample, mjj_shift_gev=3333.3))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return flow
+
+
+def test_the_state_dict_holds_the_preprocessing_and_round_trips_the_density() -> None:
+    """Through torch.save, a flow built (and used) with other bounds takes the preprocessing,
+    the densities and the samples of the saved one, bit for bit."""
+    flow = calibrated_flow(7)
+    state = flow.state_dict()
+    pre = {k: v for k, v in state.items() if k.startswith("pre.")}
+    assert {k: v.dtype for k, v in pre.items()} == {
+        f"pre.{name}": torch.float64 for name in ("lower", "upper", "mean", "std", "mjj")
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(300, 4)) * [50, 30, 0.2, 0.2] + [300, 100, 0.5, 0.5]
+    m = rng.uniform(2000, 6000, 300)
+    fresh = ConditionalFlow(flow.config, Preprocessing.from_bounds([0] * 4, [1] * 4))
+    fresh.sample(m, seed=2)
+    assert not np.isfinite(fresh.log_prob(x, m)).any()  # outside its bounds
+    fresh.load_state_dict(torch.load(buffer))
+    for name, array in flow.preprocessing.arrays().items():
+        assert fresh.preprocessing.arrays()[name].tobytes() == array.tobytes(), name
+    np.testing.assert_array_equal(fresh.log_prob(x, m), flow.log_prob(x, m))
+    np.testing.assert_array_equal(fresh.sample(m, seed=2), flow.sample(m, seed=2))
+
+
+def _cast_per_call(
+    pre: Preprocessing, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The preprocessing as computed before it was buffers: each float64 array (the width
+    taken in float64) cast to x's dtype per call. z, log|dz/dx| and x from z again."""
+
+    def cast(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(array)).to(x.dtype)
+
+    lower, width, mean, std = map(cast, (pre.lower, pre.upper - pre.lower, pre.mean, pre.std))
+    u = ((x - lower) / width).clamp(1e-6, 1 - 1e-6)
+    z = (torch.log(u) - torch.log1p(-u) - mean) / std
+    log_jac = -(torch.log(width) + torch.log(u) + torch.log1p(-u) + torch.log(std))
+    return z, log_jac.sum(dim=1), lower + width * torch.sigmoid(z * std + mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_buffers_compute_exactly_as_the_arrays_did(dtype: torch.dtype) -> None:
+    """Same bits as the per-call cast of the float64 arrays, in float32 (training) and
+    float64 (sampling); and the test tells apart float32 storage, whose width differs."""
+    flow = calibrated_flow(9)
+    pre = flow.preprocessing
+    rng = np.random.default_rng(10)
+    physical = rng.normal(size=(400, 4)) * [50, 30, 0.2, 0.2] + [300, 100, 0.5, 0.5]
+    x = torch.from_numpy(physical).to(dtype)
+    z, log_jac, back = _cast_per_call(pre, x)
+    ours_z, ours_log_jac = flow.pre.forward(x)
+    assert ours_z.dtype == ours_log_jac.dtype == dtype
+    assert torch.equal(ours_z, z) and torch.equal(ours_log_jac, log_jac)
+    assert torch.equal(flow.pre.inverse(z), back)
+    m = rng.uniform(2000, 6000, 400)
+    context = flow.pre.context(m)
+    expected = torch.from_numpy(((m.astype(np.float32) - np.float32(3333.3)) / 1000)[:, None])
+    assert torch.equal(context, expected)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            members = flow.maf.log_prob(z, context)
+        log_p = (torch.logsumexp(members, 0) - np.log(len(members)) + log_jac).double().numpy()
+        log_p[~pre.inside(x.double().numpy())] = -np.inf
+        np.testing.assert_allclose(flow.log_prob(x.double().numpy(), m), log_p, rtol=1e-6)
+        lower32, upper32 = pre.lower.astype(np.float32), pre.upper.astype(np.float32)
+        stored32 = Preprocessing(lower32, upper32, pre.mean, pre.std)
+        assert not torch.equal(_cast_per_call(stored32, x)[0], z)
 
 
 @pytest.mark.parametrize(
