@@ -12,8 +12,10 @@ labelled test events that score them.
 - ``anode``: log p_data(x|m) - log p_sideband(x|m), the likelihood ratio evaluated
   directly (ANODE, arXiv:2001.04990).
 
-The data flow is the signal-region flow where the archive has one (it learned only
-signal-region events, several steps each), else the all-data flow.
+The data flows are the two signal-region flows where the archive has them (they learned
+only signal-region events, several steps each, split in two folds by ``models.online.fold``),
+else the all-data flow. ANODE scores each event with the fold's flow that never trained on
+it, so that a cut on stored events does not favour a flow's own training events.
 - ``cwola_stored``: CWoLa on stored events, the conventional path that keeps everything.
 - ``idealised``: stored signal-region events against independent true background there.
 """
@@ -28,6 +30,7 @@ import numpy as np
 from analysis.classifier import ClassifierConfig, Ensemble, train_ensemble
 from analysis.data import Events
 from models.flows import FEATURE_INDICES, MJJ_INDEX, FlowMixture
+from models.online import FOLD_ROLES, fold
 from models.snapshot import FlowSnapshot
 
 METHODS = ("cwola", "cathode", "anode", "cwola_stored", "idealised")
@@ -60,17 +63,38 @@ class FlowModels:
     mjj_edges: np.ndarray
     events_seen: int
     nodes: tuple[str, ...]
-    signal_region: FlowMixture | None = None
+    signal_region: tuple[FlowMixture, FlowMixture] | None = None
 
-    @property
-    def data(self) -> FlowMixture:
-        """The density of the data in the signal region: the signal-region flow if
-        archived, else the all-data flow."""
-        return self.all_data if self.signal_region is None else self.signal_region
+    def data_log_prob(self, features: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
+        """log p_data(x | m) of events (features (N, 8)) at masses ``mjj_gev``: from the
+        signal-region flow of the fold that did not train on each event, else the
+        all-data flow."""
+        x = _x(features)
+        if self.signal_region is None:
+            return self.all_data.log_prob(x, mjj_gev)
+        folds = fold(features)
+        out = np.empty(len(x))
+        for k, other in ((0, self.signal_region[1]), (1, self.signal_region[0])):
+            rows = folds == k
+            out[rows] = other.log_prob(x[rows], mjj_gev[rows])
+        return out
+
+    def sample_data(self, mjj_gev: np.ndarray, *, seed: int) -> np.ndarray:
+        """Samples of the data density at ``mjj_gev`` (half from each signal-region flow)."""
+        if self.signal_region is None:
+            return self.all_data.sample(mjj_gev, seed=seed)
+        half = len(mjj_gev) // 2
+        return np.concatenate(
+            [
+                self.signal_region[0].sample(mjj_gev[:half], seed=seed),
+                self.signal_region[1].sample(mjj_gev[half:], seed=seed),
+            ]
+        )
 
     @staticmethod
     def from_snapshots(snapshots: Sequence[FlowSnapshot]) -> FlowModels:
-        """Mixtures weighted by events seen; needs both roles from at least one node."""
+        """Mixtures weighted by events seen; needs the all-data and sideband roles from at
+        least one node, and both signal-region folds or neither."""
         by_role: dict[str, list[FlowSnapshot]] = {"all": [], "sideband": []}
         for snap in snapshots:
             by_role.setdefault(snap.role, []).append(snap)
@@ -82,6 +106,10 @@ class FlowModels:
             for role, snaps in by_role.items()
             if snaps
         }
+        folds = [role for role in FOLD_ROLES if role in mixtures]
+        if folds and folds != list(FOLD_ROLES):
+            msg = f"need both signal-region folds {FOLD_ROLES} or neither, got {folds}"
+            raise ValueError(msg)
         first = by_role["all"][0]
         return FlowModels(
             mixtures["all"],
@@ -90,7 +118,7 @@ class FlowModels:
             np.asarray(first.arrays["mjj_edges"]),
             sum(s.events_seen for s in by_role["all"]),
             tuple(sorted({s.node_id for s in by_role["all"]})),
-            mixtures.get("signal_region"),
+            (mixtures[FOLD_ROLES[0]], mixtures[FOLD_ROLES[1]]) if folds else None,
         )
 
     def sample_mjj(
@@ -138,16 +166,17 @@ def cathode(models: FlowModels, config: SearchConfig, *, stored: Events | None =
     )
     if stored is None:
         m_data = models.sample_mjj([config.signal_region_gev], n, rng)
-        data = models.data.sample(m_data, seed=config.seed * 10 + 4)
+        data = models.sample_data(m_data, seed=config.seed * 10 + 4)
     else:
         data = _x(stored.select(stored.in_window(config.signal_region_gev)).features)
     return _classify(data, background, config)
 
 
 def anode_scores(models: FlowModels, features: np.ndarray) -> np.ndarray:
-    x, mjj = _x(features), np.asarray(features)[:, MJJ_INDEX]
+    features = np.asarray(features)
+    x, mjj = _x(features), features[:, MJJ_INDEX]
     with np.errstate(invalid="ignore"):
-        ratio = models.data.log_prob(x, mjj) - models.sideband.log_prob(x, mjj)
+        ratio = models.data_log_prob(features, mjj) - models.sideband.log_prob(x, mjj)
     # Outside both flows' support (-inf - -inf) an event is not evidence of anything.
     return np.where(np.isnan(ratio), -np.inf, ratio)
 

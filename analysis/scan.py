@@ -329,13 +329,15 @@ def window_scorer(
 
 def anode_at_window(models: Any, features: np.ndarray, window: Window) -> np.ndarray:
     """log p_data(x | m_c) - log p_sideband(x | m_c) at the window's centre m_c (the data
-    flow: the window's signal-region flow where archived, else the all-data flow)."""
+    density: the window's signal-region flows, out of fold, where archived; else the
+    all-data flow)."""
     from models.flows import FEATURE_INDICES
 
-    x = np.asarray(features)[:, FEATURE_INDICES]
+    features = np.asarray(features)
+    x = features[:, FEATURE_INDICES]
     centre = np.full(len(x), 0.5 * (window[0] + window[1]))
     with np.errstate(invalid="ignore"):
-        ratio = models.data.log_prob(x, centre) - models.sideband.log_prob(x, centre)
+        ratio = models.data_log_prob(features, centre) - models.sideband.log_prob(x, centre)
     return np.where(np.isnan(ratio), -np.inf, ratio)
 
 
@@ -345,13 +347,14 @@ class FlowSets:
     The all-data flow is conditioned on mjj and serves every window. A sideband flow serves
     only the window it excluded during training (``signal_region_gev`` in its snapshot):
     one conditional sideband flow cannot serve a window whose events it learned; the
-    signal-region flow trained beside it (if any) serves that window too. An archive
+    signal-region flows trained beside it (if any) serve that window too. An archive
     holds one such pair per node and signal region, so CATHODE and ANODE scan only those
     windows; CWoLa from flows scans them all.
     """
 
     def __init__(self, snapshots: Sequence[Any]) -> None:
         from analysis.methods import FlowModels
+        from models.online import FOLD_ROLES
 
         everything = [s for s in snapshots if s.role == "all"]
         regions = sorted({tuple(s.signal_region_gev) for s in snapshots if s.role == "sideband"})
@@ -360,7 +363,7 @@ class FlowSets:
             side = [
                 s
                 for s in snapshots
-                if s.role in ("sideband", "signal_region") and tuple(s.signal_region_gev) == region
+                if s.role in ("sideband", *FOLD_ROLES) and tuple(s.signal_region_gev) == region
             ]
             self.by_window[(float(region[0]), float(region[1]))] = FlowModels.from_snapshots(
                 everything + side

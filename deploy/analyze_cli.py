@@ -280,5 +280,6 @@ def cathode(**kw: Any) -> None:
 @analyze.command()
 @_options
 def anode(**kw: Any) -> None:
-    """ANODE: the likelihood ratio of the data (signal-region or all-data) and sideband flows."""
+    """ANODE: the likelihood ratio of the data (signal-region, out of fold, or all-data)
+    and sideband flows."""
     _run("anode", **kw)

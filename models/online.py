@@ -20,10 +20,14 @@ averaging lowers the flows' test NLL by 0.04-0.07; benchmarks/RESULTS.md).
 
 ``OnlineFlow`` runs its trainers side by side on one stream: the all-data flow, the
 sideband flow, which is never offered an event whose mjj lies in the signal region, and
-the signal-region flow, offered only those events (each serving ``signal_region_replay``
-steps: they are 14% of the LHCO-like stream, so it costs about half the all-data flow's
-time). The signal region is configured before data taking, as the sideband flow already
-needs it. Preprocessing is fixed before training: from configured bounds, or from the first
+two signal-region flows, offered only those events, each serving
+``signal_region_replay`` steps (they are 14% of the LHCO-like stream, so the two cost
+about half the all-data flow's time). Signal-region events are split between those two
+by ``fold``, a hash of the event's features, so that an analysis can score every event
+with the flow that never trained on it: a flow scoring its own training events favours
+them, and a cut on that score makes a bump where there is none. The signal region is
+configured before data taking, as the sideband flow already needs it. Preprocessing is
+fixed before training: from configured bounds, or from the first
 ``calibration_events`` of the stream (kept in a bounded list, then trained on as usual).
 """
 
@@ -55,7 +59,27 @@ from models.flows import (
 # mjj histogram kept with each flow (for sampling at the mjj of the events seen);
 # outside 1-9 TeV events count in the end bins.
 MJJ_EDGES_GEV = np.linspace(1000.0, 9000.0, 161)
-ROLES = ("all", "sideband", "signal_region")
+ROLES = ("all", "sideband", "signal_region_0", "signal_region_1")
+FOLD_ROLES = ROLES[2:]
+
+
+def fold(features: np.ndarray) -> np.ndarray:
+    """0 or 1 per event (rows of the schema's 8 ``features``), from a hash of their float32
+    bits: the learner and an analysis of the archived events compute the same split.
+
+    The hash is splitmix64's finaliser applied feature by feature, so one changed bit of any
+    feature flips the fold of about half the events.
+    """
+    bits = np.ascontiguousarray(np.asarray(features, dtype=np.float32)).view(np.uint32)
+    h = np.zeros(len(bits), np.uint64)
+    for column in bits.T.astype(np.uint64):
+        h ^= column
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h >> np.uint64(63)).astype(np.int64)
 
 
 @pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
@@ -79,9 +103,9 @@ class OnlineConfig:
         calibration_events: events that fix the preprocessing when no bounds are given.
         bounds_lower, bounds_upper: fixed preprocessing bounds (both or neither).
         signal_region_gev: the mjj window the sideband flow never sees and the
-            signal-region flow learns.
-        signal_region_replay: optimizer steps each event serves in the signal-region flow
-            (its ``replay``); 0 trains no signal-region flow.
+            signal-region flows learn.
+        signal_region_replay: optimizer steps each event serves in its signal-region flow
+            (their ``replay``); 0 trains no signal-region flows.
         mjj_shift_gev, mjj_scale_gev: context = (mjj - shift) / scale.
         seed: seeds the flows' initial weights and the minibatch draws.
 
@@ -335,9 +359,9 @@ class OnlineFlow:
     preprocessing is fixed, events are held for calibration (at most
     ``calibration_events``); then every event goes to the all-data trainer, every
     sideband event to the sideband trainer and every signal-region event to the
-    signal-region trainer (if ``signal_region_replay`` > 0). ``agree`` (optional) maps
-    the calibrated preprocessing to the one to use, e.g. one agreed with other nodes that
-    average their flows with this one's.
+    signal-region trainer of its ``fold`` (if ``signal_region_replay`` > 0). ``agree``
+    (optional) maps the calibrated preprocessing to the one to use, e.g. one agreed with
+    other nodes that average their flows with this one's.
 
     Example:
         >>> import numpy as np
@@ -410,8 +434,12 @@ class OnlineFlow:
         missed = self.trainers["all"].offer(x, mjj, deadline_s=deadline_s)
         inside = self.in_signal_region(mjj)
         self.trainers["sideband"].offer(x[~inside], mjj[~inside], deadline_s=deadline_s)
-        if "signal_region" in self.trainers:
-            self.trainers["signal_region"].offer(x[inside], mjj[inside], deadline_s=deadline_s)
+        if FOLD_ROLES[0] in self.trainers:
+            folds = fold(features[inside])
+            x, mjj = x[inside], mjj[inside]
+            for k, role in enumerate(FOLD_ROLES):
+                rows = folds == k
+                self.trainers[role].offer(x[rows], mjj[rows], deadline_s=deadline_s)
         return missed
 
     def finish(self) -> None:
@@ -444,7 +472,7 @@ class OnlineFlow:
         }
 
     def _calibrate(self, features: np.ndarray) -> dict[str, Preprocessing]:
-        """Preprocessing per flow. The signal-region flow takes the all-data flow's: the
+        """Preprocessing per flow. The signal-region flows take the all-data flow's: the
         signal region's first events are few, and on the million-event LHCO-like stream
         its own calibration lowered ANODE's max SIC (3.3-3.9 against 3.9-4.2, 2 seeds)."""
         cfg = self.config
@@ -456,8 +484,8 @@ class OnlineFlow:
             out[role] = Preprocessing.calibrate(
                 sample, mjj_shift_gev=cfg.mjj_shift_gev, mjj_scale_gev=cfg.mjj_scale_gev
             )
-        if "signal_region" in self.roles:
-            out["signal_region"] = out["all"]
+        for role in set(FOLD_ROLES) & set(self.roles):
+            out[role] = out["all"]
         return out
 
     def _agreed(self, preprocessing: dict[str, Preprocessing]) -> dict[str, Preprocessing]:
@@ -472,7 +500,7 @@ class OnlineFlow:
             if self._on_step is not None:
                 on_step = _tagged(self._on_step, role)
             config = self.config
-            if role == "signal_region":
+            if role in FOLD_ROLES:
                 config = dataclasses.replace(config, replay=config.signal_region_replay)
             self.trainers[role] = StreamTrainer(
                 config,

@@ -59,7 +59,8 @@ class FlowSnapshot:
     """One flow's state at one moment, with provenance.
 
     ``role`` is ``"all"`` (trained on every event), ``"sideband"`` (never saw a
-    signal-region event) or ``"signal_region"`` (saw only those). ``training`` (JSON) says
+    signal-region event) or ``"signal_region_<k>"`` (saw only those of fold k, see
+    ``models.online.fold``). ``training`` (JSON) says
     how it was trained: minibatch, replay factor, learning rate, averaging nodes.
     ``arrays`` holds ``param/<name>`` (float32), ``pre/<name>`` (float64) and
     ``mjj_hist``/``mjj_edges`` (the mjj spectrum of the events seen).

@@ -3,6 +3,7 @@ labelled test events that were never used for training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from analysis.methods import FlowModels, SearchConfig
 from analysis.report import evaluate, score_method
 from deploy.cli import main
 from models.archive import Archive
+from models.flows import FEATURE_INDICES, MJJ_INDEX
+from models.online import fold
 from simulator.replay import read_features
 
 pytestmark = pytest.mark.slow  # trains flows and classifiers
@@ -93,6 +96,23 @@ def test_cli_writes_plots_and_summary(planted: dict[str, Path]) -> None:
     assert tight["local_significance"] > max(5.0, loose["local_significance"])
     assert scan["best_window_gev"] == [3300.0, 3700.0]
     assert scan["global_significance"] > 3
-    # 2 nodes x 3 flows, at the two lumi-block ends and at the finish.
-    assert summary["storage"]["flow_snapshot"]["files"] == 18
+    # 2 nodes x 4 flows, at the two lumi-block ends and at the finish.
+    assert summary["storage"]["flow_snapshot"]["files"] == 24
     assert np.isfinite(summary["storage"]["flow_bytes_per_event_seen_latest"])
+
+
+def test_anode_scores_each_event_with_the_fold_that_never_trained_on_it(
+    models: FlowModels, planted: dict[str, Path]
+) -> None:
+    assert models.signal_region is not None, "the learners' default trains both folds"
+    events = Events(*read_features([str(planted["test"])])).features
+    x, mjj = events[:, FEATURE_INDICES], events[:, MJJ_INDEX]
+    folds = fold(events)
+    own = [models.signal_region[k].log_prob(x, mjj) for k in (0, 1)]
+    expected = np.where(folds == 0, own[1], own[0])
+    np.testing.assert_array_equal(models.data_log_prob(events, mjj), expected)
+    assert not np.allclose(own[0], own[1])  # two flows: scoring with the wrong one differs
+    without = dataclasses.replace(models, signal_region=None)
+    np.testing.assert_array_equal(
+        without.data_log_prob(events, mjj), models.all_data.log_prob(x, mjj)
+    )

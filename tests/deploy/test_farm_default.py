@@ -44,13 +44,14 @@ def test_trigfarm_run_default_chain(tmp_path: Path) -> None:
     assert stages["hlt"]["records_out"] == stages["archive"]["records_in"] >= 1
 
     from models.archive import Archive
+    from models.online import ROLES as FLOW_ROLES
 
     archive = Archive(out / "archive")
     assert archive.verify() == []
     snapshots = list(archive.snapshots())
     assert snapshots, "no flow snapshot in the archive"
     assert {s.node_id for s in snapshots} == {"hlt-0", "hlt-1"}
-    assert {s.role for s in snapshots} == {"all", "sideband", "signal_region"}
+    assert {s.role for s in snapshots} == set(FLOW_ROLES)
     seen = sum(s.events_seen for s in snapshots if s.role == "all")
     assert seen == stages["hlt"]["events_in"]  # every HLT event reached a flow
     snapshots[0].flow()  # loads into a working flow

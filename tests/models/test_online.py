@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.online import OnlineConfig, OnlineFlow
+from models.online import FOLD_ROLES, ROLES, OnlineConfig, OnlineFlow, fold
 from stream.testing import FakeClock
 from tests.conftest import SmallFlow
 
@@ -36,7 +36,7 @@ def features(n: int, seed: int) -> np.ndarray:
 
 
 def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> None:
-    seen: dict[str, Counter] = {"all": Counter(), "sideband": Counter(), "signal_region": Counter()}
+    seen: dict[str, Counter] = {role: Counter() for role in ROLES}
     config = OnlineConfig(**SMALL, buffer_size=96, batch_size=32, calibration_events=100)
     online = OnlineFlow(config, on_step=lambda role, idx: seen[role].update(idx.tolist()))
     x = features(1000, 0)
@@ -54,14 +54,30 @@ def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> Non
         (np.linspace(1000, 9000, 161)[:-1] >= low) & (np.linspace(1000, 9000, 161)[1:] <= high)
     ]
     assert in_sr_hist.sum() == 0
-    # The signal-region flow learns the SR events only, each signal_region_replay times.
-    n_sr = int((~sideband).sum())
-    assert sorted(seen["signal_region"]) == list(range(n_sr))
-    assert set(seen["signal_region"].values()) == {config.signal_region_replay}
-    sr_stats = online.trainers["signal_region"].stats
-    assert sr_stats.offered == sr_stats.learned == n_sr
-    assert sr_stats.mjj_hist.sum() == n_sr
-    assert sr_stats.mjj_min_gev >= low and sr_stats.mjj_max_gev < high
+    # The signal-region flows learn the SR events of their fold only, each
+    # signal_region_replay times.
+    folds = fold(x[~sideband])
+    assert 0 < folds.sum() < folds.size
+    for k, role in enumerate(FOLD_ROLES):
+        n_fold = int((folds == k).sum())
+        assert sorted(seen[role]) == list(range(n_fold))
+        assert set(seen[role].values()) == {config.signal_region_replay}
+        sr_stats = online.trainers[role].stats
+        assert sr_stats.offered == sr_stats.learned == n_fold
+        assert sr_stats.mjj_hist.sum() == n_fold
+        assert sr_stats.mjj_min_gev >= low and sr_stats.mjj_max_gev < high
+
+
+def test_the_fold_is_a_function_of_the_features_alone() -> None:
+    x = features(20_000, 4)
+    folds = fold(x)
+    assert set(folds.tolist()) == {0, 1} and abs(folds.mean() - 0.5) < 0.02
+    # the same split from float64 copies (the archive's reader), in any order
+    order = np.random.default_rng(0).permutation(len(x))
+    np.testing.assert_array_equal(fold(x.astype(np.float64)[order]), folds[order])
+    changed = x.copy()
+    changed[:, 3] = np.nextafter(changed[:, 3], np.float32(1))  # one bit of one feature
+    assert 0.4 < (fold(changed) != folds).mean() < 0.6
 
 
 def test_no_signal_region_flow_at_replay_0() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from models.online import FOLD_ROLES, ROLES
 from models.snapshot import FlowSnapshot
 from nodes.learner import FlowLearner, FlowLearnerConfig, build_learner
 from stream.batch import EventBatch, Record
@@ -59,24 +60,25 @@ def test_snapshots_every_n_events_and_at_lumi_end() -> None:
         records += learner.learn(batch(100, 1, i))
     assert records == []
     records += learner.learn(batch(100, 2, 3))
-    assert len(records) == 3  # lumi 1 ended: one snapshot per flow
+    assert len(records) == 4  # lumi 1 ended: one snapshot per flow
     for i in range(4, 12):
         records += learner.learn(batch(100, 2, i))
-    assert len(records) == 3
+    assert len(records) == 4
     records += learner.learn(batch(100, 2, 12))
-    assert len(records) == 6  # 1000 events since the last snapshot
+    assert len(records) == 8  # 1000 events since the last snapshot
     records += learner.finish()
     snaps = [FlowSnapshot.from_record(r) for r in records]
-    assert {s.role for s in snaps} == {"all", "sideband", "signal_region"}
+    assert {s.role for s in snaps} == set(ROLES)
     final = [s for s in snaps if s.sequence == 3]
     all_flow = next(s for s in final if s.role == "all")
     assert all_flow.events_seen == 1300 and (all_flow.lumi_first, all_flow.lumi_last) == (1, 2)
     assert all_flow.run == 5 and 2500 <= all_flow.mjj_min_gev < all_flow.mjj_max_gev <= 4500
     side = next(s for s in final if s.role == "sideband")
     assert side.events_seen < 1300 and side.arrays["mjj_hist"].sum() == side.events_seen
-    signal_region = next(s for s in final if s.role == "signal_region")
-    assert signal_region.events_seen == 1300 - side.events_seen
-    assert json.loads(signal_region.training)["replay"] == config.signal_region_replay
+    folds = [s for s in final if s.role in FOLD_ROLES]
+    assert sum(s.events_seen for s in folds) == 1300 - side.events_seen
+    assert all(s.events_seen > 0 for s in folds)
+    assert {json.loads(s.training)["replay"] for s in folds} == {config.signal_region_replay}
     assert json.loads(all_flow.training)["replay"] == config.replay
     report = learner.report()
     assert report["events_seen"] == 1300 and report["events_learned"] == 1300
@@ -148,12 +150,12 @@ def test_snapshots_also_come_by_time_so_a_crash_loses_at_most_one_interval() -> 
     assert learner.learn(batch(100, 1, 1)) == []
     clock.advance(1.5)
     first = [FlowSnapshot.from_record(r) for r in learner.learn(batch(100, 1, 2))]
-    assert {s.role for s in first} == {"all", "sideband", "signal_region"}
+    assert {s.role for s in first} == set(ROLES)
     assert first[0].events_seen == 400
     clock.advance(10.0)
     assert learner.learn(batch(100, 1, 3)) == []  # the interval restarts at each snapshot
     clock.advance(25.0)
-    assert len(learner.learn(batch(100, 1, 4))) == 3
+    assert len(learner.learn(batch(100, 1, 4))) == 4
 
 
 def test_snapshots_record_how_the_flow_was_trained() -> None:
