@@ -171,7 +171,8 @@ def score(
 ) -> dict[str, float]:
     """ANODE AUC and max SIC of the node mixtures on the labelled SR test events, the mean
     test-background NLL of each mixture, and the all-data mixture's mean NLL on the
-    validation background inside the flows' bounds (what settings are chosen by)."""
+    validation background (what settings are chosen by). NLLs are over the events inside
+    the flows' calibrated bounds (outside, the density is 0); those outside are counted."""
     mixture = FlowMixture(all_flows, events_seen)
     valid_x, valid_mjj = (
         validation_sr.features[:, FEATURE_INDICES],
@@ -186,11 +187,13 @@ def score(
     assert test_sr.is_signal is not None
     curve = roc(np.nan_to_num(log_all - log_sideband, nan=-np.inf), test_sr.is_signal)
     background = ~test_sr.is_signal
+    kept = background & np.isfinite(log_all) & np.isfinite(log_sideband)
     return {
         "anode_auc": curve.auc,
         "anode_max_sic": curve.max_sic(),
-        "nll_background_all": float(-log_all[background].mean()),
-        "nll_background_sideband": float(-log_sideband[background].mean()),
+        "nll_background_all": float(-log_all[kept].mean()),
+        "nll_background_sideband": float(-log_sideband[kept].mean()),
+        "test_background_outside_bounds": int((background & ~kept).sum()),
         "nll_validation_all": nll_validation,
         "validation_outside_bounds": int((~inside).sum()),
     }
