@@ -10,7 +10,8 @@ This module holds the format (the index schema, the checksums) and the reader; t
 imports the format from here, and the offline analysis reads archives through ``Archive``
 without loading the node runtime. Every file a reader loads is checked against the SHA-256
 in the index: a corrupted, partial or missing file raises ``ArchiveError`` or is listed by
-``Archive.verify()``, never loaded silently.
+``Archive.verify()``, never loaded silently. A snapshot stored without its parameters
+(the archive already held the same flow) is loaded with those of the file it names.
 """
 
 from __future__ import annotations
@@ -159,18 +160,40 @@ class Archive:
 
     def load_snapshot(self, entry: ArchiveEntry) -> FlowSnapshot:
         """Read one snapshot, checking the index checksum and the file's own checks."""
+        data = self._verified_bytes(entry.path, entry.sha256)
         try:
-            data = entry.path.read_bytes()
-        except OSError as exc:
-            msg = f"{entry.path}: cannot read ({exc})"
-            raise ArchiveError(msg) from exc
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            msg = f"{entry.path}: checksum differs from the index (corrupted or partial)"
-            raise ArchiveError(msg)
-        try:
-            return FlowSnapshot.from_bytes(data, source=str(entry.path))
+            return FlowSnapshot.from_bytes(data, source=str(entry.path), shared=self._holder)
         except SnapshotError as exc:
             raise ArchiveError(str(exc)) from exc
+
+    def _holder(self, name: str) -> FlowSnapshot:
+        """The indexed snapshot file ``name`` (relative to the root) that another snapshot
+        keeps its parameters in, checked as ``load_snapshot`` checks."""
+        db = sqlite3.connect(f"file:{self._index_path}?mode=ro", uri=True)
+        try:
+            row = db.execute(
+                "SELECT sha256 FROM files WHERE kind = ? AND path = ?", (SNAPSHOT_KIND, name)
+            ).fetchone()
+        finally:
+            db.close()
+        path = self.root / name
+        if row is None:
+            msg = f"{path}: holds another snapshot's parameters but is not in the index"
+            raise ArchiveError(msg)
+        return FlowSnapshot.from_bytes(self._verified_bytes(path, row[0]), source=str(path))
+
+    @staticmethod
+    def _verified_bytes(path: Path, sha256: str) -> bytes:
+        """The file's content, once it matches the SHA-256 the index recorded."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            msg = f"{path}: cannot read ({exc})"
+            raise ArchiveError(msg) from exc
+        if hashlib.sha256(data).hexdigest() != sha256:
+            msg = f"{path}: checksum differs from the index (corrupted or partial)"
+            raise ArchiveError(msg)
+        return data
 
     def snapshots(
         self,

@@ -2,7 +2,9 @@
 
 A ``FlowSnapshot`` holds the flow's parameters and preprocessing, the events it saw, the
 mjj range and histogram of those events, the training loss, who made it (node id, role,
-run and lumi range) and the code version. ``content_hash`` (SHA-256) covers all of it.
+run and lumi range) and the code version. ``content_hash`` (SHA-256) covers all of it;
+``parameters_hash`` covers only what defines the density (flow config, parameters,
+preprocessing), so the identical flows of an averaging group's nodes share one.
 
 It travels as a stream ``Record`` of kind ``"flow_snapshot"`` and is stored as a file
 holding that record's wire frames (``stream.codec``): magic, the frame count, each frame
@@ -11,6 +13,11 @@ magic, the lengths and the trailer, decodes the frames with the codec (its dtype
 and size checks), then checks the content hash; anything wrong raises ``SnapshotError``
 (a ``FrameError``): a corrupted or partial snapshot is never loaded silently. Files of
 the first format (one msgpack header, then the arrays back to back) still load.
+
+A file may leave its parameters and preprocessing in another snapshot file
+(``to_bytes(parameters_in=...)``; the archive does this for a flow it already holds). It
+names that file and its ``parameters_hash``; reading it takes a ``shared`` loader for the
+named file and checks that hash before the content hash of the whole.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import hashlib
 import itertools
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -42,6 +49,7 @@ _MAGIC = b"TFSNAP2\n"  # the record's wire frames
 _MAGIC_V1 = b"TFSNAP1\n"  # one header and the arrays back to back (read only)
 _PARAM = "param/"
 _PRE = "pre/"
+_DENSITY = (_PARAM, _PRE)  # the arrays that define the density (``parameters_hash``)
 
 
 def code_version() -> str:
@@ -135,14 +143,15 @@ class FlowSnapshot:
 
     def compute_hash(self) -> str:
         """SHA-256 over the canonical metadata (hash excluded) and every array."""
-        digest = hashlib.sha256()
         meta = {k: v for k, v in self.meta().items() if k != "content_hash"}
-        digest.update(json.dumps(meta, sort_keys=True).encode())
-        for name in sorted(self.arrays):
-            array = np.ascontiguousarray(self.arrays[name])
-            digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-            digest.update(array.tobytes())
-        return digest.hexdigest()
+        return _digest(json.dumps(meta, sort_keys=True), self.arrays)
+
+    @property
+    def parameters_hash(self) -> str:
+        """SHA-256 over the flow config, parameters and preprocessing, not the provenance:
+        two nodes that averaged to the same flow publish snapshots with equal ones."""
+        density = {k: v for k, v in self.arrays.items() if k.startswith(_DENSITY)}
+        return _digest(self.flow_config, density)
 
     def flow(self) -> ConditionalFlow:
         """The flow rebuilt from the snapshot (parameters bit for bit)."""
@@ -174,10 +183,17 @@ class FlowSnapshot:
 
     # -- files ---------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, *, parameters_in: str | None = None) -> bytes:
         """The file format: magic, frame count, the record's frames (each with its length),
-        SHA-256 of everything before."""
-        frames = [memoryview(f).cast("B") for f in encode(self.to_record())]
+        SHA-256 of everything before. With ``parameters_in`` the parameters and
+        preprocessing are left out and the file names where they are instead."""
+        record = self.to_record()
+        if parameters_in is not None:
+            meta = dict(record.meta)
+            meta |= {"parameters_in": parameters_in, "parameters_hash": self.parameters_hash}
+            arrays = {k: v for k, v in record.arrays.items() if not k.startswith(_DENSITY)}
+            record = Record(SNAPSHOT_KIND, meta, arrays)
+        frames = [memoryview(f).cast("B") for f in encode(record)]
         parts: list[bytes | memoryview] = [_MAGIC, struct.pack("<I", len(frames))]
         for frame in frames:
             parts += [struct.pack("<Q", frame.nbytes), frame]
@@ -185,9 +201,15 @@ class FlowSnapshot:
         return body + hashlib.sha256(body).digest()
 
     @staticmethod
-    def from_bytes(data: bytes, *, source: str = "<bytes>") -> FlowSnapshot:
+    def from_bytes(
+        data: bytes,
+        *,
+        source: str = "<bytes>",
+        shared: Callable[[str], FlowSnapshot] | None = None,
+    ) -> FlowSnapshot:
         """Parse ``to_bytes`` output (or the first format), checking magic, lengths,
-        checksum, the codec's array checks and the content hash."""
+        checksum, the codec's array checks and the content hash. ``shared`` loads the
+        snapshot named by a file that keeps its parameters there."""
         magic = data[: len(_MAGIC)]
         if len(data) < len(_MAGIC) + 4 + 32 or magic not in (_MAGIC, _MAGIC_V1):
             raise SnapshotError("truncated", f"{source}: not a snapshot file or truncated")
@@ -203,6 +225,8 @@ class FlowSnapshot:
             raise SnapshotError(exc.reason, f"{source}: {exc.detail}") from exc
         if not isinstance(record, Record):
             raise SnapshotError("kind", f"{source}: holds an event batch, not a snapshot")
+        if "parameters_in" in record.meta:
+            record = _with_shared_parameters(record, source, shared)
         return FlowSnapshot.from_record(record)
 
     def write(self, path: str | Path) -> int:
@@ -212,14 +236,44 @@ class FlowSnapshot:
         return len(data)
 
     @staticmethod
-    def read(path: str | Path) -> FlowSnapshot:
-        """Read and verify a snapshot file."""
+    def read(
+        path: str | Path, *, shared: Callable[[str], FlowSnapshot] | None = None
+    ) -> FlowSnapshot:
+        """Read and verify a snapshot file (``shared``: as ``from_bytes``)."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise SnapshotError("unreadable", f"{path}: {exc}") from exc
-        return FlowSnapshot.from_bytes(data, source=str(path))
+        return FlowSnapshot.from_bytes(data, source=str(path), shared=shared)
+
+
+def _digest(header: str, arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over a header string and the named arrays (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256(header.encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _with_shared_parameters(
+    record: Record, source: str, shared: Callable[[str], FlowSnapshot] | None
+) -> Record:
+    """The record with the parameters and preprocessing of the snapshot it names put back,
+    after checking that snapshot's ``parameters_hash`` against the one it recorded."""
+    meta = dict(record.meta)
+    holder_name, expected = str(meta.pop("parameters_in")), meta.pop("parameters_hash", None)
+    if shared is None:
+        detail = f"{source}: its parameters are in {holder_name}; read it through its archive"
+        raise SnapshotError("reference", detail)
+    holder = shared(holder_name)
+    if holder.parameters_hash != expected:
+        detail = f"{source}: {holder_name} does not hold its parameters (hash differs)"
+        raise SnapshotError("checksum", detail)
+    density = {k: v for k, v in holder.arrays.items() if k.startswith(_DENSITY)}
+    return Record(SNAPSHOT_KIND, meta, {**record.arrays, **density})
 
 
 def _frames(body: memoryview) -> list[memoryview]:

@@ -18,6 +18,11 @@ keeps a killed archive's open file as a partial file holding every chunk it flus
 (``events_recovered``). Upstream nodes hold what they cannot deliver meanwhile (their
 bounded queues and sockets; back-pressure pauses the stream) and deliver it on return.
 
+A snapshot whose flow the archive already holds (the same ``parameters_hash``: the nodes of
+an averaging group publish one flow) is stored without its parameters, naming the file
+that has them (``models.snapshot``); a restarted archive shares only among the snapshots
+it stored itself.
+
 A snapshot record that fails its own content hash is counted
 (``archive_records_total{kind,outcome="bad"}``) and not stored; the node carries on.
 ``report()`` gives bytes stored per event seen, for flows and for events.
@@ -105,6 +110,7 @@ class ArchiveNode(Processor):
         self.events_recovered = 0
         self.thresholds_stored = 0
         self._events_seen: dict[tuple[str, str], int] = {}
+        self._flow_files: dict[str, str] = {}  # parameters_hash -> file holding them
         self._recover_leftovers()
 
     # -- Processor -----------------------------------------------------------------------
@@ -162,8 +168,11 @@ class ArchiveNode(Processor):
             return
         folder = self.root / "snapshots" / _safe(snap.node_id) / _safe(snap.role)
         path = folder / f"{snap.sequence:06d}_{snap.content_hash[:12]}.snap"
-        data = snap.to_bytes()
+        parameters_in = self._flow_files.get(snap.parameters_hash)
+        data = snap.to_bytes(parameters_in=parameters_in)
         write_durably(path, data)
+        if parameters_in is None:
+            self._flow_files[snap.parameters_hash] = str(path.relative_to(self.root))
         self._index(
             SNAPSHOT_KIND,
             path,

@@ -93,6 +93,34 @@ def test_a_stored_snapshot_rebuilt_into_a_flow_and_snapshotted_again_is_the_same
     assert again.content_hash == old.content_hash
 
 
+def test_a_file_that_names_where_its_parameters_are_loads_only_with_them(
+    snapshot: FlowSnapshot,
+) -> None:
+    """Another node's snapshot of the same flow: same ``parameters_hash``, its own content
+    hash; stored thin, it comes back whole from the file that holds the parameters."""
+    other = dataclasses.replace(snapshot, node_id="hlt-1", events_seen=999, content_hash="")
+    assert other.parameters_hash == snapshot.parameters_hash
+    assert other.content_hash != snapshot.content_hash
+    thin = other.to_bytes(parameters_in="hlt-0/all.snap")
+    assert len(thin) < len(snapshot.to_bytes()) / 2
+    names: list[str] = []
+
+    def holder(name: str) -> FlowSnapshot:
+        names.append(name)
+        return snapshot
+
+    same(other, FlowSnapshot.from_bytes(thin, shared=holder))
+    assert names == ["hlt-0/all.snap"]
+    with pytest.raises(SnapshotError, match="read it through its archive"):
+        FlowSnapshot.from_bytes(thin)
+    arrays = dict(snapshot.arrays)
+    name = next(k for k in arrays if k.startswith("param/"))
+    arrays[name] = arrays[name] + 1
+    impostor = dataclasses.replace(snapshot, arrays=arrays, content_hash="")
+    with pytest.raises(SnapshotError, match="does not hold its parameters"):
+        FlowSnapshot.from_bytes(thin, shared=lambda _: impostor)
+
+
 @pytest.mark.parametrize("where", [0, 100, 5000, -10])
 def test_a_flipped_byte_is_rejected(snapshot: FlowSnapshot, where: int) -> None:
     data = bytearray(snapshot.to_bytes())

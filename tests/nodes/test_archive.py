@@ -15,7 +15,7 @@ import torch
 
 from models.archive import Archive, ArchiveError
 from models.flows import ConditionalFlow, FlowConfig, Preprocessing
-from models.snapshot import FlowSnapshot
+from models.snapshot import FlowSnapshot, SnapshotError
 from nodes.archive import ArchiveConfig, build
 from nodes.rate_control import ThresholdChange
 from stream.batch import EventBatch, Record
@@ -85,6 +85,33 @@ def test_snapshots_and_events_are_stored_indexed_and_read_back(tmp_path: Path) -
     roundtrip = archive.snapshots(role="all", node="hlt-0")[0]
     original = FlowSnapshot.from_record(snapshot_record("hlt-0", "all", 2, (1, 2)))
     assert roundtrip.content_hash == original.content_hash
+
+
+def test_a_flow_the_archive_already_holds_is_stored_once(tmp_path: Path) -> None:
+    """``fill`` publishes one flow per sequence from both nodes and both roles (as an
+    averaging group does): its parameters are stored once, and every snapshot still loads
+    bit for bit, with its own provenance."""
+    fill(tmp_path)
+    archive = Archive(tmp_path)
+    entries = archive.entries(kind="flow_snapshot")
+    for sequence in (1, 2):
+        sizes = sorted(e.bytes for e in entries if e.sequence == sequence)
+        assert len(sizes) == 4
+        assert sizes[2] < sizes[3] / 2, sizes  # three name the one file holding the flow
+    for entry in entries:
+        loaded = archive.load_snapshot(entry)
+        lumi = (1, entry.sequence)
+        original = FlowSnapshot.from_record(
+            snapshot_record(entry.node, entry.role, entry.sequence, lumi)
+        )
+        assert loaded.content_hash == original.content_hash
+    thin = next(e for e in entries if e.bytes < max(x.bytes for x in entries) / 2)
+    with pytest.raises(SnapshotError, match="read it through its archive"):
+        FlowSnapshot.read(thin.path)
+    holder = max(entries, key=lambda e: e.bytes)
+    holder.path.write_bytes(holder.path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ArchiveError, match="checksum"):
+        archive.snapshots(latest_per_node=False)
 
 
 def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None:
