@@ -14,7 +14,10 @@ event). All in one process. Then, from the archive alone:
 
 each scored by max SIC (working points with >= 25 test background events) and SIC at
 ε_S = 0.2 on labelled test events that no step trained on. Bytes stored per event seen
-are reported for flows and for events, and events/s trained per node.
+are reported for flows and for events, and events/s trained per node. Each method's max
+SIC is also given on two fixed halves of the test signal region (``max_sic_validation``,
+``max_sic_test_half``), so that a setting (``--sr-replay``) is chosen on one half and
+reported on the other.
 
 Data split (files of lhco-rnd-100k): stream background bkg01-06, idealised background
 bkg07-08, test background bkg09-10; injected signal sig01-03, test signal sig04-10.
@@ -55,6 +58,7 @@ import torch
 from analysis.classifier import ClassifierConfig
 from analysis.data import Events
 from analysis.methods import FlowModels, SearchConfig
+from analysis.metrics import roc
 from analysis.report import MethodResult, evaluate, score_method, write_report
 from models.archive import Archive
 from nodes.archive import ArchiveConfig
@@ -311,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-archive", action="store_true", help="keep archives under --out")
     parser.add_argument(
+        "--sr-replay",
+        type=int,
+        help="optimizer steps per event in the signal-region flows (default: the shipped one)",
+    )
+    parser.add_argument(
         "--simulated",
         type=int,
         default=0,
@@ -354,9 +363,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     out = Path(args.out) / f"seed_{seed}"
     out.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {"batch_size": 64} if args.quick else {}
+    if args.sr_replay is not None:
+        overrides["signal_region_replay"] = args.sr_replay
     learner_config = FlowLearnerConfig(
         n_transforms=2 if args.quick else 4,
-        **({"batch_size": 64} if args.quick else {}),
+        **overrides,
         n_members=args.members,
         seed=seed,
         calibration_events=2000,
@@ -381,6 +393,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     p_bkg_sr, p_sig_sr = sr_fraction(stream_bkg), sr_fraction(injected)
     test_sr = test.select(test.in_window(SR))
     assert test_sr.is_signal is not None
+    # Two fixed halves of the test SR (the same for every seed): choose on one, report the other.
+    in_validation = np.random.default_rng(0).permutation(len(test_sr)) % 2 == 0
+    halves = {
+        half: (test_sr.select(mask), test_sr.is_signal[mask])
+        for half, mask in (("validation", in_validation), ("test_half", ~in_validation))
+    }
     print(
         f"seed {seed}: test SR {int(test_sr.is_signal.sum())} signal, "
         f"{int((~test_sr.is_signal).sum())} background; stream {len(stream_bkg)} background "
@@ -416,6 +434,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         stored = Events(archive.event_features().astype(np.float64))
         results: list[MethodResult] = []
         timings = {}
+        half_sic: dict[str, dict[str, float]] = {}
         # What the trigger stores: the prescale path's every 10th event, in stream order.
         trigger_kept = Events(stored.features[::TRIGGER_PRESCALE])
         for name in METHOD_LABELS:
@@ -428,6 +447,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 )
             bump_on = stored if name in ("cwola", "cathode", "anode") else None
             results.append(evaluate(name, score, test, search, bump_events=bump_on))
+            half_sic[name] = {
+                f"max_sic_{half}": roc(score(events.features), truth).max_sic()
+                for half, (events, truth) in halves.items()
+            }
             timings[name] = time.perf_counter() - t_method
         storage = archive.storage()
         summary = write_report(
@@ -462,6 +485,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     "sic_at_0.2": figures["sic_at_eff_s_0.2"],
                     "bkg_at_0.2": figures["background_events_at_eff_s_0.2"],
                     "auc": figures["auc"],
+                    **half_sic[name],
                 }
                 for name, figures in summary["methods"].items()
             },
@@ -481,6 +505,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             "raw": raw_bytes_per_event / flow_bytes if flow_bytes and raw_bytes_per_event else None,
         }
         row["seed"] = seed
+        row["signal_region_replay"] = learner_config.signal_region_replay
         row["test_sr_background"] = int((~test_sr.is_signal).sum())
         row["stream_background_events"] = len(stream_bkg)
         rows.append(row)
@@ -494,7 +519,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             m = row["methods"][name]
             print(
                 f"  {label:42s} max SIC {m['max_sic']:5.2f}  SIC@0.2 {m['sic_at_0.2']:5.2f} "
-                f"({m['bkg_at_0.2']} bkg)  AUC {m['auc']:.3f}"
+                f"({m['bkg_at_0.2']} bkg)  AUC {m['auc']:.3f}  halves (validation, test) "
+                f"{m['max_sic_validation']:.2f}, {m['max_sic_test_half']:.2f}"
             )
         print(
             f"  bytes per event: flows {row['flow_bytes_per_event_latest']:.2f} (latest), "
@@ -533,6 +559,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "auc": {
                     name: _mean_std([row["methods"][name]["auc"] for row in group])
                     for name in METHOD_LABELS
+                },
+                **{
+                    f"max_sic_{half}": {
+                        name: _mean_std([row["methods"][name][f"max_sic_{half}"] for row in group])
+                        for name in METHOD_LABELS
+                    }
+                    for half in ("validation", "test_half")
+                    if all(f"max_sic_{half}" in row["methods"]["anode"] for row in group)
                 },
                 "ratios": {
                     name: {
