@@ -30,11 +30,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import msgpack
 import numpy as np
 import prometheus_client
+import pydantic
 import zmq
 
 from stream import metrics
@@ -47,6 +48,7 @@ from stream.transport import (
     Endpoint,
     HandshakeWatch,
     SocketOptions,
+    check_scheme,
     open_socket,
     send_message,
 )
@@ -135,7 +137,16 @@ class Producer(ABC):
         return {}
 
 
-@dataclass(frozen=True, slots=True)
+def _endpoint_text(text: str) -> str:
+    """``text`` itself, once it is ``@url``, ``>url`` or a URL with a known scheme."""
+    check_scheme(text[1:] if text[:1] in ("@", ">") else text)
+    return text
+
+
+EndpointText = Annotated[str, pydantic.AfterValidator(_endpoint_text)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=pydantic.ConfigDict(extra="forbid"))
 class NodeConfig:
     """Where a node's sockets go and how its loop behaves.
 
@@ -150,37 +161,22 @@ class NodeConfig:
     ``NodeStats.curve_refused`` by reason.
     """
 
-    name: str
+    name: Annotated[str, pydantic.Field(min_length=1)]
     role: str
-    inputs: tuple[str, ...] = ()
-    outputs: Mapping[str, str] = field(default_factory=dict)
-    control: str | None = None
-    metrics_port: int | None = None
+    inputs: tuple[EndpointText, ...] = ()
+    outputs: Mapping[str, EndpointText] = field(default_factory=dict)
+    control: EndpointText | None = None
+    metrics_port: Annotated[int, pydantic.Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
-    heartbeat_interval_s: float = 1.0
-    drain_idle_s: float = 1.0
-    stall_after_s: float = 10.0
-    max_queue_batches: int = 4
+    heartbeat_interval_s: Annotated[float, pydantic.Field(gt=0)] = 1.0
+    drain_idle_s: Annotated[float, pydantic.Field(ge=0)] = 1.0
+    stall_after_s: Annotated[float, pydantic.Field(gt=0)] = 10.0
+    max_queue_batches: Annotated[int, pydantic.Field(ge=1)] = 4
     drop_when_full: bool = False
     socket: SocketOptions = field(default_factory=SocketOptions)
     stats_path: str | None = None
-    output_peers: int = 0
-    peer_wait_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("a node needs a name")
-        if self.heartbeat_interval_s <= 0 or self.drain_idle_s < 0:
-            msg = (
-                f"heartbeat_interval_s must be > 0 and drain_idle_s >= 0, got "
-                f"{self.heartbeat_interval_s} and {self.drain_idle_s}"
-            )
-            raise ValueError(msg)
-        if self.max_queue_batches < 1:
-            msg = f"max_queue_batches must be >= 1, got {self.max_queue_batches}"
-            raise ValueError(msg)
-        for text in (*self.inputs, *self.outputs.values(), *filter(None, [self.control])):
-            Endpoint.parse(text, bind=False)
+    output_peers: Annotated[int, pydantic.Field(ge=0)] = 0
+    peer_wait_s: Annotated[float, pydantic.Field(ge=0)] = 10.0
 
 
 class LatencyReservoir:

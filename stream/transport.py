@@ -11,7 +11,9 @@ import itertools
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
+import pydantic
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -21,17 +23,23 @@ from stream.codec import decode, encode
 SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
-@dataclass(frozen=True, slots=True)
+def check_scheme(url: str) -> str:
+    """``url`` itself, once its scheme is one of ``SCHEMES`` (else ``ValueError``)."""
+    if not url.startswith(SCHEMES):
+        msg = f"endpoint {url!r} must start with one of {SCHEMES}"
+        raise ValueError(msg)
+    return url
+
+
+_FROZEN = pydantic.ConfigDict(extra="forbid")
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=_FROZEN)
 class Endpoint:
     """Where a socket binds or connects."""
 
-    url: str
+    url: Annotated[str, pydantic.AfterValidator(check_scheme)]
     bind: bool
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(SCHEMES):
-            msg = f"endpoint {self.url!r} must start with one of {SCHEMES}"
-            raise ValueError(msg)
 
     @classmethod
     def parse(cls, text: str, *, bind: bool) -> Endpoint:
@@ -60,31 +68,26 @@ class CurveKeys:
     server_public_key: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+NonNegative = Annotated[int, pydantic.Field(ge=0)]
+
+
+@pydantic.dataclasses.dataclass(frozen=True, slots=True, config=_FROZEN)
 class SocketOptions:
     """High-water marks, linger, kernel buffer sizes and optional CURVE security for one
-    socket (``kernel_buffer_bytes`` 0: the OS's own, autotuned)."""
+    socket (``kernel_buffer_bytes`` 0: the OS's own, autotuned; ``linger_ms`` -1: forever)."""
 
-    sndhwm: int = 100
-    rcvhwm: int = 100
-    linger_ms: int = 5000
+    sndhwm: NonNegative = 100
+    rcvhwm: NonNegative = 100
+    linger_ms: Annotated[int, pydantic.Field(ge=-1)] = 5000
     curve: CurveKeys | None = None
-    kernel_buffer_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.sndhwm < 0 or self.rcvhwm < 0 or self.kernel_buffer_bytes < 0:
-            msg = (
-                "high-water marks and kernel_buffer_bytes must be >= 0, got "
-                f"{self.sndhwm}, {self.rcvhwm}, {self.kernel_buffer_bytes}"
-            )
-            raise ValueError(msg)
+    kernel_buffer_bytes: NonNegative = 0
 
 
 def open_socket(
     ctx: zmq.Context,
     socket_type: int,
     endpoints: Sequence[Endpoint],
-    options: SocketOptions = SocketOptions(),
+    options: SocketOptions | None = None,
     *,
     prepare: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
@@ -93,6 +96,7 @@ def open_socket(
     ``prepare`` runs on the socket just before it binds or connects (e.g. to attach a
     monitor that must not miss the first connection).
     """
+    options = options or SocketOptions()
     sock = ctx.socket(socket_type)
     sock.setsockopt(zmq.SNDHWM, options.sndhwm)
     sock.setsockopt(zmq.RCVHWM, options.rcvhwm)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import msgpack
 import numpy as np
+import pytest
 import zmq
 from prometheus_client import REGISTRY
 
@@ -21,7 +25,7 @@ from stream import (
 )
 from stream.schema import SCHEMA_VERSION
 from stream.testing import ListSource, Relay, synthetic_batch
-from stream.transport import recv_message, send_message
+from stream.transport import Endpoint, SocketOptions, recv_message, send_message
 from tests.stream.conftest import running
 
 
@@ -262,3 +266,25 @@ def test_a_source_with_no_room_downstream_counts_deadtime_drops() -> None:
     assert stats.events_in == 40
     assert stats.dropped == {"backpressure": 40}
     assert stats.accepted == 0 and stats.balanced
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: Endpoint(url="http://host:1", bind=True), "url"),
+        (lambda: SocketOptions(sndhwm=-1), "sndhwm"),
+        (lambda: SocketOptions(linger_ms=-2), "linger_ms"),
+        (lambda: NodeConfig(name="", role="relay"), "name"),
+        (
+            lambda: NodeConfig(name="n", role="relay", heartbeat_interval_s=0),
+            "heartbeat_interval_s",
+        ),
+        (lambda: NodeConfig(name="n", role="relay", max_queue_batches=0), "max_queue_batches"),
+        (lambda: NodeConfig(name="n", role="relay", inputs=("udp://h:1",)), "inputs.0"),
+        (lambda: NodeConfig(name="n", role="relay", outputs={"out": "h:1"}), "outputs.out"),
+        (lambda: NodeConfig(name="n", role="relay", metrics_port=70_000), "metrics_port"),
+    ],
+)
+def test_bad_config_values_name_the_field(make: Callable[[], object], key: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?m)^{re.escape(key)}$"):
+        make()
