@@ -23,8 +23,18 @@ adopt. They connect a fresh gloo group on ``PrefixStore(gen{g}/pg/)`` and retry 
 among themselves in the same call. A failed round thus stalls the survivors for about
 ``timeout_s``, once. A node left out (it came later than the set was written, or was itself
 the stalled one and resumed) or left with no peer goes on alone: ``average_`` then returns
-``False`` at once, without touching the network, for the rest of its life; there is no
-re-admission (restart the whole group on a new port for that). Every store operation and
+``False`` without a collective.
+
+Re-admission. A node that starts while its group is already running (a restarted node: the
+store holds the group's ``current`` generation ``g``) announces itself in ``g + 1``, asks to
+join (``join/{rank}``) and waits up to ``timeout_s`` in its first ``average_``. The members
+see the request at their next round (each adds what it saw to the collective, so all decide
+alike; a node alone checks on its own), re-form as ``g + 1`` with it, and it *adopts* their
+flow: its first round carries weight 0, since parameters from another trajectory must not be
+mixed in. Unanswered, it withdraws and goes on alone. A node that was dropped while it lived
+(stalled, then resumed) is not re-admitted: its supervisor restarts it. ``share``/``shared``
+keep small values in the store for such newcomers (the learner keeps the agreed
+preprocessing there). Every store operation and
 group construction runs on a helper thread with a deadline, since a ``TCPStore`` client waits
 forever on a stalled store host; a node that cannot reach the store goes on alone as well.
 
@@ -84,6 +94,7 @@ _POLL_S = 0.02
 _MAX_ATTEMPTS = 2
 _MAX_REFORMS = 2
 _NAMESPACE = "trigfarm/averaging/"
+_CURRENT = "current"  # the latest generation a member set was agreed for
 
 _T = TypeVar("_T")
 
@@ -276,9 +287,15 @@ def _decode(raw: bytes) -> tuple[int, ...]:
 
 
 def _agree_members(
-    store: Store, generation: int, rank: int, old: tuple[int, ...], close_at: float
+    store: Store,
+    generation: int,
+    rank: int,
+    old: tuple[int, ...],
+    close_at: float,
+    world_size: int,
 ) -> tuple[int, ...]:
-    """Announce ``rank`` in ``generation`` and return the member set all survivors adopt."""
+    """Announce ``rank`` in ``generation`` and return the member set all survivors adopt:
+    the old members that announced, and any other rank that announced (a joiner)."""
     prefix = f"gen{generation}/"
     members_key = prefix + "members"
     store.set(f"{prefix}announce/{rank}", "1")
@@ -287,9 +304,47 @@ def _agree_members(
             return _decode(store.get(members_key))
         announced = [r for r in old if store.check([f"{prefix}announce/{r}"])]
         if len(announced) == len(old) or time.monotonic() >= close_at:
+            joiners = [
+                r
+                for r in range(world_size)
+                if r not in old and store.check([f"{prefix}announce/{r}"])
+            ]
             # The first writer wins; everyone else reads its set back.
-            return _decode(store.compare_set(members_key, "", _encode(announced)))
+            agreed = store.compare_set(members_key, "", _encode(announced + joiners))
+            store.set(_CURRENT, str(generation))
+            return _decode(agreed)
         time.sleep(_POLL_S)
+
+
+def _pending_joins(store: Store, generation: int, outsiders: Sequence[int]) -> int:
+    """How many ``outsiders`` ask to join the next generation (``join/{rank}`` holds it)."""
+    wanted = str(generation + 1).encode()
+    return sum(
+        1 for r in outsiders if store.check([f"join/{r}"]) and store.get(f"join/{r}") == wanted
+    )
+
+
+def _await_admission(store: Store, rank: int, deadline: float) -> tuple[int, tuple[int, ...]]:
+    """Ask to join the running group and wait for a generation that admits ``rank``:
+    ``(generation, members)``, or ``(-1, ())`` once ``deadline`` passes (request withdrawn)."""
+    target: int | None = None
+    while time.monotonic() < deadline:
+        if target is None:  # ask for the generation after the current one
+            target = int(store.get(_CURRENT)) + 1
+            store.set(f"gen{target}/announce/{rank}", "1")  # announced before asking
+            store.set(f"join/{rank}", str(target))
+        members_key = f"gen{target}/members"
+        if store.check([members_key]):
+            members = _decode(store.get(members_key))
+            if rank in members:
+                return target, members
+            target = None  # that generation formed without us: ask for the next
+            continue
+        time.sleep(_POLL_S)
+    store.delete_key(f"join/{rank}")
+    if target is not None:  # so that no re-formation counts on a node that gave up
+        store.delete_key(f"gen{target}/announce/{rank}")
+    return -1, ()
 
 
 def _connect_group(
@@ -327,6 +382,10 @@ class ParameterAverager:
         self._members: tuple[int, ...] = tuple(range(config.world_size))
         self._joined = False
         self._alone = False
+        self._left = False  # alone for good: it never admits a joiner
+        self._adopting = False  # admitted to a running group: its next round takes the mean
+        self._joins_asked = 0  # joins the members saw in the last round, summed
+        self._store_lost = False
         self._closed = False
         self._rounds = 0
         self._failures = 0
@@ -420,7 +479,7 @@ class ParameterAverager:
         if self.config.world_size == 1:
             self._count_round()
             return True
-        if self._alone:
+        if self._alone and not self._admit_joiners():
             return False
 
         began = time.monotonic()
@@ -428,9 +487,10 @@ class ParameterAverager:
             if not self._joined and not self._join(began):
                 return False
             flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
+            pending = self._pending_joins()
             for _ in range(_MAX_ATTEMPTS):
                 attempt_began = time.monotonic()
-                mean = self._mean_once(flat, weight, done)
+                mean = self._mean_once(flat, 0.0 if self._adopting else weight, done, pending)
                 if mean is not None:
                     with torch.no_grad():
                         offset = 0
@@ -438,6 +498,9 @@ class ParameterAverager:
                             p.copy_(mean[offset : offset + p.numel()].view_as(p))
                             offset += p.numel()
                     self._count_round()
+                    self._adopting = False
+                    if self._joins_asked:  # every member saw the same sum: all re-form
+                        self._reform(time.monotonic())
                     return True
                 self._count_failure()
                 if not self._reform(attempt_began):
@@ -446,28 +509,35 @@ class ParameterAverager:
         finally:
             self._last_round_s = time.monotonic() - began
 
-    def _mean_once(self, flat: torch.Tensor, weight: float, done: bool) -> torch.Tensor | None:
+    def _mean_once(
+        self, flat: torch.Tensor, weight: float, done: bool, pending: int
+    ) -> torch.Tensor | None:
         """One FedAvg collective on the current group: the mean, or None if it failed."""
-        reduced = self._all_reduce(flat, weight, done)
+        reduced = self._all_reduce(flat, weight, done, pending)
         if reduced is None:
             return None
         self._done_nodes = round(float(reduced[-1]))
+        self._joins_asked = round(float(reduced[-3]))
         total = float(reduced[-2])
         if total > 0:
-            return reduced[:-2] / total
-        # No node learned anything since the last average (e.g. at step 0): equal weights.
-        # Every node sees the same total, so every node takes this branch.
-        reduced = self._all_reduce(flat, 1.0, done)
+            return reduced[:-3] / total
+        # No node learned anything since the last average (e.g. at step 0): equal weights
+        # (a node adopting the group's flow still counts 0). Every node sees the same total,
+        # so every node takes this branch.
+        reduced = self._all_reduce(flat, 0.0 if self._adopting else 1.0, done, pending)
         if reduced is None:
             return None
-        return reduced[:-2] / float(reduced[-2])
+        return reduced[:-3] / float(reduced[-2])
 
-    def _all_reduce(self, flat: torch.Tensor, weight: float, done: bool) -> torch.Tensor | None:
+    def _all_reduce(
+        self, flat: torch.Tensor, weight: float, done: bool, pending: int
+    ) -> torch.Tensor | None:
         group = self._group
         if group is None:
             return None
-        buffer = torch.empty(flat.numel() + 2, dtype=torch.float64)
-        torch.mul(flat, weight, out=buffer[:-2])
+        buffer = torch.empty(flat.numel() + 3, dtype=torch.float64)
+        torch.mul(flat, weight, out=buffer[:-3])
+        buffer[-3] = float(pending)
         buffer[-2] = weight
         buffer[-1] = float(done)
         try:
@@ -494,25 +564,54 @@ class ParameterAverager:
             return TCPStore(cfg.host, cfg.port, None, False, timeout)
         return _host_store(cfg.host, cfg.port, timeout)
 
-    def _join(self, began: float) -> bool:
-        """First use: reach the store and connect every rank (generation 0)."""
-        self._joined = True
-        cfg = self.config
+    def _open_namespace(self) -> Store | None:
+        """The group's namespace in the store, reached on first use (None once lost)."""
+        if self._namespace is None and not self._store_lost:
+            cfg = self.config
+            try:
+                self._store = _call_bounded(self._open_store, cfg.timeout_s + _SLACK_S, "store")
+            except Exception as exc:
+                log.error(
+                    "node %s: cannot reach the averaging store at %s, training alone: %s",
+                    self.node_id,
+                    cfg.init_method,
+                    _first_line(exc),
+                )
+                self._count_failure()
+                self._lose_store()
+                return None
+            self._namespace = PrefixStore(_NAMESPACE, self._store)
+        return self._namespace
+
+    def _store_call(self, fn: Callable[[], _T], what: str) -> _T | None:
+        """``fn()`` on the store, bounded; None (and the store given up) if it fails."""
         try:
-            self._store = _call_bounded(self._open_store, cfg.timeout_s + _SLACK_S, "store")
+            return _call_bounded(fn, self.config.timeout_s + _SLACK_S, what)
         except Exception as exc:
             log.error(
-                "node %s: cannot reach the averaging store at %s, training alone: %s",
-                self.node_id,
-                cfg.init_method,
-                _first_line(exc),
+                "node %s: the averaging store failed (%s): %s", self.node_id, what, _first_line(exc)
             )
             self._count_failure()
+            self._lose_store()
+            return None
+
+    def _join(self, began: float) -> bool:
+        """First use: reach the store, then connect every rank (generation 0) or, if the
+        group already runs, ask it for admission."""
+        self._joined = True
+        namespace = self._open_namespace()
+        if namespace is None:
             self._go_alone()
             return False
-        self._namespace = PrefixStore(_NAMESPACE, self._store)
+        cfg = self.config
+        running = self._store_call(lambda: namespace.check([_CURRENT]), "store")
+        if running is None:
+            self._go_alone()
+            return False
+        if running:
+            return self._join_running_group(namespace, began)
         connect = functools.partial(
-            _connect_group, self._namespace, 0, cfg.rank, cfg.world_size, self._collective_s
+            _connect_group, namespace, 0, cfg.rank, cfg.world_size, self._collective_s
         )
         try:
             self._group = _call_bounded(connect, self._collective_s + _SLACK_S, "connect")
@@ -525,11 +624,86 @@ class ParameterAverager:
             )
             self._count_failure()
             return self._reform(began)
+        self._store_call(lambda: namespace.compare_set(_CURRENT, "", "0"), "store")
         log.info("node %s: averaging with %d nodes", self.node_id, cfg.world_size)
         return True
 
+    def _join_running_group(self, namespace: Store, began: float) -> bool:
+        """A newcomer (e.g. a restarted node): wait up to ``timeout_s`` for the group to
+        admit it, connect, and adopt the group's flow at the first round."""
+        cfg = self.config
+        deadline = began + cfg.timeout_s
+        admission = self._store_call(
+            functools.partial(_await_admission, namespace, cfg.rank, deadline), "admission"
+        )
+        if admission is None or admission[0] < 0:
+            if admission is not None:
+                log.warning(
+                    "node %s: the running averaging group did not admit it within %.0f s, "
+                    "training alone",
+                    self.node_id,
+                    cfg.timeout_s,
+                )
+            self._go_alone()
+            return False
+        generation, members = admission
+        if not self._connect(namespace, generation, members):
+            self._go_alone()
+            return False
+        self._generation, self._members, self._adopting = generation, members, True
+        self._live_metric.set(len(members))
+        log.warning(
+            "node %s: admitted to the running averaging group as generation %d with ranks %s; "
+            "it adopts the group's flow at its first round",
+            self.node_id,
+            generation,
+            list(members),
+        )
+        return True
+
+    def _connect(self, namespace: Store, generation: int, members: tuple[int, ...]) -> bool:
+        """Connect this node's place among ``members`` as ``generation``; False (counted) if
+        the group could not be connected in time."""
+        connect = functools.partial(
+            _connect_group,
+            namespace,
+            generation,
+            members.index(self.config.rank),
+            len(members),
+            self._collective_s,
+        )
+        try:
+            self._group = _call_bounded(connect, self._collective_s + _SLACK_S, "connect")
+        except Exception as exc:
+            log.warning(
+                "node %s: could not connect generation %d %s: %s",
+                self.node_id,
+                generation,
+                list(members),
+                _first_line(exc),
+            )
+            self._count_failure()
+            return False
+        return True
+
+    def _pending_joins(self) -> int:
+        """How many ranks outside the group ask to join it (0 if none could, or no store)."""
+        namespace = self._namespace
+        outsiders = [r for r in range(self.config.world_size) if r not in self._members]
+        if namespace is None or not outsiders or self._left:
+            return 0
+        check = functools.partial(_pending_joins, namespace, self._generation, outsiders)
+        return self._store_call(check, "joins") or 0
+
+    def _admit_joiners(self) -> bool:
+        """Alone: re-form with the nodes that ask to join, if any. True once in a group."""
+        if not self._pending_joins():
+            return False
+        return self._reform(time.monotonic())
+
     def _reform(self, attempt_began: float) -> bool:
-        """After a failure: agree on the survivors, connect them. False if now alone."""
+        """After a failure, or to admit joiners: agree on the members, connect them. False if
+        now alone."""
         namespace = self._namespace
         cfg = self.config
         for _ in range(_MAX_REFORMS):
@@ -541,7 +715,7 @@ class ParameterAverager:
             now = time.monotonic()
             close_at = max(attempt_began + cfg.timeout_s, now + cfg.timeout_s * _MIN_WAIT_SHARE)
             agree = functools.partial(
-                _agree_members, namespace, generation, cfg.rank, old, close_at
+                _agree_members, namespace, generation, cfg.rank, old, close_at, cfg.world_size
             )
             try:
                 members = _call_bounded(agree, close_at - now + _SLACK_S, "membership")
@@ -551,6 +725,7 @@ class ParameterAverager:
                     self.node_id,
                     _first_line(exc),
                 )
+                self._lose_store()
                 break
             self._generation = generation
             if cfg.rank not in members or len(members) < 2:
@@ -561,28 +736,10 @@ class ParameterAverager:
                     list(members),
                 )
                 break
-            self._peers_dropped += len(old) - len(members)
+            self._peers_dropped += len(set(old) - set(members))
             self._members = members
             self._live_metric.set(len(members))
-            connect = functools.partial(
-                _connect_group,
-                namespace,
-                generation,
-                members.index(cfg.rank),
-                len(members),
-                self._collective_s,
-            )
-            try:
-                self._group = _call_bounded(connect, self._collective_s + _SLACK_S, "connect")
-            except Exception as exc:
-                log.warning(
-                    "node %s: could not connect generation %d %s: %s",
-                    self.node_id,
-                    generation,
-                    list(members),
-                    _first_line(exc),
-                )
-                self._count_failure()
+            if not self._connect(namespace, generation, members):
                 attempt_began = time.monotonic()
                 continue
             log.warning(
@@ -591,16 +748,22 @@ class ParameterAverager:
                 generation,
                 list(members),
             )
+            self._alone = False
             return True
         self._go_alone()
         return False
 
     def _go_alone(self) -> None:
+        """Train alone; a node with the store still admits nodes that ask to join."""
         self._drop_group()
         self._peers_dropped += len(self._members) - 1
         self._members = (self.config.rank,)
         self._alone = True
         self._live_metric.set(1)
+
+    def _lose_store(self) -> None:
+        self._store_lost = True
+        self._namespace = None
 
     def _drop_group(self) -> None:
         group, self._group = self._group, None
@@ -619,6 +782,40 @@ class ParameterAverager:
         self._failures += 1
         self._failures_metric.inc()
 
+    # -- values kept for newcomers ---------------------------------------------------------
+
+    def group_running(self) -> bool:
+        """Whether this node's group has formed before (so this node would be a newcomer
+        if it has not joined yet). False without a store."""
+        namespace = self._open_namespace()
+        if namespace is None:
+            return False
+        return bool(self._store_call(lambda: namespace.check([_CURRENT]), "store"))
+
+    def share(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key`` in the group's store unless a value is there already
+        (the first writer wins), for nodes that join later. Best effort."""
+        namespace = self._open_namespace()
+        if namespace is not None:
+            self._store_call(lambda: namespace.compare_set(f"shared/{key}", "", value), "share")
+
+    def shared(self, key: str) -> str | None:
+        """The value kept under ``key`` (None: none, or no store)."""
+        namespace = self._open_namespace()
+        if namespace is None:
+            return None
+        name = f"shared/{key}"
+        raw = self._store_call(
+            lambda: namespace.get(name) if namespace.check([name]) else None, "shared"
+        )
+        return None if raw is None else raw.decode()
+
+    def leave(self) -> None:
+        """Train alone for good: no rounds, and no joiner is ever admitted (e.g. a node whose
+        preprocessing differs from the group's)."""
+        self._joined = self._left = True
+        self._go_alone()
+
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -629,7 +826,7 @@ class ParameterAverager:
         """
         self._closed = True
         self._drop_group()
-        self._namespace = None
+        self._lose_store()
         self._store = None
 
     def __enter__(self) -> ParameterAverager:

@@ -19,7 +19,9 @@ steps, and once more at ``finish()`` (``models.averaging``: FedAvg over gloo, we
 the events each node learned; a dead or stalled node is dropped after
 ``average_timeout_s``, counted in ``flow_average_failures_total``). The nodes agree on one
 preprocessing first (the mean of their calibrations), so their flows share a parameter
-space, and all start from the same weights (the same ``seed``). Without it each node's
+space, and all start from the same weights (the same ``seed``). The agreed preprocessing is
+kept in the rendezvous store: a node restarted while the group runs takes it, is admitted
+at the members' next round and adopts their flow (``models.averaging``). Without it each node's
 flow is a density for its share of the stream, and the analysis mixes them.
 """
 
@@ -214,14 +216,34 @@ class FlowLearner:
         return self._snapshot()
 
     def _agree_preprocessing(self, own: dict[str, Preprocessing]) -> dict[str, Preprocessing]:
-        """The mean of the nodes' calibrations (own if averaging fails)."""
-        assert self.averager is not None
+        """The mean of the nodes' calibrations (own if averaging fails), kept in the store
+        for newcomers; a newcomer to a running group takes the group's instead, so that its
+        flows share the group's parameter space before it is admitted."""
+        averager = self.averager
+        assert averager is not None
+        if averager.group_running():
+            kept = averager.shared(_PREPROCESSING_KEY)
+            if kept is None:
+                log.warning(
+                    "%s: the running group kept no preprocessing; training alone", self.node_id
+                )
+                averager.leave()
+                return own
+            log.info("%s: joining a running group: its preprocessing is taken", self.node_id)
+            return _preprocessing_from_json(kept)
         holders = {role: _ArrayHolder(pre.arrays()) for role, pre in own.items()}
-        if not self.averager.average_(list(holders.values()), weight=1.0):
-            return own
-        return {
-            role: Preprocessing.from_arrays(holder.arrays()) for role, holder in holders.items()
-        }
+        agreed = own
+        if averager.average_(list(holders.values()), weight=1.0):
+            agreed = {
+                role: Preprocessing.from_arrays(holder.arrays()) for role, holder in holders.items()
+            }
+        text = _preprocessing_to_json(agreed)
+        averager.share(_PREPROCESSING_KEY, text)
+        if averager.shared(_PREPROCESSING_KEY) not in (None, text):
+            # Another node's calibration is the group's: a newcomer admitted here would
+            # average flows of two parameter spaces.
+            averager.leave()
+        return agreed
 
     def _average_if_due(self) -> None:
         if self.averager is None or not self.online.calibrated:
@@ -303,6 +325,27 @@ class FlowLearner:
             out.append(snap.to_record())
         log.info("%s: snapshot %d after %d events", self.node_id, self.snapshots, self.events_seen)
         return out
+
+
+_PREPROCESSING_KEY = "preprocessing"
+
+
+def _preprocessing_to_json(preprocessing: dict[str, Preprocessing]) -> str:
+    """Each role's preprocessing arrays as JSON (float64 values round-trip exactly)."""
+    return json.dumps(
+        {
+            role: {name: array.tolist() for name, array in pre.arrays().items()}
+            for role, pre in preprocessing.items()
+        },
+        sort_keys=True,
+    )
+
+
+def _preprocessing_from_json(text: str) -> dict[str, Preprocessing]:
+    return {
+        role: Preprocessing.from_arrays({k: np.asarray(v, np.float64) for k, v in arrays.items()})
+        for role, arrays in json.loads(text).items()
+    }
 
 
 class _ArrayHolder(torch.nn.Module):

@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypedDict
@@ -101,23 +101,44 @@ class Farm:
     """Spawned nodes on loopback, driven round by round."""
 
     def __init__(self, world_size: int, store: AveragingStore | None = None) -> None:
-        ctx = mp.get_context("spawn")
-        init_method = store.init_method if store else f"tcp://127.0.0.1:{_free_port()}"
+        self.world_size = world_size
+        self.init_method = store.init_method if store else f"tcp://127.0.0.1:{_free_port()}"
+        self.store_on_rank0 = store is None
         self.conns: dict[int, Connection] = {}
         self.procs: dict[int, BaseProcess] = {}
         self.stopped: set[int] = set()
         for rank in range(world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_node,
-                args=(rank, world_size, init_method, TIMEOUT_S, child, store is None),
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self.conns[rank], self.procs[rank] = parent, proc
+            self._spawn(rank)
         for rank in range(world_size):
             assert self._recv(rank, STARTUP_S) == ("ready", rank)
+
+    def _spawn(self, rank: int) -> None:
+        parent, child = mp.get_context("spawn").Pipe()
+        proc = mp.get_context("spawn").Process(
+            target=_node,
+            args=(rank, self.world_size, self.init_method, TIMEOUT_S, child, self.store_on_rank0),
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self.conns[rank], self.procs[rank] = parent, proc
+
+    def restart(self, rank: int) -> None:
+        """A fresh process for a rank that died, as a supervisor would start it."""
+        self.procs[rank].close()
+        self.conns[rank].close()
+        self._spawn(rank)
+        assert self._recv(rank, STARTUP_S) == ("ready", rank)
+
+    def begin(self, rank: int, weight: float, seed: int | None = None) -> None:
+        """Start a round on one rank without waiting for it (``report`` collects it)."""
+        self.conns[rank].send(("average", weight, seed))
+
+    def report(self, rank: int) -> dict[str, Any]:
+        kind, report = self._recv(rank, BOUND_S + 10.0)
+        assert kind == "averaged"
+        result: dict[str, Any] = report
+        return result
 
     def _recv(self, rank: int, timeout_s: float) -> Any:
         if not self.conns[rank].poll(timeout_s):
@@ -129,13 +150,8 @@ class Farm:
     ) -> dict[int, dict[str, Any]]:
         """One round on the given ranks (all at once); their reports."""
         for rank, weight in weights.items():
-            self.conns[rank].send(("average", weight, (seeds or {}).get(rank)))
-        reports = {}
-        for rank in weights:
-            kind, report = self._recv(rank, BOUND_S + 10.0)
-            assert kind == "averaged"
-            reports[rank] = report
-        return reports
+            self.begin(rank, weight, (seeds or {}).get(rank))
+        return {rank: self.report(rank) for rank in weights}
 
     def kill(self, rank: int) -> None:
         proc = self.procs[rank]
@@ -204,6 +220,16 @@ def _assert_close(actual: list[float], expected: list[float]) -> None:
     assert len(actual) == len(expected)
     worst = max(abs(a - e) for a, e in zip(actual, expected, strict=True))
     assert worst < TOLERANCE, f"largest deviation {worst}"
+
+
+def _assert_settled_round(nodes: Farm, weights: dict[int, float], seeds: dict[int, int]) -> None:
+    """A round on a group that has settled: every node holds the weighted mean, at once."""
+    reports = nodes.average(weights, seeds=seeds)
+    expected = _weighted_mean(reports, weights)
+    for report in reports.values():
+        assert report["ok"] is True
+        assert report["elapsed"] < FAST_S
+        _assert_close(report["after"], expected)
 
 
 # -- configuration and single-node behaviour (no network) ---------------------------------
@@ -382,12 +408,7 @@ def test_stalled_peer_is_dropped_and_does_not_block_when_it_resumes() -> None:
         assert report["after"] == report["before"]
         assert report["alone"] is True
 
-        reports = nodes.average(weights, seeds={0: 34, 2: 35})
-        expected = _weighted_mean(reports, weights)
-        for report in reports.values():
-            assert report["ok"] is True
-            assert report["elapsed"] < FAST_S
-            _assert_close(report["after"], expected)
+        _assert_settled_round(nodes, weights, seeds={0: 34, 2: 35})
 
 
 @pytest.mark.slow
@@ -426,9 +447,56 @@ def test_survivors_of_rank0_death_go_on_averaging_with_an_external_store() -> No
             _assert_close(report["after"], expected)
             assert (report["live_world_size"], report["peers_dropped"]) == (2, 1)
 
-        reports = nodes.average(weights, seeds={1: 53, 2: 54})
-        expected = _weighted_mean(reports, weights)
-        for report in reports.values():
-            assert report["ok"] is True
-            assert report["elapsed"] < FAST_S
-            _assert_close(report["after"], expected)
+        _assert_settled_round(nodes, weights, seeds={1: 53, 2: 54})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("store_host", ["rank 0", "external"])
+def test_a_restarted_node_is_readmitted_and_adopts_the_groups_flow(store_host: str) -> None:
+    """The survivor of two is alone; the dead rank's replacement asks to join, the survivor
+    admits it at its next round, the newcomer takes the survivor's flow (weight 0 for its
+    own), and from then on both average as one group."""
+    with ExitStack() as stack:
+        store = None
+        if store_host == "external":
+            store = stack.enter_context(AveragingStore("tcp://127.0.0.1:0", timeout_s=TIMEOUT_S))
+        nodes = stack.enter_context(farm(2, store))
+        assert all(r["ok"] for r in nodes.average({0: 1.0, 1: 1.0}).values())
+        nodes.kill(1)
+        assert nodes.average({0: 1.0})[0]["alone"] is True
+
+        nodes.restart(1)
+        nodes.begin(1, 5.0, seed=61)  # the newcomer asks and waits inside its first round
+        survivor: dict[str, Any] = {}
+        for attempt in range(40):
+            survivor = nodes.average({0: 2.0}, seeds={0: 62} if attempt == 0 else None)[0]
+            if survivor["ok"]:
+                break
+            time.sleep(0.1)
+        newcomer = nodes.report(1)
+        assert survivor["ok"] and newcomer["ok"], (survivor, newcomer)
+        assert newcomer["before"] != survivor["before"]
+        _assert_close(newcomer["after"], survivor["before"])  # adopted, not mixed in
+        _assert_close(survivor["after"], survivor["before"])
+        for report in (survivor, newcomer):
+            assert (report["alone"], report["live_world_size"]) == (False, 2)
+            assert report["generation"] >= 2
+
+        weights = {0: 1.0, 1: 3.0}
+        _assert_settled_round(nodes, weights, seeds={0: 63, 1: 64})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_newcomer_nobody_admits_goes_on_alone_within_its_timeout() -> None:
+    with farm(2) as nodes:
+        assert all(r["ok"] for r in nodes.average({0: 1.0, 1: 1.0}).values())
+        nodes.kill(1)
+        nodes.restart(1)  # the survivor makes no round meanwhile
+        report = nodes.average({1: 1.0}, seeds={1: 71})[1]
+        assert report["ok"] is False
+        assert report["alone"] is True
+        assert TIMEOUT_S * 0.9 < report["elapsed"] < BOUND_S
+        assert report["after"] == report["before"]
+        assert nodes.average({0: 1.0})[0]["ok"] is False  # the withdrawn request is not seen
