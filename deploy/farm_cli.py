@@ -86,13 +86,23 @@ def _readable_files(
     return good
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Faults:
+    """What the launcher does about lost nodes (``--restarts``, ``--stop-deadline``,
+    ``--restart-every-node``)."""
+
+    restarts: int
+    stop_deadline_s: float
+    restart_every_node: bool
+
+
 def _run_and_print(
     topology: Topology,
     events: int,
     duration: float,
     out: Path | None,
     quiet: bool,
-    faults: tuple[int, float],
+    faults: _Faults,
     *,
     skip_bad_files: bool = False,
 ) -> None:
@@ -112,8 +122,9 @@ def _run_and_print(
                 duration_s=duration,
                 log_level=_log_level(),
                 on_update=None if quiet else view.update,
-                restarts=faults[0],
-                stop_deadline_s=faults[1],
+                restarts=faults.restarts,
+                stop_deadline_s=faults.stop_deadline_s,
+                restart_every_node=faults.restart_every_node,
             )
         except (FarmError, TopologyError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -162,7 +173,13 @@ _restarts_option = click.option(
     type=click.IntRange(min=0),
     default=2,
     help="Restarts of a node whose stage would otherwise have none left (the archive, say); "
-    "a lost node of a stage with others is taken out instead.",
+    "a lost node of a stage with others is taken out instead (see --restart-every-node).",
+)
+_restart_every_node_option = click.option(
+    "--restart-every-node",
+    is_flag=True,
+    help="Restart every lost node (within --restarts), not only a stage's last: a restarted "
+    "HLT node rejoins its stage's averaging group and adopts the group's flow.",
 )
 _stop_deadline_option = click.option(
     "--stop-deadline",
@@ -179,6 +196,7 @@ _stop_deadline_option = click.option(
 @_out_option
 @_quiet_option
 @_restarts_option
+@_restart_every_node_option
 @_stop_deadline_option
 def run(
     topology_path: str | None,
@@ -187,6 +205,7 @@ def run(
     out: Path | None,
     quiet: bool,
     restarts: int,
+    restart_every_node: bool,
     stop_deadline: float,
 ) -> None:
     """Run the whole farm on this host, every node its own process, and report.
@@ -196,7 +215,7 @@ def run(
     here. A node that dies or stops heartbeating is taken out (or restarted, if its
     stage has no other); the report counts what it took with it.
     """
-    faults = (restarts, stop_deadline)
+    faults = _Faults(restarts, stop_deadline, restart_every_node)
     _run_and_print(_topology(topology_path), events, duration, out, quiet, faults)
 
 
@@ -223,6 +242,7 @@ def run(
 @_out_option
 @_quiet_option
 @_restarts_option
+@_restart_every_node_option
 @_stop_deadline_option
 def replay(
     dataset: tuple[str, ...],
@@ -237,6 +257,7 @@ def replay(
     out: Path | None,
     quiet: bool,
     restarts: int,
+    restart_every_node: bool,
     stop_deadline: float,
 ) -> None:
     """Run the farm with a source replaying DATASET files (paths or globs).
@@ -273,7 +294,7 @@ def replay(
     topology = _topology(topology_path)
     first = topology.stages[0].name
     topology = topology.with_changes(**{first: {"config": source}})
-    faults = (restarts, stop_deadline)
+    faults = _Faults(restarts, stop_deadline, restart_every_node)
     _run_and_print(topology, events, duration, out, quiet, faults, skip_bad_files=skip_bad_files)
 
 

@@ -381,8 +381,9 @@ class Farm:
 
     ``on_update(statuses)`` is called about ten times a second with the latest heartbeats
     (the live view). ``duration_s`` > 0 stops the source after that many seconds.
-    ``restarts`` bounds the restarts of each node whose stage would otherwise be empty;
-    ``stop_deadline_s`` > 0 kills every node that long after a stop signal.
+    ``restarts`` bounds the restarts of each node whose stage would otherwise be empty (of
+    every lost node with ``restart_every_node``: a restarted HLT node rejoins its stage's
+    averaging group); ``stop_deadline_s`` > 0 kills every node that long after a stop signal.
     """
 
     def __init__(
@@ -394,6 +395,7 @@ class Farm:
         on_update: Callable[[dict[str, NodeStatus]], None] | None = None,
         restarts: int = 2,
         stop_deadline_s: float = 0.0,
+        restart_every_node: bool = False,
     ) -> None:
         if restarts < 0 or stop_deadline_s < 0:
             msg = f"restarts and stop_deadline_s must be >= 0, got {restarts}, {stop_deadline_s}"
@@ -403,6 +405,7 @@ class Farm:
         self.start_timeout_s = start_timeout_s
         self.on_update = on_update
         self.restarts = restarts
+        self.restart_every_node = restart_every_node
         self.stop_deadline_s = stop_deadline_s
         self.statuses: dict[str, NodeStatus] = {}
         self._interrupts = 0
@@ -627,9 +630,10 @@ class Farm:
         return bool(failed)
 
     def _handle_dead_nodes(self) -> None:
-        """Once running, a dead node is taken out: its stage goes on with the survivors;
-        a stage with none left is restarted while restarts last, else the run stops in
-        stages (the survivors drain, so their last flow snapshots reach the archive)."""
+        """Once running, a dead node is taken out: its stage goes on with the survivors (and
+        the node is restarted, with ``restart_every_node``); a stage with none left is
+        restarted while restarts last, else the run stops in stages (the survivors drain,
+        so their last flow snapshots reach the archive)."""
         now = time.monotonic()
         for name, status in self.statuses.items():
             code = status.process.exitcode
@@ -645,6 +649,8 @@ class Farm:
             log.error("node %s lost (%s) at %.1f s", name, status.lost, now - self._t0)
             if alive:
                 log.error("stage %s degraded: %s go on", stage, ", ".join(alive))
+                if self.restart_every_node and self._can_restart(status):
+                    self._restart(status)
             elif self._can_restart(status):
                 self._restart(status)
             elif not self._stopping:

@@ -41,12 +41,13 @@ def run_farm(
     start_timeout_s: float = 180.0,
     restarts: int = 2,
     stop_deadline_s: float = 0.0,
+    restart_every_node: bool = False,
 ) -> RunOutcome:
     """Run every node of ``topology`` as its own process until the source is done.
 
     ``events`` > 0 overrides the source's event budget; ``duration_s`` > 0 stops the
-    source after that long; ``restarts`` and ``stop_deadline_s`` as in ``Farm``. Returns
-    once every node has drained and exited.
+    source after that long; ``restarts``, ``stop_deadline_s`` and ``restart_every_node`` as
+    in ``Farm``. Returns once every node has drained and exited.
 
     Raises:
         FarmError: ``out_dir`` holds an earlier run, or a node failed to start.
@@ -65,6 +66,7 @@ def run_farm(
         start_timeout_s=start_timeout_s,
         restarts=restarts,
         stop_deadline_s=stop_deadline_s,
+        restart_every_node=restart_every_node,
     )
     result = farm.run()
     report = build_report(plan, result)

@@ -139,6 +139,35 @@ def test_kill_9_of_one_hlt_node_costs_only_its_in_flight_events(tmp_path: Path) 
     assert_books_and_flows(report, tmp_path, survivors=["hlt-0"])
 
 
+def test_a_killed_hlt_node_restarted_rejoins_the_averaging_group(tmp_path: Path) -> None:
+    """With ``restart_every_node`` the launcher restarts hlt-1 beside the survivor; the
+    new process takes the group's preprocessing, is admitted, and both nodes end with one
+    flow, which the archive stores once. The stream lasts long enough (~20 s) for the new
+    process to start, calibrate and learn."""
+    table = learning_farm(events=40_000, rate_hz=2_000.0)
+    table["source"]["config"]["loop"] = True  # the file holds fewer events
+    faulted: list[float] = []
+    on_update = fault_when("hlt-1", signal.SIGKILL, after_events=3_000, log=faulted)
+    outcome = run_farm(
+        parse_topology(table), out_dir=tmp_path, on_update=on_update, restart_every_node=True
+    )
+    report = outcome.report
+    assert faulted and time.monotonic() - faulted[0] < 120
+    assert all(code == 0 for code in report["exitcodes"].values()), report["exitcodes"]
+    (loss,) = report["lost_nodes"]["hlt-1"]
+    assert loss["restarted"] and loss["reason"] == "exited with code -9"
+    assert report["stages"][0]["accepted"] == 40_000
+    assert 0 <= report["stages"][1]["dropped"].get("node_lost", 0) <= in_flight_bound(table)
+    stats = json.loads((tmp_path / "nodes" / "hlt-1.json").read_text())
+    learner = stats["worker"]["learner"]
+    assert learner["average_live_nodes"] == 2 and learner["average_rounds"] >= 1, learner
+    assert_books_and_flows(report, tmp_path, survivors=["hlt-0", "hlt-1"])
+    latest = Archive(tmp_path / "archive").snapshots(latest_per_node=True)
+    for role in ROLES:
+        hashes = {s.parameters_hash for s in latest if s.role == role}
+        assert len(hashes) == 1, (role, hashes)
+
+
 def test_survivors_of_hlt_0_go_on_averaging_through_the_launchers_store(tmp_path: Path) -> None:
     """hlt-0 was the averaging store's host; the launcher now hosts it, so the other two
     nodes re-form their group and keep learning one flow."""
