@@ -20,6 +20,7 @@ COMMANDS: Mapping[str, str] = {
     "run": "deploy.farm_cli:run",
     "replay": "deploy.farm_cli:replay",
     "node": "deploy.farm_cli:node",
+    "rendezvous": "deploy.farm_cli:rendezvous",
     "keys": "deploy.farm_cli:keys",
     "monitor": "deploy.farm_cli:monitor",
     "deploy": "deploy.farm_cli:deploy",

@@ -407,6 +407,35 @@ def keys(topology_path: str | None, out: Path | None, force: bool) -> None:
     )
 
 
+@click.command(context_settings={"show_default": True})
+@click.option(
+    "--listen",
+    default="tcp://0.0.0.0:29400",
+    help="Address the store listens on (the HLT learners' average_address).",
+)
+def rendezvous(listen: str) -> None:
+    """Host the rendezvous store of an averaging HLT stage until stopped (SIGTERM or
+    Ctrl-C), so that no HLT node's death takes it with it (average_store = "external";
+    `trigfarm deploy k8s` runs one per averaging stage). A restarted store starts empty:
+    the nodes that used the old one then train alone."""
+    import signal
+    import threading
+
+    from models.averaging import AveragingStore
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        store = AveragingStore(listen)
+    except (OSError, ValueError) as exc:
+        msg = f"cannot host the averaging store at {listen}: {exc}"
+        raise click.ClickException(msg) from exc
+    with store:
+        click.echo(f"averaging store at {store.init_method}", err=True)
+        stop.wait()
+
+
 def _latest_run() -> Path | None:
     runs = sorted(Path("runs").glob("*/farm.json"), key=os.path.getmtime)
     return runs[-1].parent if runs else None

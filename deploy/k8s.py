@@ -11,6 +11,9 @@ The kubelet does in the cluster what ``trigfarm run`` does on one host: it polls
 node's metrics endpoint every heartbeat interval and restarts a pod that has not answered
 for ``stall_after_s`` (stopped, hung or dead), once the pod has started.
 With CURVE on, each stage's Secret holds its own secret key and every public key.
+A stage whose learners average their flows gets a rendezvous pod (``<stage>-rendezvous``,
+``trigfarm rendezvous``) hosting the averaging store, so that any of its pods may die and,
+restarted, rejoin the group.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from deploy.roles import ROLES
 from deploy.security import key_paths
 from deploy.topology import FarmSettings, Topology, TopologyError
 
 METRICS_PORT = 9100
+RENDEZVOUS_PORT = 29400  # the averaging store of a learning stage (``trigfarm rendezvous``)
 DEFAULT_BASE_PORT = 5550
 TOPOLOGY_MOUNT = "/etc/trigfarm"
 KEYS_MOUNT = "/etc/trigfarm/keys"
@@ -76,13 +79,66 @@ def _k8s_topology_toml(topology: Topology, namespace: str) -> str:
         if stage.learner is not None:
             learner = dict(stage.learner)
             if learner.get("average_every_steps"):
-                # the averaging rendezvous is node 0 of the stage, by its pod name
-                port = urlsplit(str(learner.get("average_address", ""))).port or 29400
-                # (in the cluster the rendezvous is fixed: pods cannot pick a port per run)
-                learner["average_address"] = f"tcp://{hosts[0]}:{port}"
+                # The averaging rendezvous is a pod of its own (``trigfarm rendezvous``), so
+                # that any HLT pod may die and, restarted, rejoin the group.
+                learner["average_address"] = (
+                    f"tcp://{_rendezvous_host(stage.name, namespace)}:{RENDEZVOUS_PORT}"
+                )
+                learner["average_store"] = "external"
             lines.append(f"learner = {_inline(learner)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _rendezvous_host(stage: str, namespace: str) -> str:
+    name = f"{stage}-rendezvous"
+    return f"{name}-0.{name}.{namespace}.svc"
+
+
+def _rendezvous(stage: str, image: str, namespace: str) -> list[dict[str, Any]]:
+    """The averaging store of ``stage``: a one-pod StatefulSet running ``trigfarm
+    rendezvous`` and its headless Service, restarted by the kubelet if it stops
+    answering on its port."""
+    name = f"{stage}-rendezvous"
+    labels = {LABEL: "trigfarm", "trigfarm/stage": name}
+    port = {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}
+    probe = {"tcpSocket": {"port": RENDEZVOUS_PORT}, "periodSeconds": 5, "failureThreshold": 3}
+    container = {
+        "name": "rendezvous",
+        "image": image,
+        "command": ["trigfarm", "rendezvous", "--listen", f"tcp://0.0.0.0:{RENDEZVOUS_PORT}"],
+        "ports": [port],
+        "livenessProbe": probe,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "clusterIP": "None",
+                "selector": labels,
+                "ports": [
+                    {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}
+                ],
+            },
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "serviceName": name,
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [container]},
+                },
+            },
+        },
+    ]
 
 
 def _probes(farm: FarmSettings) -> dict[str, Any]:
@@ -239,6 +295,8 @@ def manifests(
                 "spec": spec,
             }
         )
+        if (stage.learner or {}).get("average_every_steps"):
+            objects += _rendezvous(stage.name, image, namespace)
     return objects
 
 

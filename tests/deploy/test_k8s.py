@@ -41,7 +41,10 @@ def test_default_topology_manifests_validate() -> None:
     for obj in objects:
         validate(obj)
     sets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "StatefulSet"}
-    assert set(sets) == {"source", "l1", "hlt", "archive"}
+    assert set(sets) == {"source", "l1", "hlt", "archive", "hlt-rendezvous"}
+    rendezvous = sets["hlt-rendezvous"]["spec"]["template"]["spec"]["containers"][0]
+    assert rendezvous["command"][:2] == ["trigfarm", "rendezvous"]
+    assert rendezvous["livenessProbe"]["tcpSocket"] == {"port": 29400}
     assert sets["hlt"]["spec"]["replicas"] == 2
     annotations = sets["l1"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -62,7 +65,7 @@ def test_the_kubelet_expires_a_silent_pod_after_stall_after_s(
     farm = replace(default.farm, heartbeat_interval_s=interval_s, stall_after_s=stall_s)
     topology = replace(default, farm=farm)
     for obj in manifests(topology, namespace="tf"):
-        if obj["kind"] != "StatefulSet":
+        if obj["kind"] != "StatefulSet" or obj["metadata"]["name"].endswith("-rendezvous"):
             continue
         validate(obj)
         container = obj["spec"]["template"]["spec"]["containers"][0]
@@ -84,10 +87,11 @@ def test_cluster_topology_is_a_valid_topology() -> None:
     assert hlt.hosts == ("hlt-0.hlt.tf.svc", "hlt-1.hlt.tf.svc")
     assert hlt.port > 0 and hlt.bind == "0.0.0.0"
     assert inside.stage("source").config["signal"] == ["wprime"]
-    # the flows' averaging rendezvous is HLT node 0 by its pod name
+    # the flows' averaging rendezvous is a pod of its own, so any HLT pod may restart
     assert inside.stage("hlt").learner == {
         "average_every_steps": 10,
-        "average_address": "tcp://hlt-0.hlt.tf.svc:29400",
+        "average_address": "tcp://hlt-rendezvous-0.hlt-rendezvous.tf.svc:29400",
+        "average_store": "external",
     }
 
 
@@ -114,4 +118,4 @@ def test_cli_writes_one_file_per_object(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     files = sorted(tmp_path.glob("*.json"))
-    assert len(files) == 2 + 2 * 4
+    assert len(files) == 2 + 2 * 4 + 2  # and the HLT stage's rendezvous
