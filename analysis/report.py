@@ -56,9 +56,10 @@ def score_method(
     true_background: Events | None = None,
 ) -> Any:
     """A function features -> scores for the named method (trains what it needs)."""
-    if name == "anode":
+    if name in ("anode", "anode_all"):
         assert models is not None
-        return lambda f: methods.anode_scores(models, f)
+        reference = "all" if name == "anode_all" else "sideband"
+        return lambda f: methods.anode_scores(models, f, reference=reference)
     if name == "cwola":
         assert models is not None
         model = methods.cwola_flows(models, config)
