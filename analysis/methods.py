@@ -11,8 +11,6 @@ labelled test events that score them.
   archive kept them (the hybrid) (CATHODE, arXiv:2109.00546).
 - ``anode``: log p_data(x|m) - log p_sideband(x|m), the likelihood ratio evaluated
   directly (ANODE, arXiv:2001.04990).
-- ``anode_all``: the same with the all-data flow in the denominator, which saw the
-  window's events, so the ratio does not lean on the sideband flow's interpolation.
 
 The data flows are the two signal-region flows where the archive has them (they learned
 only signal-region events, several steps each, split in two folds by ``models.online.fold``),
@@ -35,7 +33,7 @@ from models.flows import FEATURE_INDICES, MJJ_INDEX, FlowMixture
 from models.online import FOLD_ROLES, fold
 from models.snapshot import FlowSnapshot
 
-METHODS = ("cwola", "cathode", "anode", "anode_all", "cwola_stored", "idealised")
+METHODS = ("cwola", "cathode", "anode", "cwola_stored", "idealised")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,29 +172,13 @@ def cathode(models: FlowModels, config: SearchConfig, *, stored: Events | None =
     return _classify(data, background, config)
 
 
-def anode_scores(
-    models: FlowModels, features: np.ndarray, *, reference: str = "sideband"
-) -> np.ndarray:
-    """log p_data(x|m) - log p_ref(x|m) at each event's mass; ``reference`` is the
-    sideband flow (ANODE) or the all-data flow (``"all"``, see ``anode_all``)."""
+def anode_scores(models: FlowModels, features: np.ndarray) -> np.ndarray:
     features = np.asarray(features)
     x, mjj = _x(features), features[:, MJJ_INDEX]
     with np.errstate(invalid="ignore"):
-        ratio = models.data_log_prob(features, mjj) - reference_flow(models, reference).log_prob(
-            x, mjj
-        )
+        ratio = models.data_log_prob(features, mjj) - models.sideband.log_prob(x, mjj)
     # Outside both flows' support (-inf - -inf) an event is not evidence of anything.
     return np.where(np.isnan(ratio), -np.inf, ratio)
-
-
-def reference_flow(models: FlowModels, reference: str) -> FlowMixture:
-    """The background density of an ANODE ratio: ``"sideband"`` (interpolated into the
-    window) or ``"all"`` (the all-data flow, which saw the window but, trained once over
-    every event, carries a small bump much less than the signal-region flows do)."""
-    if reference not in ("sideband", "all"):
-        msg = f"reference must be 'sideband' or 'all', got {reference!r}"
-        raise ValueError(msg)
-    return models.sideband if reference == "sideband" else models.all_data
 
 
 def cwola_stored(stored: Events, config: SearchConfig) -> Ensemble:

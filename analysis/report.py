@@ -56,10 +56,9 @@ def score_method(
     true_background: Events | None = None,
 ) -> Any:
     """A function features -> scores for the named method (trains what it needs)."""
-    if name in ("anode", "anode_all"):
+    if name == "anode":
         assert models is not None
-        reference = "all" if name == "anode_all" else "sideband"
-        return lambda f: methods.anode_scores(models, f, reference=reference)
+        return lambda f: methods.anode_scores(models, f)
     if name == "cwola":
         assert models is not None
         model = methods.cwola_flows(models, config)

@@ -301,13 +301,11 @@ def window_scorer(
     def score(window: Window) -> np.ndarray | None:
         config = replace(search, signal_region_gev=window)
         models = flow_sets.for_window(window)
-        needs_window_flows = ("anode", "anode_all", "anode_event_mass", "cathode", "cathode_hybrid")
-        if method in needs_window_flows and models is None:
+        if method in ("anode", "anode_event_mass", "cathode", "cathode_hybrid") and models is None:
             return None
-        if method in ("anode", "anode_all"):
+        if method == "anode":
             assert models is not None
-            reference = "all" if method == "anode_all" else "sideband"
-            return anode_at_window(models, features, window, reference=reference)
+            return anode_at_window(models, features, window)
         if method == "anode_event_mass":
             assert models is not None
             return methods.anode_scores(models, features)
@@ -329,22 +327,17 @@ def window_scorer(
     return score
 
 
-def anode_at_window(
-    models: Any, features: np.ndarray, window: Window, *, reference: str = "sideband"
-) -> np.ndarray:
-    """log p_data(x | m_c) - log p_ref(x | m_c) at the window's centre m_c (the data
+def anode_at_window(models: Any, features: np.ndarray, window: Window) -> np.ndarray:
+    """log p_data(x | m_c) - log p_sideband(x | m_c) at the window's centre m_c (the data
     density: the window's signal-region flows, out of fold, where archived; else the
-    all-data flow; the reference: the sideband flow, or the all-data flow for
-    ``anode_all``)."""
-    from analysis.methods import reference_flow
+    all-data flow)."""
     from models.flows import FEATURE_INDICES
 
     features = np.asarray(features)
     x = features[:, FEATURE_INDICES]
     centre = np.full(len(x), 0.5 * (window[0] + window[1]))
-    background = reference_flow(models, reference)
     with np.errstate(invalid="ignore"):
-        ratio = models.data_log_prob(features, centre) - background.log_prob(x, centre)
+        ratio = models.data_log_prob(features, centre) - models.sideband.log_prob(x, centre)
     return np.where(np.isnan(ratio), -np.inf, ratio)
 
 

@@ -7,7 +7,6 @@ working points ε = 1, 0.2, 0.05, 0.01, Poisson-likelihood dijet fits, profile-l
 local Z with the fit uncertainty, Bonferroni global p-value) for each method:
 
 - ``anode``: the ANODE ratio at the window's centre mass (the fix for sculpting);
-- ``anode_all``: the same ratio with the all-data flow as the background density;
 - ``anode_event_mass``: the ratio at each event's own mass (the old score, which sculpts);
 - ``cathode``: CATHODE from flows (sideband-flow samples vs all-data-flow samples);
 - ``cwola``: CWoLa from flows (all-data flow at window vs sideband mjj), every window.
@@ -86,7 +85,7 @@ from simulator.replay import expand_paths, read_features, reader_for
 from stream.batch import EventBatch
 from stream.eventfile import CacheWriter
 
-METHODS = ("anode", "anode_all", "anode_event_mass", "cathode", "cwola")
+METHODS = ("anode", "anode_event_mass", "cathode", "cwola")
 
 
 def all_background() -> EventBatch:

@@ -83,7 +83,6 @@ METHOD_LABELS = {
     "cathode": "(b) CATHODE from flows",
     "cathode_hybrid": "(b') CATHODE hybrid (SR events stored)",
     "anode": "(c) ANODE from flows",
-    "anode_all": "(c') ANODE against the all-data flow",
     "cwola_stored": "(d) CWoLa on stored events",
     "cwola_trigger": "(d') CWoLa on what the trigger keeps",
     "idealised": "(e) idealised (true bkg vs data)",
