@@ -7,10 +7,12 @@ Every ~``--interval`` seconds (uniform jitter of ±50%, seeded) one of:
 - ``archive``: ``kill -9`` of the archive (the launcher restarts it);
 - ``garbage``: a burst of malformed frames into the archive (an extra input it binds).
 
-A lost node of a stage with survivors is taken out; one whose stage would be empty is
-restarted. At the end the script checks the books and the archive and prints, per fault,
-the time to detect it (fault → launcher's verdict) and to recover (verdict → the
-restarted node running; a taken-out node's share is rerouted at once), the events lost
+A lost node of a stage with survivors is taken out (restarted with
+``--restart-every-node``: a restarted HLT node rejoins the averaging group); one whose
+stage would be empty is restarted. At the end the script checks the books and the
+archive and prints, per fault, the time to detect it (fault → launcher's verdict) and to
+recover (verdict → the restarted node running; a taken-out node's share is rerouted at
+once), the events lost
 (``dropped["node_lost"]``, an estimate, against the in-flight bound of the lost nodes),
 the flow snapshots lost (goal 0) and whether every HLT node that ended cleanly has its
 final flows in a verified archive.
@@ -250,6 +252,11 @@ def analyse(
         name for name, code in report["exitcodes"].items() if code == 0 and name.startswith("hlt")
     ]
     missing_flows = [n for n in clean_hlt if not {(n, "all"), (n, "sideband")} <= latest]
+    # How many nodes each HLT node's last process ended averaging with (re-admissions).
+    averaging = {}
+    for name in clean_hlt:
+        stats = json.loads((out / "nodes" / f"{name}.json").read_text())
+        averaging[name] = stats["worker"].get("learner", {}).get("average_live_nodes")
     return {
         "faults": rows,
         "faults_injected": len(rows),
@@ -272,6 +279,7 @@ def analyse(
         "snapshots_lost": records_lost,
         "hlt_clean_exits": clean_hlt,
         "hlt_clean_missing_final_flows": missing_flows,
+        "hlt_final_averaging_group": averaging,
         "archive_problems": problems,
         "books_balanced": books_balanced,
         "accounting": report["accounting"],
@@ -289,13 +297,24 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=20.0, help="mean seconds per fault")
     parser.add_argument("--stall-after", type=float, default=10.0, help="heartbeat expiry, s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--restart-every-node",
+        action="store_true",
+        help="restart every lost node, not only a stage's last",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/chaos"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     shutil.rmtree(args.out, ignore_errors=True)
     plan, garbage = chaos_plan(args.topology, args.out, args.duration, args.stall_after)
     chaos = Chaos(np.random.default_rng(args.seed), args.interval, garbage)
-    farm = Farm(plan, duration_s=args.duration, on_update=chaos, restarts=1_000)
+    farm = Farm(
+        plan,
+        duration_s=args.duration,
+        on_update=chaos,
+        restarts=1_000,
+        restart_every_node=args.restart_every_node,
+    )
     try:
         result = farm.run()
     finally:

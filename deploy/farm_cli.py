@@ -341,7 +341,9 @@ def node(
     Restart a node by running the same command again. Upstream nodes hold what they
     cannot deliver meanwhile (back-pressure pauses the stream; nothing is dropped). An
     archive restarted on the same --out continues its file sequence and keeps, as a
-    partial file, every chunk a killed archive had flushed.
+    partial file, every chunk a killed archive had flushed; a snapshot the killed one was
+    writing is removed (it was never indexed). What a killed archive had received but not
+    yet written (its input queue) is lost, and the run's report counts it in flight.
     """
     from deploy.launcher import plan_farm, run_node
 

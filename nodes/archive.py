@@ -15,7 +15,8 @@ SHA-256; an events file is renamed into place when it is closed (every
 Restart: ``trigfarm node archive`` (or the launcher, which restarts a lost archive) on
 the same folder continues the events file sequence after the files already there, and
 keeps a killed archive's open file as a partial file holding every chunk it flushed
-(``events_recovered``). Upstream nodes hold what they cannot deliver meanwhile (their
+(``events_recovered``); a snapshot it was writing, never indexed, is removed
+(``snapshot_writes_removed``). Upstream nodes hold what they cannot deliver meanwhile (their
 bounded queues and sockets; back-pressure pauses the stream) and deliver it on return.
 
 A snapshot whose flow the archive already holds (the same ``parameters_hash``: the nodes of
@@ -108,6 +109,7 @@ class ArchiveNode(Processor):
         self.snapshots_stored = 0
         self.bad_records = 0
         self.events_recovered = 0
+        self.snapshot_writes_removed = 0
         self.thresholds_stored = 0
         self._events_seen: dict[tuple[str, str], int] = {}
         self._flow_files: dict[str, str] = {}  # parameters_hash -> file holding them
@@ -140,6 +142,7 @@ class ArchiveNode(Processor):
             "events_stored": self.events_stored,
             "bad_records": self.bad_records,
             "events_recovered": self.events_recovered,
+            "snapshot_writes_removed": self.snapshot_writes_removed,
             "thresholds_stored": self.thresholds_stored,
             "flow_bytes": self.bytes[SNAPSHOT_KIND],
             "event_bytes": self.bytes[EVENTS_KIND],
@@ -219,7 +222,15 @@ class ArchiveNode(Processor):
     def _recover_leftovers(self) -> None:
         """A killed archive leaves its open events file under a temporary name: keep the
         whole chunks it flushed as a partial file, indexed, so a restart loses no batch
-        it had written (one it could not read is set aside as ``*.unreadable``)."""
+        it had written (one it could not read is set aside as ``*.unreadable``). A snapshot
+        it was writing was never indexed (the launcher counts it lost in flight): remove
+        it, so that the archive verifies."""
+        for tmp in sorted((self.root / "snapshots").rglob(".*.snap.*.tmp")):
+            tmp.unlink()
+            self.snapshot_writes_removed += 1
+            log.warning(
+                "archive %s: removed %s, a snapshot a killed archive was writing", self.name, tmp
+            )
         for tmp in sorted((self.root / "events").glob(".run*_*.h5.*.tmp")):
             final = tmp.with_name(tmp.name[1:].split(".h5.")[0] + ".h5")
             try:

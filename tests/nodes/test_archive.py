@@ -118,7 +118,11 @@ def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None
     fill(tmp_path)
     leftover = tmp_path / "events" / ".run000003_0003.h5.999.tmp"  # a crashed writer's
     leftover.write_bytes(b"partial")
+    half_written = tmp_path / "snapshots" / "hlt-0" / "all" / ".000003_abcdef.snap.999.tmp"
+    half_written.write_bytes(b"half a snapshot")
+    assert Archive(tmp_path).verify() != []
     again = build(ArchiveConfig(out_dir=str(tmp_path), events_per_file=150), name="archive")
+    assert not half_written.exists() and again.snapshot_writes_removed == 1
     assert again.process(synthetic_batch(100, first_event=400, run=3, lumi=3)).accepted == 100
     again.finish()
     archive = Archive(tmp_path)
@@ -126,6 +130,7 @@ def test_a_restarted_archive_continues_its_file_sequence(tmp_path: Path) -> None
     assert [e.sequence for e in events] == [1, 2, 4]
     assert [e.events for e in events] == [200, 200, 100]
     assert len(archive.event_features()) == 500
+    assert archive.verify() == []
 
 
 @pytest.mark.slow
