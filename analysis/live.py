@@ -1,11 +1,13 @@
 """The search live: re-run the scan each time new flow snapshots reach the archive.
 
 ``follow`` polls the archive's index (read only; the farm keeps writing) and, whenever the
-set of indexed snapshots changes, calls ``analyse`` and yields what it returned with the
-events the flows had seen. ``live_scan`` is the analysis ``trigfarm analyze ... --follow``
-uses: the latest flows of every node, scored per window, and the bump hunt on the events
-the archive kept (indexed event files only; an event file still being written is not
-indexed and not read, and nothing the archive did not keep is ever read).
+set of indexed snapshots has changed and then held still for one poll (the nodes publish
+their roles in bursts: a scan of half a burst would mix old and new flows), calls
+``analyse`` and yields what it returned with the events the flows had seen.
+``live_scan`` is the analysis ``trigfarm analyze ... --follow`` uses: the latest flows of
+every node, scored per window, and the bump hunt on the events the archive kept (indexed
+event files only; an event file still being written is not indexed and not read, and
+nothing the archive did not keep is ever read).
 
 Contract: ``follow`` never writes to the archive and never signals the farm. It stops after
 ``max_updates`` updates or ``timeout_s`` seconds, whichever comes first (neither: it runs
@@ -82,10 +84,13 @@ def follow(
     """
     start = now()
     last: tuple[tuple[str, str, int], ...] = ()
+    at_previous_poll: tuple[tuple[str, str, int], ...] = ()
     count = 0
     while True:
         state = archive_state(archive_dir)
-        if state and state != last:
+        settled = bool(state) and state == at_previous_poll
+        at_previous_poll = state
+        if settled and state != last:
             last = state
             try:
                 seen, stored, result = analyse(Archive(archive_dir))
