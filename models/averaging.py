@@ -604,7 +604,7 @@ class ParameterAverager:
             self._go_alone()
             return False
         cfg = self.config
-        running = self._store_call(lambda: namespace.check([_CURRENT]), "store")
+        running = self._group_formed(namespace)
         if running is None:
             self._go_alone()
             return False
@@ -627,6 +627,10 @@ class ParameterAverager:
         self._store_call(lambda: namespace.compare_set(_CURRENT, "", "0"), "store")
         log.info("node %s: averaging with %d nodes", self.node_id, cfg.world_size)
         return True
+
+    def _group_formed(self, namespace: Store) -> bool | None:
+        """Whether a member set was ever agreed in the store (None: the store failed)."""
+        return self._store_call(lambda: namespace.check([_CURRENT]), "store")
 
     def _join_running_group(self, namespace: Store, began: float) -> bool:
         """A newcomer (e.g. a restarted node): wait up to ``timeout_s`` for the group to
@@ -788,16 +792,17 @@ class ParameterAverager:
         """Whether this node's group has formed before (so this node would be a newcomer
         if it has not joined yet). False without a store."""
         namespace = self._open_namespace()
-        if namespace is None:
-            return False
-        return bool(self._store_call(lambda: namespace.check([_CURRENT]), "store"))
+        return namespace is not None and bool(self._group_formed(namespace))
 
-    def share(self, key: str, value: str) -> None:
+    def share(self, key: str, value: str) -> str | None:
         """Keep ``value`` under ``key`` in the group's store unless a value is there already
-        (the first writer wins), for nodes that join later. Best effort."""
+        (the first writer wins), for nodes that join later; returns the value kept (None: no
+        store). Best effort."""
         namespace = self._open_namespace()
-        if namespace is not None:
-            self._store_call(lambda: namespace.compare_set(f"shared/{key}", "", value), "share")
+        if namespace is None:
+            return None
+        kept = self._store_call(lambda: namespace.compare_set(f"shared/{key}", "", value), "share")
+        return None if kept is None else kept.decode()
 
     def shared(self, key: str) -> str | None:
         """The value kept under ``key`` (None: none, or no store)."""

@@ -171,11 +171,12 @@ class ArchiveNode(Processor):
             return
         folder = self.root / "snapshots" / _safe(snap.node_id) / _safe(snap.role)
         path = folder / f"{snap.sequence:06d}_{snap.content_hash[:12]}.snap"
-        parameters_in = self._flow_files.get(snap.parameters_hash)
+        parameters_hash = snap.parameters_hash
+        parameters_in = self._flow_files.get(parameters_hash)
         data = snap.to_bytes(parameters_in=parameters_in)
         write_durably(path, data)
         if parameters_in is None:
-            self._flow_files[snap.parameters_hash] = str(path.relative_to(self.root))
+            self._flow_files[parameters_hash] = str(path.relative_to(self.root))
         self._index(
             SNAPSHOT_KIND,
             path,

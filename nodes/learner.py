@@ -238,8 +238,7 @@ class FlowLearner:
                 role: Preprocessing.from_arrays(holder.arrays()) for role, holder in holders.items()
             }
         text = _preprocessing_to_json(agreed)
-        averager.share(_PREPROCESSING_KEY, text)
-        if averager.shared(_PREPROCESSING_KEY) not in (None, text):
+        if averager.share(_PREPROCESSING_KEY, text) not in (None, text):
             # Another node's calibration is the group's: a newcomer admitted here would
             # average flows of two parameter spaces.
             averager.leave()

@@ -48,7 +48,7 @@ from stream.transport import (
     Endpoint,
     HandshakeWatch,
     SocketOptions,
-    check_scheme,
+    check_endpoint,
     open_socket,
     send_message,
 )
@@ -137,13 +137,7 @@ class Producer(ABC):
         return {}
 
 
-def _endpoint_text(text: str) -> str:
-    """``text`` itself, once it is ``@url``, ``>url`` or a URL with a known scheme."""
-    check_scheme(text[1:] if text[:1] in ("@", ">") else text)
-    return text
-
-
-EndpointText = Annotated[str, pydantic.AfterValidator(_endpoint_text)]
+EndpointText = Annotated[str, pydantic.AfterValidator(check_endpoint)]
 
 
 @pydantic.dataclasses.dataclass(frozen=True, slots=True, config=pydantic.ConfigDict(extra="forbid"))

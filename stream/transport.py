@@ -31,6 +31,19 @@ def check_scheme(url: str) -> str:
     return url
 
 
+def _split(text: str) -> tuple[str, bool | None]:
+    """``@url`` -> (url, True), ``>url`` -> (url, False), a bare URL -> (url, None)."""
+    if text[:1] in ("@", ">"):
+        return text[1:], text[0] == "@"
+    return text, None
+
+
+def check_endpoint(text: str) -> str:
+    """``text`` itself, once it is ``@url``, ``>url`` or a URL with a known scheme."""
+    check_scheme(_split(text)[0])
+    return text
+
+
 _FROZEN = pydantic.ConfigDict(extra="forbid")
 
 
@@ -44,11 +57,8 @@ class Endpoint:
     @classmethod
     def parse(cls, text: str, *, bind: bool) -> Endpoint:
         """Read ``@url`` (bind), ``>url`` (connect) or a bare URL (``bind`` decides)."""
-        if text.startswith("@"):
-            return cls(text[1:], bind=True)
-        if text.startswith(">"):
-            return cls(text[1:], bind=False)
-        return cls(text, bind=bind)
+        url, prefix_binds = _split(text)
+        return cls(url, bind=bind if prefix_binds is None else prefix_binds)
 
     def __str__(self) -> str:
         return ("@" if self.bind else ">") + self.url
