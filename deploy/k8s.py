@@ -90,6 +90,25 @@ def _k8s_topology_toml(topology: Topology, namespace: str) -> str:
     return "\n".join(lines)
 
 
+def _headless_service(
+    name: str, namespace: str, labels: dict[str, str], ports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A headless Service (stable pod names) exposing the containers' ``ports``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "clusterIP": "None",
+            "selector": labels,
+            "ports": [
+                {"name": p["name"], "port": p["containerPort"], "targetPort": p["containerPort"]}
+                for p in ports
+            ],
+        },
+    }
+
+
 def _rendezvous_host(stage: str, namespace: str) -> str:
     name = f"{stage}-rendezvous"
     return f"{name}-0.{name}.{namespace}.svc"
@@ -112,18 +131,7 @@ def _rendezvous(stage: str, image: str, namespace: str) -> list[dict[str, Any]]:
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
     }
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {
-                "clusterIP": "None",
-                "selector": labels,
-                "ports": [
-                    {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}
-                ],
-            },
-        },
+        _headless_service(name, namespace, labels, [port]),
         {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
@@ -201,25 +209,9 @@ def manifests(
             if role.output_port is not None
             else []
         )
+        metrics_port = {"name": "metrics", "containerPort": METRICS_PORT}
         objects.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": stage.name, "namespace": namespace, "labels": labels},
-                "spec": {
-                    "clusterIP": "None",
-                    "selector": labels,
-                    "ports": [
-                        {
-                            "name": p["name"],
-                            "port": p["containerPort"],
-                            "targetPort": p["containerPort"],
-                        }
-                        for p in data_ports
-                    ]
-                    + [{"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}],
-                },
-            }
+            _headless_service(stage.name, namespace, labels, [*data_ports, metrics_port])
         )
         volumes: list[dict[str, Any]] = [
             {"name": "topology", "configMap": {"name": "trigfarm-topology"}}
@@ -246,7 +238,7 @@ def manifests(
             "name": "node",
             "image": image,
             "command": ["/bin/sh", "-c", command],
-            "ports": [*data_ports, {"name": "metrics", "containerPort": METRICS_PORT}],
+            "ports": [*data_ports, metrics_port],
             "volumeMounts": mounts,
             **_probes(topology.farm),
             "resources": {
