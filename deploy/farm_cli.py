@@ -345,7 +345,7 @@ def node(
     writing is removed (it was never indexed). What a killed archive had received but not
     yet written (its input queue) is lost, and the run's report counts it in flight.
     """
-    from deploy.launcher import plan_farm, run_node
+    from deploy.launcher import exit_node_process, plan_farm, run_node
 
     topology = _topology(topology_path)
     try:
@@ -379,7 +379,7 @@ def node(
         f"{mine.node.name}: inputs {list(mine.node.inputs)}, outputs {dict(mine.node.outputs)}",
         err=True,
     )
-    sys.exit(run_node(mine))
+    exit_node_process(run_node(mine))
 
 
 @click.command(context_settings={"show_default": True})

@@ -319,6 +319,24 @@ def run_node(plan: NodePlan, *, parent_pid: int | None = None) -> int:
     return 0 if node.stats.balanced else 3
 
 
+def exit_node_process(code: int) -> None:
+    """End a node process now, with ``code``, once its logs and stdio are flushed.
+
+    The node's books and flows are written by then. Skipping interpreter finalization is
+    deliberate: Python 3.11 ends a daemon thread that wakes during finalization with
+    ``pthread_exit``, and one that wakes inside torch's C++ (an averaging call abandoned
+    on a store that has just closed) then aborts the process ("terminate called without
+    an active exception"), turning a clean stop into SIGABRT.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken pipe: nothing left to say on it
+    os._exit(code)
+
+
 def _child_main(plan: NodePlan, parent_pid: int) -> None:
     """Entry point of a spawned node process."""
     os.setsid()  # Ctrl-C in the terminal reaches the launcher only; it stops us in order
@@ -326,7 +344,7 @@ def _child_main(plan: NodePlan, parent_pid: int) -> None:
         level=plan.log_level,
         format=f"%(asctime)s {plan.node.name} %(name)s %(levelname)s %(message)s",
     )
-    raise SystemExit(run_node(plan, parent_pid=parent_pid))
+    exit_node_process(run_node(plan, parent_pid=parent_pid))
 
 
 # -- the farm -------------------------------------------------------------------------------
