@@ -14,8 +14,9 @@ archive and prints, per fault, the time to detect it (fault → launcher's verdi
 recover (verdict → the restarted node running; a taken-out node's share is rerouted at
 once), the events lost
 (``dropped["node_lost"]``, an estimate, against the in-flight bound of the lost nodes),
-the flow snapshots lost (goal 0) and whether every HLT node that ended cleanly has its
-final flows in a verified archive.
+the flow snapshots lost (goal 0; with receipts, a copy lost in flight is sent again and
+only an undeliverable or unconfirmed one is lost) and whether every HLT node that ended
+cleanly has its final flows in a verified archive.
 
     python -m benchmarks.chaos                      # default farm, 180 s, seed 0
     python -m benchmarks.chaos --topology replay --duration 120 --seed 1
@@ -187,9 +188,16 @@ def in_flight_bound(stage: dict[str, Any], farm: Any) -> int:
 
 
 def analyse(
-    report: dict[str, Any], chaos: Chaos, started_s: float, out: Path, farm: Any
+    report: dict[str, Any],
+    chaos: Chaos,
+    started_s: float,
+    out: Path,
+    farm: Any,
+    *,
+    receipts: bool,
 ) -> dict[str, Any]:
-    """Per-fault timings and the loss, snapshot and archive checks."""
+    """Per-fault timings and the loss, snapshot and archive checks (``receipts``: the
+    archive confirms the records it stores, ``stream.receipts``)."""
     losses = {name: list(entries) for name, entries in report["lost_nodes"].items()}
     rows = []
     for fault in chaos.faults:
@@ -242,9 +250,14 @@ def analyse(
     bounds = {
         name: lost_nodes[name] * in_flight_bound(stage, farm) for name, stage in stages.items()
     }
+    # With receipts (no CURVE) a copy lost in flight is sent again: what is lost is what
+    # could not be delivered or was never confirmed; without them, every copy in flight.
     records_lost = sum(
-        s["records_lost"] + s.get("records_lost_in_flight", 0) for s in report["stages"]
+        s["records_lost"]
+        + (s["records_unconfirmed"] if receipts else s.get("records_lost_in_flight", 0))
+        for s in report["stages"]
     )
+    copies_resent = sum(s["records_resent"] for s in report["stages"])
     store = Archive(next(p.parent for p in out.rglob("index.sqlite")))
     problems = store.verify()
     latest = {(s.node_id, s.role) for s in store.snapshots(latest_per_node=True)}
@@ -277,6 +290,10 @@ def analyse(
         "garbage_sent": chaos.garbage_sent,
         "garbage_counted": decode_errors,
         "snapshots_lost": records_lost,
+        "snapshot_copies_lost_in_flight": sum(
+            s.get("records_lost_in_flight", 0) for s in report["stages"]
+        ),
+        "snapshots_resent": copies_resent,
         "hlt_clean_exits": clean_hlt,
         "hlt_clean_missing_final_flows": missing_flows,
         "hlt_final_averaging_group": averaging,
@@ -324,7 +341,14 @@ def main() -> None:
     (args.out / "losses.json").write_text(json.dumps(result.losses, indent=2, default=float))
     write_report(report, args.out)
     print(format_report(report))
-    figures = analyse(report, chaos, result.started_s, args.out, plan.topology.farm)
+    figures = analyse(
+        report,
+        chaos,
+        result.started_s,
+        args.out,
+        plan.topology.farm,
+        receipts=any(n.node.receipts_from for n in plan.nodes),
+    )
     print()
     print(f"{'fault':<9}{'target':<10}{'at s':>7}{'detect s':>10}{'recover s':>11}  verdict")
     for row in figures["faults"]:
@@ -339,7 +363,9 @@ def main() -> None:
     print(
         f"events {figures['events_generated']}, lost with nodes {figures['events_lost_node_lost']} "
         f"(bound {figures['in_flight_bound']}); garbage {figures['garbage_sent']} sent, "
-        f"{figures['garbage_counted']} counted; snapshots lost {figures['snapshots_lost']}; "
+        f"{figures['garbage_counted']} counted; snapshots lost {figures['snapshots_lost']} "
+        f"(copies lost in flight {figures['snapshot_copies_lost_in_flight']}, resent "
+        f"{figures['snapshots_resent']}); "
         f"archive problems {len(figures['archive_problems'])}; missing final flows "
         f"{figures['hlt_clean_missing_final_flows']}; books balanced (garbage apart) "
         f"{figures['books_balanced']}"

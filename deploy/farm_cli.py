@@ -342,8 +342,10 @@ def node(
     cannot deliver meanwhile (back-pressure pauses the stream; nothing is dropped). An
     archive restarted on the same --out continues its file sequence and keeps, as a
     partial file, every chunk a killed archive had flushed; a snapshot the killed one was
-    writing is removed (it was never indexed). What a killed archive had received but not
-    yet written (its input queue) is lost, and the run's report counts it in flight.
+    writing is removed (it was never indexed). Events a killed archive had received but
+    not yet written (its input queue) are lost, and the run's report counts them in
+    flight. Flow snapshots are not: the archive sends a receipt for each one it stores,
+    and an HLT node sends a snapshot again until it has one (without CURVE only).
     """
     from deploy.launcher import exit_node_process, plan_farm, run_node
 

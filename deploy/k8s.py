@@ -204,9 +204,11 @@ def manifests(
         role = ROLES[stage.role]
         port = stage.port or DEFAULT_BASE_PORT + 10 * k
         labels = {LABEL: "trigfarm", "trigfarm/stage": stage.name}
+        # A stage's nodes bind port + i: their outputs, or an archive's receipts.
+        kind = "data" if role.output_port is not None else "receipts"
         data_ports = (
-            [{"name": f"data-{i}", "containerPort": port + i} for i in range(stage.count)]
-            if role.output_port is not None
+            [{"name": f"{kind}-{i}", "containerPort": port + i} for i in range(stage.count)]
+            if role.output_port is not None or role.stores_records
             else []
         )
         metrics_port = {"name": "metrics", "containerPort": METRICS_PORT}

@@ -92,12 +92,13 @@ def _resolve_ports(topology: Topology, *, fixed: bool) -> dict[str, int]:
     ports: dict[str, int] = {}
     for stage in topology.stages:
         role = ROLES[stage.role]
-        if role.output_port is None:
+        if role.output_port is None and not role.stores_records:
             continue
         if stage.port == 0 and fixed:
+            serves = "its receipts" if role.output_port is None else "its outputs"
             raise TopologyError(
                 key=f"topology.{stage.name}.port",
-                problem="needs a fixed port to run nodes on separate hosts",
+                problem=f"needs a fixed port for {serves} to run nodes on separate hosts",
             )
         ports[stage.name] = stage.port
     return ports
@@ -141,9 +142,20 @@ def plan_farm(
         upstream = topology.upstream(stage.name)
         downstream = topology.downstream(stage.name)
         keys = _keys(topology, stage, upstream)
+        # A store (the archive) binds a receipts socket for the stage before it; with CURVE
+        # that socket is a server admitting that stage's key, as an output admits the next.
+        stores = role.stores_records and upstream is not None
+        receipts_from: tuple[str, ...] = ()
+        receipts_server_key: bytes | None = None
+        if downstream is not None and ROLES[downstream.role].stores_records:
+            receipts_from = tuple(f">{url}" for _, url in endpoints[downstream.name])
+            if topology.security.curve:
+                receipts_server_key = security.load_public(topology.keys_dir(), downstream.name)
         allowed: tuple[bytes, ...] = ()
-        if topology.security.curve and downstream is not None:
-            allowed = (security.load_public(topology.keys_dir(), downstream.name),)
+        if topology.security.curve:
+            clients = [downstream] if downstream is not None else []
+            clients += [upstream] if stores and upstream is not None else []
+            allowed = tuple(security.load_public(topology.keys_dir(), s.name) for s in clients)
         for i, name in enumerate(stage.node_names()):
             inputs = (
                 tuple(f">{url}" for _, url in endpoints.get(upstream.name, [])) if upstream else ()
@@ -179,6 +191,9 @@ def plan_farm(
                 stats_path=f"{out}/nodes/{name}.json",
                 output_peers=downstream.count if outputs and downstream else 0,
                 peer_wait_s=farm.peer_wait_s,
+                receipts_from=receipts_from,
+                receipts_to=f"@{endpoints[stage.name][i][0]}" if stores else None,
+                receipts_server_key=receipts_server_key,
             )
             launch = LaunchContext(
                 name=name,
@@ -301,7 +316,7 @@ def run_node(plan: NodePlan, *, parent_pid: int | None = None) -> int:
     ctx = zmq.Context()
     auth = None
     guard = security.KeyGuard(name, plan.allowed_clients)
-    if plan.node.socket.curve is not None and plan.node.outputs:
+    if plan.node.socket.curve is not None and (plan.node.outputs or plan.node.receipts_to):
         auth = security.start_authenticator(ctx, guard)
 
     def extra() -> dict[str, Any]:

@@ -61,6 +61,8 @@ def _node_figures(name: str, stats: Mapping[str, Any] | None, wall_s: float) -> 
         "records_in": int(stats.get("records_in", 0)),
         "records_out": dict(stats.get("records_out", {})),
         "records_lost": dict(stats.get("records_lost", {})),
+        "records_resent": dict(stats.get("records_resent", {})),
+        "records_unconfirmed": int(stats.get("records_unconfirmed", 0)),
         "balanced": n_in == accounted,
         "first_in_s": first,
         "last_in_s": last,
@@ -85,11 +87,12 @@ _SUMMED = (
     "accepted",
     "rejected",
     "records_in",
+    "records_unconfirmed",
     "busy_s",
     "blocked_s",
     "cpu_s",
 )
-_COUNTED = ("dropped", "events_out", "records_out", "records_lost")
+_COUNTED = ("dropped", "events_out", "records_out", "records_lost", "records_resent")
 
 
 def _merge_stats(parts: list[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -310,6 +313,8 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
                 "events_out": dict(events_out),
                 "records_out": sum(sum(n["records_out"].values()) for n in present),
                 "records_lost": sum(sum(n["records_lost"].values()) for n in present),
+                "records_resent": sum(sum(n["records_resent"].values()) for n in present),
+                "records_unconfirmed": sum(n["records_unconfirmed"] for n in present),
                 "records_in": sum(n["records_in"] for n in present),
                 "accept_fraction": accepted / n_in if n_in else None,
                 "paths": _sum_paths(workers),
@@ -525,6 +530,10 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"{'':<10}trigger paths (events firing): {fired}")
         if s["records_out"] or s["records_in"] or s.get("records_lost"):
             lost = f", {s['records_lost']} LOST (undeliverable)" if s.get("records_lost") else ""
+            if s.get("records_resent"):
+                lost += f", {s['records_resent']} of them resent (no receipt from the store)"
+            if s.get("records_unconfirmed"):
+                lost += f", {s['records_unconfirmed']} UNCONFIRMED (no receipt at the stop)"
             lines.append(
                 f"{'':<10}records (flow snapshots): {s['records_out']} out, "
                 f"{s['records_in']} in{lost}"

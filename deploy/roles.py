@@ -41,6 +41,8 @@ class Role:
         builder: name of ``build(config, *, name, ...)`` in ``module``.
         consumes: whether it takes an input (everything but sources).
         output_port: the port the next stage reads (``None``: a terminal stage).
+        stores_records: it confirms the records it stores with receipts
+            (``stream.receipts``), on a port of its own, to the stage before it.
         learner: (module, config class, builder) of the online learner it can take.
         events_key: config field set from ``trigfarm run --events``.
         threads_key: config field set from the stage's ``threads`` unless given.
@@ -52,6 +54,7 @@ class Role:
     builder: str = "build"
     consumes: bool = True
     output_port: str | None = "out"
+    stores_records: bool = False
     learner: tuple[str, str, str] | None = None
     events_key: str = ""
     threads_key: str = ""
@@ -147,7 +150,13 @@ ROLES: dict[str, Role] = {
         learner=("nodes.learner", "FlowLearnerConfig", "build_learner"),
         threads_key="torch_threads",
     ),
-    "archive": Role("nodes.archive", "ArchiveConfig", output_port=None, out_dir_key="out_dir"),
+    "archive": Role(
+        "nodes.archive",
+        "ArchiveConfig",
+        output_port=None,
+        stores_records=True,
+        out_dir_key="out_dir",
+    ),
     # Synthetic roles: for exercising the farm machinery only.
     "synthetic-source": Role(
         "deploy.synthetic",

@@ -111,6 +111,7 @@ class ArchiveNode(Processor):
         self.events_recovered = 0
         self.snapshot_writes_removed = 0
         self.thresholds_stored = 0
+        self.records_duplicate = 0
         self._events_seen: dict[tuple[str, str], int] = {}
         self._flow_files: dict[str, str] = {}  # parameters_hash -> file holding them
         self._recover_leftovers()
@@ -144,6 +145,7 @@ class ArchiveNode(Processor):
             "events_recovered": self.events_recovered,
             "snapshot_writes_removed": self.snapshot_writes_removed,
             "thresholds_stored": self.thresholds_stored,
+            "records_duplicate": self.records_duplicate,
             "flow_bytes": self.bytes[SNAPSHOT_KIND],
             "event_bytes": self.bytes[EVENTS_KIND],
             "events_seen_by_flows": seen,
@@ -171,6 +173,9 @@ class ArchiveNode(Processor):
             return
         folder = self.root / "snapshots" / _safe(snap.node_id) / _safe(snap.role)
         path = folder / f"{snap.sequence:06d}_{snap.content_hash[:12]}.snap"
+        if self._indexed("SELECT 1 FROM files WHERE path = ?", str(path.relative_to(self.root))):
+            self._count_duplicate(record)
+            return
         parameters_hash = snap.parameters_hash
         parameters_in = self._flow_files.get(parameters_hash)
         data = snap.to_bytes(parameters_in=parameters_in)
@@ -208,8 +213,13 @@ class ArchiveNode(Processor):
             RECORDS.labels(node=self.name, kind=record.kind, outcome="bad").inc()
             log.warning("archive %s: rejected a threshold record: %s", self.name, exc)
             return
-        if self._db is None:
-            self._db = connect_index(self.root)
+        query = (
+            "SELECT 1 FROM thresholds WHERE node = ? AND path = ? AND lumi = ? AND threshold = ?"
+        )
+        if self._indexed(query, *row, threshold):
+            self._count_duplicate(record)
+            return
+        assert self._db is not None
         self._db.execute(
             "INSERT INTO thresholds (node, path, lumi, threshold, meta, created_s)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -217,6 +227,17 @@ class ArchiveNode(Processor):
         )
         self.thresholds_stored += 1
         RECORDS.labels(node=self.name, kind=record.kind, outcome="stored").inc()
+
+    def _indexed(self, query: str, *values: object) -> bool:
+        """Whether the index holds a row for ``query``: a record sent again because its
+        receipt was lost (``stream.receipts``) is stored once."""
+        if self._db is None:
+            self._db = connect_index(self.root)
+        return self._db.execute(query, values).fetchone() is not None
+
+    def _count_duplicate(self, record: Record) -> None:
+        self.records_duplicate += 1
+        RECORDS.labels(node=self.name, kind=record.kind, outcome="duplicate").inc()
 
     # -- events --------------------------------------------------------------------------
 

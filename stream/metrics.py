@@ -17,6 +17,14 @@ RECORDS_LOST = Counter(
     "Non-event records (e.g. flow snapshots) that could not be delivered",
     (*_LABELS, "port"),
 )
+RECORDS_RESENT = Counter(
+    "records_resent",
+    "Records sent again because no receipt from their store confirmed them",
+    (*_LABELS, "port"),
+)
+RECORDS_UNCONFIRMED = Gauge(
+    "records_unconfirmed", "Records still without a receipt when the node stopped", _LABELS
+)
 ACCEPTED = Counter("events_accepted", "Events the node accepted", _LABELS)
 REJECTED = Counter("events_rejected", "Events the node rejected by design", _LABELS)
 DROPPED = Counter("dropped", "Events lost, by reason", (*_LABELS, "reason"))

@@ -39,11 +39,19 @@ import pydantic
 import zmq
 
 from stream import metrics
-from stream.batch import EventBatch, Message
+from stream.batch import EventBatch, Message, Record
 from stream.codec import decode
 from stream.durable import write_durably
 from stream.errors import FrameError
 from stream.protocol import HEARTBEAT_TOPIC, Heartbeat
+from stream.receipts import (
+    UnconfirmedRecords,
+    new_prefix,
+    receipt_frames,
+    receipt_id,
+    record_id,
+    stamped,
+)
 from stream.transport import (
     Endpoint,
     HandshakeWatch,
@@ -153,6 +161,13 @@ class NodeConfig:
     With ``socket.curve`` the outputs are CURVE servers, and every peer they refuse (by
     the ZAP handler or inside libzmq) is counted in ``curve_refused_total{node}`` and in
     ``NodeStats.curve_refused`` by reason.
+
+    Records (flow snapshots) are delivered with receipts (``stream.receipts``) when the
+    consumer binds ``receipts_to`` and its producers connect ``receipts_from`` to it: a
+    producer sends a record again after ``resend_unconfirmed_s`` without a receipt, and
+    at its stop waits up to ``stall_after_s`` for the last ones. With CURVE the receipts
+    socket is a server like the outputs, and its clients need ``receipts_server_key``
+    (the consumer's public key): a forged receipt would make a producer forget a record.
     """
 
     name: Annotated[str, pydantic.Field(min_length=1)]
@@ -171,6 +186,10 @@ class NodeConfig:
     stats_path: str | None = None
     output_peers: Annotated[int, pydantic.Field(ge=0)] = 0
     peer_wait_s: Annotated[float, pydantic.Field(ge=0)] = 10.0
+    receipts_from: tuple[EndpointText, ...] = ()
+    receipts_to: EndpointText | None = None
+    receipts_server_key: bytes | None = None
+    resend_unconfirmed_s: Annotated[float, pydantic.Field(gt=0)] = 5.0
 
 
 class LatencyReservoir:
@@ -225,6 +244,8 @@ class NodeStats:
     batches_out: Counter[str] = field(default_factory=Counter)
     records_out: Counter[str] = field(default_factory=Counter)
     records_lost: Counter[str] = field(default_factory=Counter)
+    records_resent: Counter[str] = field(default_factory=Counter)
+    records_unconfirmed: int = 0
     latency: LatencyReservoir = field(default_factory=LatencyReservoir)
     busy_s: float = 0.0
     blocked_s: float = 0.0
@@ -256,6 +277,8 @@ class NodeStats:
             "batches_out": dict(self.batches_out),
             "records_out": dict(self.records_out),
             "records_lost": dict(self.records_lost),
+            "records_resent": dict(self.records_resent),
+            "records_unconfirmed": self.records_unconfirmed,
             "latency": self.latency.summary(),
             "busy_s": self.busy_s,
             "blocked_s": self.blocked_s,
@@ -299,6 +322,9 @@ class Node:
         self._t0 = clock()
         self._error_kinds: set[str] = set()
         self._extra_report = extra_report
+        self._record_prefix = new_prefix(config.name)
+        self._records_sent = 0
+        self._unconfirmed = UnconfirmedRecords(config.resend_unconfirmed_s)
         self._stalled_ports: set[str] = set()
 
     # -- control -------------------------------------------------------------------------
@@ -331,6 +357,7 @@ class Node:
                 self._set_state(NodeState.DRAINING, sockets)
                 for emit in self.worker.finish():
                     self._send(sockets, emit, final=True)
+                self._await_receipts(sockets)
                 self._set_state(NodeState.STOPPED, sockets)
                 self._write_stats()
         finally:
@@ -398,6 +425,21 @@ class Node:
                 control_options = SocketOptions(sndhwm=100, rcvhwm=100, linger_ms=500)
                 sockets.control = open_socket(ctx, zmq.PUB, [endpoint], control_options)
                 sockets.keepalive = _Keepalive(ctx, endpoint, cfg.heartbeat_interval_s)
+            if cfg.receipts_from:
+                endpoints = [Endpoint.parse(e, bind=False) for e in cfg.receipts_from]
+                curve = cfg.socket.curve
+                if curve is not None:
+                    curve = replace(curve, server_public_key=cfg.receipts_server_key)
+                options = SocketOptions(curve=curve)
+                sockets.receipts_in = open_socket(ctx, zmq.SUB, endpoints, options)
+                sockets.receipts_in.setsockopt(zmq.SUBSCRIBE, self._record_prefix.encode())
+            if cfg.receipts_to:
+                endpoint = Endpoint.parse(cfg.receipts_to, bind=True)
+                options = SocketOptions(curve=cfg.socket.curve)
+                prepare = partial(sockets.watch, "receipts") if cfg.socket.curve else None
+                sockets.receipts_out = open_socket(
+                    ctx, zmq.PUB, [endpoint], options, prepare=prepare
+                )
         except zmq.ZMQError:
             sockets.close()
             raise
@@ -411,7 +453,7 @@ class Node:
             next_heartbeat = self._clock()
             while cfg.output_peers > 0 and not self._stop.is_set():
                 self._check_handshakes(sockets)
-                short = [p for p in sockets.monitors if sockets.peers[p] < cfg.output_peers]
+                short = [p for p in cfg.outputs if sockets.peers[p] < cfg.output_peers]
                 if not short:
                     break
                 now = self._clock()
@@ -481,6 +523,7 @@ class Node:
                 self._set_state(NodeState.DRAINING, sockets)
             if now >= next_heartbeat:
                 self._heartbeat(sockets)
+                self._resend_unconfirmed(sockets)
                 next_heartbeat = now + cfg.heartbeat_interval_s
             wait_ms = 0 if self._queue else max(0, int((next_heartbeat - now) * 1000))
             if draining:
@@ -509,6 +552,7 @@ class Node:
             now = self._clock()
             if now >= next_heartbeat:
                 self._heartbeat(sockets)
+                self._resend_unconfirmed(sockets)
                 next_heartbeat = now + cfg.heartbeat_interval_s
             wait_s = self.worker.wait_s(now)
             if wait_s > 0:
@@ -539,6 +583,8 @@ class Node:
             self.stats.records_in += 1
             metrics.RECORDS_IN.labels(**self._labels).inc()
             outcome = self._run_worker(message, n_events=0)
+            if not outcome.dropped:  # one the worker failed on stays unconfirmed
+                self._confirm(sockets, message)
             self._account(outcome, n_in=0, t0=t0, sockets=sockets)
             return
         n = len(message)
@@ -651,6 +697,11 @@ class Node:
             msg = f"node {self.config.name!r} has no output port {emit.port!r}"
             raise KeyError(msg)
         cfg = self.config
+        if sockets.receipts_in is not None and isinstance(emit.message, Record):
+            if record_id(emit.message) is None:
+                self._records_sent += 1
+                stamp = f"{self._record_prefix}{self._records_sent}"
+                emit = replace(emit, message=stamped(emit.message, stamp))
         blocked_since = self._clock()
         stopping = final or self._stop.is_set()
         dead = stopping and emit.port in self._stalled_ports
@@ -688,6 +739,8 @@ class Node:
         else:
             self.stats.records_out[emit.port] += 1
             metrics.RECORDS_OUT.labels(**self._labels, port=emit.port).inc()
+            if sockets.receipts_in is not None:
+                self._unconfirmed.sent(emit.port, emit.message, self._clock())
         return True
 
     # -- reporting -----------------------------------------------------------------------
@@ -712,6 +765,7 @@ class Node:
 
     def _heartbeat(self, sockets: _Sockets) -> None:
         self._check_handshakes(sockets)
+        self._read_receipts(sockets)
         if sockets.control is None:
             return
         self._heartbeat_seq += 1
@@ -731,6 +785,60 @@ class Node:
             log.debug("%s: heartbeat dropped (control queue full)", self.config.name)
         if sockets.keepalive is not None:
             sockets.keepalive.update(frames[1])
+
+    # -- receipts ------------------------------------------------------------------------
+
+    def _confirm(self, sockets: _Sockets, record: Record) -> None:
+        """Publish the receipt of a record this node has handled (stored or refused)."""
+        stored_id = record_id(record)
+        if sockets.receipts_out is None or stored_id is None:
+            return
+        try:
+            sockets.receipts_out.send_multipart(receipt_frames(stored_id), zmq.NOBLOCK)
+        except zmq.Again:  # the producer sends the record again and is confirmed then
+            log.debug("%s: receipt of %s dropped (queue full)", self.config.name, stored_id)
+
+    def _read_receipts(self, sockets: _Sockets) -> None:
+        if sockets.receipts_in is None:
+            return
+        while True:
+            try:
+                frames = sockets.receipts_in.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            stored_id = receipt_id(frames)
+            if stored_id is not None:
+                self._unconfirmed.discard(stored_id)
+
+    def _resend_unconfirmed(self, sockets: _Sockets) -> None:
+        """Send again the records that no receipt confirmed within resend_unconfirmed_s
+        (their consumer died with them, or the receipt was lost; it drops duplicates)."""
+        for port, record in list(self._unconfirmed.due(self._clock())):
+            if self._send(sockets, Emit(port, record)):
+                self.stats.records_resent[port] += 1
+                metrics.RECORDS_RESENT.labels(**self._labels, port=port).inc()
+            else:  # counted in records_lost by _send
+                self._unconfirmed.discard(str(record_id(record)))
+
+    def _await_receipts(self, sockets: _Sockets) -> None:
+        """At the stop: wait up to stall_after_s, resending, until every record sent is
+        confirmed; count the rest as unconfirmed (sent, perhaps stored, never confirmed)."""
+        if sockets.receipts_in is None:
+            return
+        deadline = self._clock() + self.config.stall_after_s
+        while self._unconfirmed and self._clock() < deadline:
+            sockets.receipts_in.poll(int(self.config.heartbeat_interval_s * 1000))
+            self._heartbeat(sockets)
+            self._resend_unconfirmed(sockets)
+        left = len(self._unconfirmed) + self._unconfirmed.given_up
+        self.stats.records_unconfirmed = left
+        if left:
+            metrics.RECORDS_UNCONFIRMED.labels(**self._labels).set(left)
+            log.error(
+                "%s: %d record(s) sent without a receipt from their store (counted as unconfirmed)",
+                self.config.name,
+                left,
+            )
 
     def _write_stats(self) -> None:
         if self.config.stats_path is None:
@@ -801,6 +909,8 @@ class _Sockets:
     outputs: dict[str, zmq.Socket] = field(default_factory=dict)
     control: zmq.Socket | None = None
     keepalive: _Keepalive | None = None
+    receipts_in: zmq.Socket | None = None
+    receipts_out: zmq.Socket | None = None
     monitors: dict[str, HandshakeWatch] = field(default_factory=dict)
     peers: Counter[str] = field(default_factory=Counter)
 
@@ -830,3 +940,6 @@ class _Sockets:
             self.control.close()
         if self.keepalive is not None:
             self.keepalive.close()
+        for receipts in (self.receipts_in, self.receipts_out):
+            if receipts is not None:
+                receipts.close(linger=0)

@@ -219,6 +219,11 @@ def test_kill_9_of_the_archive_is_restarted_and_loses_no_flow(tmp_path: Path) ->
     archive = report["stages"][2]
     assert archive["node_lost_estimated"]
     assert 0 <= archive["dropped"].get("node_lost", 0) <= in_flight_bound(table)
+    # Every snapshot the HLT nodes sent is confirmed by the archive that stored it: a copy
+    # the killed one had received but not written was sent again (stream.receipts).
+    hlt = report["stages"][1]
+    assert hlt["records_unconfirmed"] == 0 and hlt["records_lost"] == 0
+    assert hlt["records_resent"] >= archive.get("records_lost_in_flight", 0)
     assert_books_and_flows(report, tmp_path, survivors=["hlt-0", "hlt-1"])
 
 

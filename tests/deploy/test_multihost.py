@@ -151,7 +151,7 @@ def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str], chain:
         ("source", HOST_A, 17101),
         ("l1", HOST_A, 17111),
         ("hlt", HOST_B, 17121),
-        ("archive", HOST_B, 0),
+        ("archive", HOST_B, 17141),  # its receipts of the records it stores
     ):
         table[stage]["hosts"] = host
         table[stage]["port"] = port
@@ -217,5 +217,7 @@ def test_two_hosts_with_curve(tmp_path: Path, two_hosts: tuple[str, str], chain:
     assert stats["archive"]["records_in"] == records
     if chain == "physics":
         assert records >= 4  # both flows of both HLT nodes crossed the encrypted link
+        # ...and the archive's receipts came back over its own CURVE socket
+        assert all(stats[n]["records_unconfirmed"] == 0 for n in ("hlt-0", "hlt-1"))
     assert stats["l1"]["extra"]["curve_refused"] >= 1
     assert "got" not in rogue_out, rogue_out

@@ -20,6 +20,7 @@ from nodes.archive import ArchiveConfig, build
 from nodes.rate_control import ThresholdChange
 from stream.batch import EventBatch, Record
 from stream.node import Emit, Node, NodeConfig, Outcome, Producer
+from stream.receipts import stamped
 from stream.testing import stats_of, synthetic_batch
 from stream.transport import free_tcp_port
 
@@ -176,6 +177,26 @@ def test_the_latest_snapshot_of_a_restarted_node_is_the_last_stored(tmp_path: Pa
     node.finish()
     (latest,) = Archive(tmp_path).snapshots(latest_per_node=True)
     assert (latest.sequence, latest.lumi_first) == (1, 2)
+
+
+def test_a_record_sent_again_is_stored_once(tmp_path: Path) -> None:
+    """A producer sends a record again when its receipt was lost (``stream.receipts``):
+    a second copy of a snapshot or threshold change is counted, not stored twice, also by
+    an archive restarted on the same folder."""
+    snapshot = stamped(snapshot_record("hlt-0", "all", 1, (1, 1)), "hlt-0/a/1")
+    change = ThresholdChange("l1", "ht", 2, 500.0, 501.0, 1e5, 1e3, 1e5, -2.0, 0.0)
+    threshold = stamped(change.as_record(), "hlt-0/a/2")
+    for restart in range(2):
+        node = build(ArchiveConfig(out_dir=str(tmp_path)), name="archive")
+        for _ in range(2 - restart):
+            node.process(snapshot)
+            node.process(threshold)
+        node.finish()
+        assert node.records_duplicate == 2
+    archive = Archive(tmp_path)
+    assert archive.verify() == []
+    assert len(archive.entries(kind="flow_snapshot")) == 1
+    assert len(archive.thresholds(path="ht")) == 1
 
 
 def test_threshold_changes_are_indexed_for_the_analysis(tmp_path: Path) -> None:
