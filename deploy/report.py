@@ -15,6 +15,11 @@ path. With the source's ``hz_per_weight`` (L x 1e-27 cm^2/mb for cross-section w
 the crossing rate for unit weights; see ``nodes.source``) and the N events it emitted, a
 stage's input and output rates and each path's rate are ``hz_per_weight * sum(w) / N``,
 with the statistical error ``hz_per_weight * sqrt(sum(w^2)) / N``.
+
+For each signal process, ``signal_efficiencies`` gives the share of its events that each
+trigger stage accepted and that fired each path, of the events the stage saw and of
+those the first trigger stage saw (the produced ones, unless a node was lost), with
+Clopper-Pearson 68.3% intervals (``nodes.signal_paths``).
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from deploy.launcher import FarmPlan, FarmResult
 from deploy.roles import ROLES
+from nodes.signal_paths import SEEN
 from stream.version import version
 
 
@@ -373,6 +380,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
         "events_generated": source["accepted"],
         "events_final": stages[-1]["accepted"],
         "rates": norm,
+        "signal_efficiencies": signal_efficiencies(stages, source_workers),
         "archive_bytes": archive_bytes,
         "accounting": {
             "balanced": balanced,
@@ -384,6 +392,86 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
         "stages": stages,
         "links": links,
     }
+
+
+def _efficiency(k: int, n: int) -> list[float]:
+    """[k / n, low, high]: the Clopper-Pearson 68.3% interval, which stays inside [0, 1]
+    and does not shrink to nothing at 0 or n of n events."""
+    interval = stats.binomtest(k, n).proportion_ci(confidence_level=0.683)
+    return [k / n, float(interval.low), float(interval.high)]
+
+
+def signal_efficiencies(
+    stages: Sequence[Mapping[str, Any]], source_workers: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per signal process, each trigger stage's ``seen`` events and, for ``accepted`` and
+    every path, [efficiency, low, high] of the events the stage saw (``of_seen``) and of the
+    events the first trigger stage saw (``of_produced``)."""
+    names: dict[str, str] = {}
+    for worker in source_workers:
+        names.update(worker.get("process_names") or {})
+    per_stage: list[tuple[str, dict[str, Counter[str]]]] = []
+    for stage in stages:
+        total: dict[str, Counter[str]] = {}
+        for node in stage["nodes"]:
+            for pid, counts in (node.get("worker") or {}).get("signal_paths", {}).items():
+                total.setdefault(pid, Counter()).update(counts)
+        if total:
+            per_stage.append((stage["stage"], total))
+    out = []
+    for pid in sorted({pid for _, total in per_stage for pid in total}, key=int):
+        produced = next((t[pid][SEEN] for _, t in per_stage if t.get(pid)), 0)
+        rows = []
+        for name, total in per_stage:
+            counts = total.get(pid, Counter())
+            seen = counts[SEEN]
+            paths = {k: v for k, v in counts.items() if k != SEEN}
+            rows.append(
+                {
+                    "stage": name,
+                    "seen": seen,
+                    "of_seen": {k: _efficiency(v, seen) for k, v in paths.items()} if seen else {},
+                    "of_produced": (
+                        {k: _efficiency(v, produced) for k, v in paths.items()} if produced else {}
+                    ),
+                }
+            )
+        out.append(
+            {"process_id": int(pid), "name": names.get(pid, f"process {pid}"), "stages": rows}
+        )
+    return out
+
+
+def format_signal_efficiencies(report: Mapping[str, Any]) -> list[str]:
+    """One block per signal process: each stage's acceptance and path efficiencies."""
+    lines = []
+    for signal in report.get("signal_efficiencies") or []:
+        first = signal["stages"][0]["seen"] if signal["stages"] else 0
+        lines.append(f"signal {signal['name']} (process {signal['process_id']}): {first} events")
+        for row in signal["stages"]:
+            if not row["seen"]:
+                lines.append(f"{'':<4}{row['stage']:<8}none reached it")
+                continue
+            of_seen, of_produced = row["of_seen"], row["of_produced"]
+            e, low, high = of_seen.get("accepted", [0.0, 0.0, 0.0])
+            paths = ", ".join(
+                f"{k} {v[0]:.1%}" for k, v in sorted(of_seen.items()) if k != "accepted"
+            )
+            overall = of_produced.get("accepted")
+            share = (
+                f" ({overall[0]:.1%} of all)"
+                if overall is not None and row["seen"] != first
+                else ""
+            )
+            lines.append(
+                f"{'':<4}{row['stage']:<8}accepted {e:.1%} (+{high - e:.1%} -{e - low:.1%}) "
+                f"of {row['seen']}{share}; paths: {paths}"
+            )
+    if lines:
+        lines.insert(
+            0, "signal efficiencies (share of each signal's events; Clopper-Pearson 68% intervals):"
+        )
+    return lines
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -557,6 +645,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                 "(estimated from the last heartbeats and the links)"
             )
     lines.extend(format_rates(report))
+    lines.extend(format_signal_efficiencies(report))
     archived = sum(report["archive_bytes"].values())
     lines.append(f"archive: {archived:,} bytes")
     verdict = "balanced" if report["accounting"]["balanced"] else "NOT balanced"

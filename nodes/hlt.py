@@ -68,6 +68,7 @@ from models.checkpoint import DEFAULT_CHECKPOINT, Tagger, load_checkpoint
 from models.jet_inputs import jet_inputs
 from nodes.learning import Learner
 from nodes.rate_control import THRESHOLD_RECORD_KIND, LumiRates, batch_weights
+from nodes.signal_paths import SignalPaths
 from stream.batch import EventBatch, Message
 from stream.node import Emit, Outcome, Processor
 from stream.schema import COLUMNS, N_FATJETS
@@ -175,6 +176,7 @@ class HLT(Processor):
         self._path_counts = dict.fromkeys(self.paths, 0)
         self._path_weights = {path: [0.0, 0.0] for path in self.paths}
         self.rates = LumiRates(name)
+        self.signal_paths = SignalPaths()
         self._untagged: dict[str, int] = {"no_constituents_column": 0, "empty_jet": 0}
         self._inference_s = 0.0
         self._jets_tagged = 0
@@ -235,6 +237,7 @@ class HLT(Processor):
             "jets_per_s": self._jets_tagged / self._inference_s if self._inference_s else 0.0,
             "records_out": self._records_out,
             "lumi_rates": [asdict(r) for r in self.rates.closed],
+            "signal_paths": self.signal_paths.report(),
             "learner_fed": self.learner_fed,
             "learner_weighting": (
                 "unweighted draw" if self.config.learner_unweight_max > 0 else "as sampled"
@@ -348,6 +351,7 @@ class HLT(Processor):
                 self._path_weights[path][1] += float(np.square(weights[mask]).sum())
             fired[path] = mask
         self.rates.add(batch, {**fired, "accepted": bits != 0})
+        self.signal_paths.add(batch, {**fired, "accepted": bits != 0})
 
     def _count_untagged(self, reason: str, n: int) -> None:
         if n:

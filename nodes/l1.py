@@ -63,6 +63,7 @@ from nodes.rate_control import (
     batch_weights,
     rate_factor,
 )
+from nodes.signal_paths import SignalPaths
 from stream.batch import EventBatch, Message
 from stream.node import Emit, Outcome, Processor
 from stream.schema import L1_SLOTS
@@ -276,6 +277,7 @@ class L1Trigger(Processor):
             **{seed: float(getattr(config, SEED_THRESHOLDS[seed])) for seed in config.seeds},
         }
         self.rates = LumiRates(name)
+        self.signal_paths = SignalPaths()
         self.controllers: dict[str, RateController] = {
             path: RateControlConfig(
                 path=path,
@@ -347,6 +349,7 @@ class L1Trigger(Processor):
                 fired_masks[seed] = mask
         accept = bits != 0
         self.rates.add(batch, {**fired_masks, "accepted": accept})
+        self.signal_paths.add(batch, {**fired_masks, "accepted": accept})
         n_accept = int(accept.sum())
         emits: list[Emit] = self._pending
         self._pending = []
@@ -406,6 +409,7 @@ class L1Trigger(Processor):
             ],
             # Per closed lumi block: the rate in ("all"), out ("accepted") and of each path.
             "lumi_rates": [asdict(r) for r in self.rates.closed],
+            "signal_paths": self.signal_paths.report(),
         }
 
 

@@ -742,6 +742,12 @@ class Source(Producer):
             ),
             "bad_rows": self._reported_bad["bad_row"],
             "pileup": self._pileup_report(),
+            "process_names": {
+                str(c.spec.recipe.process_id): c.spec.recipe.name
+                for s in self._streams
+                for c in s.components
+                if c.spec.recipe is not None
+            },
         }
 
     def _pileup_report(self) -> dict[str, Any] | None:

@@ -78,3 +78,14 @@ def test_trigfarm_run_default_chain(tmp_path: Path) -> None:
         for path, rate in stages[stage]["path_rates"].items():
             assert rate["error_hz"] > 0 or rate["rate_hz"] == 0, (stage, path)
     assert "reduction" in result.output
+    # The efficiency of each path for each signal: the L1 numbers are of the W' events
+    # the source made, and the HLT's of those the L1 kept.
+    (wprime,) = report["signal_efficiencies"]
+    assert wprime["name"] == "wprime"
+    l1, hlt = wprime["stages"]
+    made = sum(w["signal_emitted"] for w in [stages["source"]["nodes"][0]["worker"]])
+    assert l1["stage"] == "l1" and l1["seen"] == made > 0
+    kept, low, high = l1["of_seen"]["accepted"]
+    assert low <= kept <= high and set(stages["l1"]["paths"]) >= set(l1["of_seen"]) - {"accepted"}
+    assert hlt["seen"] == round(kept * made)
+    assert "signal wprime" in result.output
