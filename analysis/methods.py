@@ -12,10 +12,10 @@ labelled test events that score them.
 - ``anode``: log p_data(x|m) - log p_sideband(x|m), the likelihood ratio evaluated
   directly (ANODE, arXiv:2001.04990).
 
-The data flows are the two signal-region flows where the archive has them (they learned
-only signal-region events, several steps each, split in two folds by ``models.online.fold``),
-else the all-data flow. ANODE scores each event with the fold's flow that never trained on
-it, so that a cut on stored events does not favour a flow's own training events.
+The data flows are the K signal-region flows where the archive has them (they learned
+only signal-region events, several steps each, each all folds of ``models.online.fold``
+but one), else the all-data flow. ANODE scores each event with the flow that never trained
+on it, so that a cut on stored events does not favour a flow's own training events.
 - ``cwola_stored``: CWoLa on stored events, the conventional path that keeps everything.
 - ``idealised``: stored signal-region events against independent true background there.
 """
@@ -30,7 +30,7 @@ import numpy as np
 from analysis.classifier import ClassifierConfig, Ensemble, train_ensemble
 from analysis.data import Events
 from models.flows import FEATURE_INDICES, MJJ_INDEX, FlowMixture
-from models.online import FOLD_ROLES, fold
+from models.online import FOLD_ROLE_PREFIX, fold, fold_roles, scoring_flow
 from models.snapshot import FlowSnapshot
 
 METHODS = ("cwola", "cathode", "anode", "cwola_stored", "idealised")
@@ -63,38 +63,36 @@ class FlowModels:
     mjj_edges: np.ndarray
     events_seen: int
     nodes: tuple[str, ...]
-    signal_region: tuple[FlowMixture, FlowMixture] | None = None
+    signal_region: tuple[FlowMixture, ...] | None = None
 
     def data_log_prob(self, features: np.ndarray, mjj_gev: np.ndarray) -> np.ndarray:
         """log p_data(x | m) of events (features (N, 8)) at masses ``mjj_gev``: from the
-        signal-region flow of the fold that did not train on each event, else the
-        all-data flow."""
+        signal-region flow that did not train on each event, else the all-data flow."""
         x = _x(features)
         if self.signal_region is None:
             return self.all_data.log_prob(x, mjj_gev)
-        folds = fold(features)
+        n_folds = len(self.signal_region)
+        flows = scoring_flow(fold(features, n_folds), n_folds)
         out = np.empty(len(x))
-        for k, other in ((0, self.signal_region[1]), (1, self.signal_region[0])):
-            rows = folds == k
-            out[rows] = other.log_prob(x[rows], mjj_gev[rows])
+        for k, flow in enumerate(self.signal_region):
+            rows = flows == k
+            out[rows] = flow.log_prob(x[rows], mjj_gev[rows])
         return out
 
     def sample_data(self, mjj_gev: np.ndarray, *, seed: int) -> np.ndarray:
-        """Samples of the data density at ``mjj_gev`` (half from each signal-region flow)."""
+        """Samples of the data density at ``mjj_gev`` (an equal share from each
+        signal-region flow)."""
         if self.signal_region is None:
             return self.all_data.sample(mjj_gev, seed=seed)
-        half = len(mjj_gev) // 2
+        shares = np.array_split(mjj_gev, len(self.signal_region))
         return np.concatenate(
-            [
-                self.signal_region[0].sample(mjj_gev[:half], seed=seed),
-                self.signal_region[1].sample(mjj_gev[half:], seed=seed),
-            ]
+            [flow.sample(m, seed=seed) for flow, m in zip(self.signal_region, shares, strict=True)]
         )
 
     @staticmethod
     def from_snapshots(snapshots: Sequence[FlowSnapshot]) -> FlowModels:
         """Mixtures weighted by events seen; needs the all-data and sideband roles from at
-        least one node, and both signal-region folds or neither."""
+        least one node, and every signal-region flow (0 to K - 1) or none."""
         by_role: dict[str, list[FlowSnapshot]] = {"all": [], "sideband": []}
         for snap in snapshots:
             by_role.setdefault(snap.role, []).append(snap)
@@ -106,9 +104,9 @@ class FlowModels:
             for role, snaps in by_role.items()
             if snaps
         }
-        folds = [role for role in FOLD_ROLES if role in mixtures]
-        if folds and folds != list(FOLD_ROLES):
-            msg = f"need both signal-region folds {FOLD_ROLES} or neither, got {folds}"
+        folds = sorted(role for role in mixtures if role.startswith(FOLD_ROLE_PREFIX))
+        if folds and (len(folds) < 2 or set(folds) != set(fold_roles(len(folds)))):
+            msg = f"need signal-region flows 0 to K - 1 (K >= 2) or none, got {folds}"
             raise ValueError(msg)
         first = by_role["all"][0]
         return FlowModels(
@@ -118,7 +116,7 @@ class FlowModels:
             np.asarray(first.arrays["mjj_edges"]),
             sum(s.events_seen for s in by_role["all"]),
             tuple(sorted({s.node_id for s in by_role["all"]})),
-            (mixtures[FOLD_ROLES[0]], mixtures[FOLD_ROLES[1]]) if folds else None,
+            tuple(mixtures[role] for role in fold_roles(len(folds))) if folds else None,
         )
 
     def sample_mjj(

@@ -354,7 +354,7 @@ class FlowSets:
 
     def __init__(self, snapshots: Sequence[Any]) -> None:
         from analysis.methods import FlowModels
-        from models.online import FOLD_ROLES
+        from models.online import FOLD_ROLE_PREFIX
 
         everything = [s for s in snapshots if s.role == "all"]
         regions = sorted({tuple(s.signal_region_gev) for s in snapshots if s.role == "sideband"})
@@ -363,7 +363,8 @@ class FlowSets:
             side = [
                 s
                 for s in snapshots
-                if s.role in ("sideband", *FOLD_ROLES) and tuple(s.signal_region_gev) == region
+                if (s.role == "sideband" or s.role.startswith(FOLD_ROLE_PREFIX))
+                and tuple(s.signal_region_gev) == region
             ]
             self.by_window[(float(region[0]), float(region[1]))] = FlowModels.from_snapshots(
                 everything + side

@@ -320,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps per event in the signal-region flows (default: the shipped one)",
     )
     parser.add_argument(
+        "--sr-folds",
+        type=int,
+        help="signal-region flows, each learning all folds but one (default: the shipped K)",
+    )
+    parser.add_argument(
         "--simulated",
         type=int,
         default=0,
@@ -366,6 +371,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     overrides: dict[str, Any] = {"batch_size": 64} if args.quick else {}
     if args.sr_replay is not None:
         overrides["signal_region_replay"] = args.sr_replay
+    if args.sr_folds is not None:
+        overrides["signal_region_folds"] = args.sr_folds
     learner_config = FlowLearnerConfig(
         n_transforms=2 if args.quick else 4,
         **overrides,
@@ -506,6 +513,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         }
         row["seed"] = seed
         row["signal_region_replay"] = learner_config.signal_region_replay
+        row["signal_region_folds"] = learner_config.signal_region_folds
         row["test_sr_background"] = int((~test_sr.is_signal).sum())
         row["stream_background_events"] = len(stream_bkg)
         rows.append(row)

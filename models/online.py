@@ -20,12 +20,15 @@ averaging lowers the flows' test NLL by 0.04-0.07; benchmarks/RESULTS.md).
 
 ``OnlineFlow`` runs its trainers side by side on one stream: the all-data flow, the
 sideband flow, which is never offered an event whose mjj lies in the signal region, and
-two signal-region flows, offered only those events, each serving
-``signal_region_replay`` steps (they are 14% of the LHCO-like stream, so the two cost
-about half the all-data flow's time). Signal-region events are split between those two
-by ``fold``, a hash of the event's features, so that an analysis can score every event
-with the flow that never trained on it: a flow scoring its own training events favours
-them, and a cut on that score makes a bump where there is none. The signal region is
+``signal_region_folds`` (K) signal-region flows, offered only those events, each event
+serving ``signal_region_replay`` steps (they are 14% of the LHCO-like stream, so two
+flows cost about half the all-data flow's time). Signal-region events are dealt to K
+folds by ``fold``, a hash of the event's features, and flow k learns every fold but
+``held_out_fold(k, K)``, so that an analysis can score every event with the flow that
+never trained on it (``scoring_flow``): a flow scoring its own training events favours
+them, and a cut on that score makes a bump where there is none. With K = 2 each flow
+learns half of the signal region; with K = 3, two thirds, at twice the cost. The signal
+region is
 configured before data taking, as the sideband flow already needs it. Preprocessing is
 fixed before training: from configured bounds, or from the first
 ``calibration_events`` of the stream (kept in a bounded list, then trained on as usual).
@@ -59,16 +62,33 @@ from models.flows import (
 # mjj histogram kept with each flow (for sampling at the mjj of the events seen);
 # outside 1-9 TeV events count in the end bins.
 MJJ_EDGES_GEV = np.linspace(1000.0, 9000.0, 161)
-ROLES = ("all", "sideband", "signal_region_0", "signal_region_1")
-FOLD_ROLES = ROLES[2:]
+#: The role of signal-region flow k is ``f"{FOLD_ROLE_PREFIX}{k}"``.
+FOLD_ROLE_PREFIX = "signal_region_"
 
 
-def fold(features: np.ndarray) -> np.ndarray:
-    """0 or 1 per event (rows of the schema's 8 ``features``), from a hash of their float32
-    bits: the learner and an analysis of the archived events compute the same split.
+def fold_roles(n_folds: int) -> tuple[str, ...]:
+    """The roles of the K signal-region flows."""
+    return tuple(f"{FOLD_ROLE_PREFIX}{k}" for k in range(n_folds))
+
+
+def held_out_fold(flow: int, n_folds: int) -> int:
+    """The fold signal-region flow ``flow`` never trains on (with K = 2, flow k learns
+    fold k alone)."""
+    return (flow + 1) % n_folds
+
+
+def scoring_flow(folds: np.ndarray, n_folds: int) -> np.ndarray:
+    """Per event of fold j, the flow that never trained on it."""
+    return (folds - 1) % n_folds
+
+
+def fold(features: np.ndarray, n_folds: int = 2) -> np.ndarray:
+    """0 to K - 1 per event (rows of the schema's 8 ``features``), from a hash of their
+    float32 bits: the learner and an analysis of the archived events compute the same split.
 
     The hash is splitmix64's finaliser applied feature by feature, so one changed bit of any
-    feature flips the fold of about half the events.
+    feature changes the fold of about (K - 1) / K of the events; its top 32 bits are mapped
+    to [0, K) by a multiply and shift (with K = 2: the top bit).
     """
     bits = np.ascontiguousarray(np.asarray(features, dtype=np.float32)).view(np.uint32)
     h = np.zeros(len(bits), np.uint64)
@@ -79,7 +99,7 @@ def fold(features: np.ndarray) -> np.ndarray:
         h ^= h >> np.uint64(27)
         h *= np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(31)
-    return (h >> np.uint64(63)).astype(np.int64)
+    return (((h >> np.uint64(32)) * np.uint64(n_folds)) >> np.uint64(32)).astype(np.int64)
 
 
 @pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
@@ -104,8 +124,9 @@ class OnlineConfig:
         bounds_lower, bounds_upper: fixed preprocessing bounds (both or neither).
         signal_region_gev: the mjj window the sideband flow never sees and the
             signal-region flows learn.
-        signal_region_replay: optimizer steps each event serves in its signal-region flow
+        signal_region_replay: optimizer steps each event serves in its signal-region flows
             (their ``replay``); 0 trains no signal-region flows.
+        signal_region_folds: K, the signal-region flows; each learns all folds but one.
         mjj_shift_gev, mjj_scale_gev: context = (mjj - shift) / scale.
         seed: seeds the flows' initial weights and the minibatch draws.
 
@@ -134,6 +155,7 @@ class OnlineConfig:
     bounds_upper: tuple[float, ...] = ()
     signal_region_gev: tuple[float, float] = (3300.0, 3700.0)
     signal_region_replay: Annotated[int, Field(ge=0)] = 4
+    signal_region_folds: Annotated[int, Field(ge=2)] = 2
     mjj_shift_gev: float = 3500.0
     mjj_scale_gev: float = 1000.0
     seed: int = 1
@@ -352,6 +374,16 @@ class StreamTrainer:
         stats.train_s += time.perf_counter() - t0
 
 
+def flow_roles(config: OnlineConfig) -> tuple[str, ...]:
+    """The flows an OnlineFlow with ``config`` trains: all-data, sideband, signal region."""
+    folds = fold_roles(config.signal_region_folds) if config.signal_region_replay else ()
+    return ("all", "sideband", *folds)
+
+
+#: The flows a learner with the default settings publishes.
+ROLES = flow_roles(OnlineConfig())
+
+
 class OnlineFlow:
     """The all-data and sideband flows trained side by side from one stream.
 
@@ -406,7 +438,7 @@ class OnlineFlow:
     @property
     def roles(self) -> tuple[str, ...]:
         """The flows this OnlineFlow trains."""
-        return ROLES if self.config.signal_region_replay else ROLES[:2]
+        return flow_roles(self.config)
 
     def in_signal_region(self, mjj_gev: np.ndarray) -> np.ndarray:
         low, high = self.config.signal_region_gev
@@ -434,11 +466,12 @@ class OnlineFlow:
         missed = self.trainers["all"].offer(x, mjj, deadline_s=deadline_s)
         inside = self.in_signal_region(mjj)
         self.trainers["sideband"].offer(x[~inside], mjj[~inside], deadline_s=deadline_s)
-        if FOLD_ROLES[0] in self.trainers:
-            folds = fold(features[inside])
+        n_folds = self.config.signal_region_folds
+        if self.config.signal_region_replay:
+            folds = fold(features[inside], n_folds)
             x, mjj = x[inside], mjj[inside]
-            for k, role in enumerate(FOLD_ROLES):
-                rows = folds == k
+            for k, role in enumerate(fold_roles(n_folds)):
+                rows = folds != held_out_fold(k, n_folds)
                 self.trainers[role].offer(x[rows], mjj[rows], deadline_s=deadline_s)
         return missed
 
@@ -484,7 +517,7 @@ class OnlineFlow:
             out[role] = Preprocessing.calibrate(
                 sample, mjj_shift_gev=cfg.mjj_shift_gev, mjj_scale_gev=cfg.mjj_scale_gev
             )
-        for role in set(FOLD_ROLES) & set(self.roles):
+        for role in self.roles[2:]:
             out[role] = out["all"]
         return out
 
@@ -500,7 +533,7 @@ class OnlineFlow:
             if self._on_step is not None:
                 on_step = _tagged(self._on_step, role)
             config = self.config
-            if role in FOLD_ROLES:
+            if role.startswith(FOLD_ROLE_PREFIX):
                 config = dataclasses.replace(config, replay=config.signal_region_replay)
             self.trainers[role] = StreamTrainer(
                 config,

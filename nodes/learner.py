@@ -42,7 +42,7 @@ from pydantic import ConfigDict, Field
 
 from models.averaging import AveragingConfig, ParameterAverager, TcpAddress, Timeout
 from models.flows import Preprocessing
-from models.online import MJJ_EDGES_GEV, ROLES, OnlineConfig, OnlineFlow
+from models.online import MJJ_EDGES_GEV, OnlineConfig, OnlineFlow
 from models.snapshot import FlowSnapshot
 from stream.batch import EventBatch, Record
 
@@ -152,7 +152,7 @@ class FlowLearner:
         self._since_snapshot = 0
         self._clock = clock
         self._last_snapshot_s = clock()
-        self._reported: dict[str, tuple[int, int]] = {role: (0, 0) for role in ROLES}
+        self._reported: dict[str, tuple[int, int]] = {role: (0, 0) for role in self.online.roles}
         self._t_learn_s = 0.0
 
     def learn(self, batch: EventBatch) -> Sequence[Record]:

@@ -18,7 +18,7 @@ from analysis.report import evaluate, score_method
 from deploy.cli import main
 from models.archive import Archive
 from models.flows import FEATURE_INDICES, MJJ_INDEX
-from models.online import fold
+from models.online import fold, scoring_flow
 from simulator.replay import read_features
 
 pytestmark = pytest.mark.slow  # trains flows and classifiers
@@ -112,6 +112,13 @@ def test_anode_scores_each_event_with_the_fold_that_never_trained_on_it(
     expected = np.where(folds == 0, own[1], own[0])
     np.testing.assert_array_equal(models.data_log_prob(events, mjj), expected)
     assert not np.allclose(own[0], own[1])  # two flows: scoring with the wrong one differs
+    # with K = 3 flows, an event of fold j is scored by flow (j - 1) mod 3
+    three = (models.signal_region[0], models.signal_region[1], models.all_data)
+    own3 = [flow.log_prob(x, mjj) for flow in three]
+    expected3 = np.choose(scoring_flow(fold(events, 3), 3), own3)
+    np.testing.assert_array_equal(
+        dataclasses.replace(models, signal_region=three).data_log_prob(events, mjj), expected3
+    )
     without = dataclasses.replace(models, signal_region=None)
     np.testing.assert_array_equal(
         without.data_log_prob(events, mjj), models.all_data.log_prob(x, mjj)

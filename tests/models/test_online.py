@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.online import FOLD_ROLES, ROLES, OnlineConfig, OnlineFlow, fold
+from models.online import (
+    OnlineConfig,
+    OnlineFlow,
+    fold,
+    fold_roles,
+    held_out_fold,
+    scoring_flow,
+)
 from stream.testing import FakeClock
 from tests.conftest import SmallFlow
 
@@ -35,9 +42,17 @@ def features(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> None:
-    seen: dict[str, Counter] = {role: Counter() for role in ROLES}
-    config = OnlineConfig(**SMALL, buffer_size=96, batch_size=32, calibration_events=100)
+@pytest.mark.parametrize("n_folds", [2, 3])
+def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr(n_folds: int) -> None:
+    config = OnlineConfig(
+        **SMALL,
+        buffer_size=96,
+        batch_size=32,
+        calibration_events=100,
+        signal_region_folds=n_folds,
+    )
+    online = OnlineFlow(config)
+    seen: dict[str, Counter] = {role: Counter() for role in online.roles}
     online = OnlineFlow(config, on_step=lambda role, idx: seen[role].update(idx.tolist()))
     x = features(1000, 0)
     for start in range(0, 1000, 70):
@@ -54,12 +69,13 @@ def test_every_event_is_trained_exactly_once_and_sideband_never_sees_sr() -> Non
         (np.linspace(1000, 9000, 161)[:-1] >= low) & (np.linspace(1000, 9000, 161)[1:] <= high)
     ]
     assert in_sr_hist.sum() == 0
-    # The signal-region flows learn the SR events of their fold only, each
-    # signal_region_replay times.
-    folds = fold(x[~sideband])
-    assert 0 < folds.sum() < folds.size
-    for k, role in enumerate(FOLD_ROLES):
-        n_fold = int((folds == k).sum())
+    # Signal-region flow k learns the SR events of every fold but held_out_fold(k), each
+    # signal_region_replay times (with two folds: fold k alone).
+    folds = fold(x[~sideband], n_folds)
+    assert set(folds.tolist()) == set(range(n_folds))
+    for k, role in enumerate(fold_roles(n_folds)):
+        n_fold = int((folds != held_out_fold(k, n_folds)).sum())
+        assert n_folds > 2 or held_out_fold(k, n_folds) == 1 - k
         assert sorted(seen[role]) == list(range(n_fold))
         assert set(seen[role].values()) == {config.signal_region_replay}
         sr_stats = online.trainers[role].stats
@@ -72,6 +88,12 @@ def test_the_fold_is_a_function_of_the_features_alone() -> None:
     x = features(20_000, 4)
     folds = fold(x)
     assert set(folds.tolist()) == {0, 1} and abs(folds.mean() - 0.5) < 0.02
+    thirds = fold(x, 3)
+    assert np.allclose(np.bincount(thirds) / len(x), 1 / 3, atol=0.02)
+    # each event is scored by the one flow that never trained on its fold
+    for n_folds, split in ((2, folds), (3, thirds)):
+        flows = scoring_flow(split, n_folds)
+        assert all(held_out_fold(int(k), n_folds) == j for k, j in zip(flows, split, strict=True))
     # the same split from float64 copies (the archive's reader), in any order
     order = np.random.default_rng(0).permutation(len(x))
     np.testing.assert_array_equal(fold(x.astype(np.float64)[order]), folds[order])
