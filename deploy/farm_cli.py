@@ -345,9 +345,11 @@ def node(
     writing is removed (it was never indexed). Events a killed archive had received but
     not yet written (its input queue) are lost, and the run's report counts them in
     flight. Flow snapshots are not: the archive sends a receipt for each one it stores,
-    and an HLT node sends a snapshot again until it has one (without CURVE only).
+    and an HLT node sends a snapshot again until it has one.
     """
-    from deploy.launcher import exit_node_process, plan_farm, run_node
+    from deploy.launcher import EarlyStop, exit_node_process, plan_farm, run_node
+
+    early_stop = EarlyStop()
 
     topology = _topology(topology_path)
     try:
@@ -381,7 +383,7 @@ def node(
         f"{mine.node.name}: inputs {list(mine.node.inputs)}, outputs {dict(mine.node.outputs)}",
         err=True,
     )
-    exit_node_process(run_node(mine))
+    exit_node_process(run_node(mine, early_stop=early_stop))
 
 
 @click.command(context_settings={"show_default": True})

@@ -297,11 +297,14 @@ def _watch_parent(node: Node, parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def run_node(plan: NodePlan, *, parent_pid: int | None = None) -> int:
+def run_node(
+    plan: NodePlan, *, parent_pid: int | None = None, early_stop: EarlyStop | None = None
+) -> int:
     """Build and run one node until it stops; returns an exit code (0 on a clean stop).
 
     The worker is built here, in the node's own process, so heavy imports (TensorFlow,
-    torch) never happen in the launcher.
+    torch) never happen in the launcher. ``early_stop`` holds a stop asked for while they
+    ran; the node then starts, drains nothing and stops cleanly.
     """
     _limit_threads(plan.threads)
     name = plan.node.name
@@ -323,6 +326,8 @@ def run_node(plan: NodePlan, *, parent_pid: int | None = None) -> int:
         return {"curve_refused": guard.refused}
 
     node = Node(plan.node, worker, context=ctx, extra_report=extra)
+    if early_stop is not None:
+        early_stop.pass_to(node)
     if parent_pid is not None:
         _watch_parent(node, parent_pid)
     try:
@@ -352,14 +357,38 @@ def exit_node_process(code: int) -> None:
     os._exit(code)
 
 
+class EarlyStop:
+    """SIGTERM or SIGINT while a node process is still importing and building its worker
+    (seconds: TensorFlow, torch): remembered and passed to the node once it exists, so a
+    node stopped while it starts (a restart at the farm's staged stop) exits 0, not -15."""
+
+    def __init__(self) -> None:
+        self._asked = False
+        self._node: Node | None = None
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        del signum, frame
+        self._asked = True
+        if self._node is not None:
+            self._node.request_stop()
+
+    def pass_to(self, node: Node) -> None:
+        self._node = node
+        if self._asked:
+            node.request_stop()
+
+
 def _child_main(plan: NodePlan, parent_pid: int) -> None:
     """Entry point of a spawned node process."""
     os.setsid()  # Ctrl-C in the terminal reaches the launcher only; it stops us in order
+    early_stop = EarlyStop()
     logging.basicConfig(
         level=plan.log_level,
         format=f"%(asctime)s {plan.node.name} %(name)s %(levelname)s %(message)s",
     )
-    exit_node_process(run_node(plan, parent_pid=parent_pid))
+    exit_node_process(run_node(plan, parent_pid=parent_pid, early_stop=early_stop))
 
 
 # -- the farm -------------------------------------------------------------------------------

@@ -3,10 +3,15 @@ torch's C++ (an averaging call abandoned on a store that has just closed)."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from stream.transport import free_tcp_port
+from tests.deploy.conftest import default_table, write_topology
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,3 +61,28 @@ def test_a_node_process_exits_with_its_code_despite_a_thread_blocked_in_torch() 
         assert run.returncode == 7, stderr[-2000:]
         assert stdout == "books written\n"
         assert "terminate called" not in stderr
+
+
+def test_a_node_stopped_while_it_starts_stops_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while the node still imports torch and loads its tagger (a restart at the
+    farm's staged stop): the node starts, drains nothing and exits 0 with its books."""
+    table = default_table()
+    table["hlt"]["count"] = 1  # no averaging group to wait for
+    table["hlt"]["learner"]["average_address"] = f"tcp://127.0.0.1:{free_tcp_port()}"
+    for stage in ("source", "l1", "hlt", "archive"):
+        table[stage]["port"] = free_tcp_port()
+    table["metrics"] = {"enabled": False}
+    topology = write_topology(tmp_path / "t.toml", table)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "deploy", "node", "hlt", "--config", str(topology)]
+    node = subprocess.Popen(
+        [*command, "--out", str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    assert node.stderr is not None
+    first = node.stderr.readline()  # printed just before the worker is built
+    assert first.startswith("hlt: inputs"), first
+    node.send_signal(signal.SIGTERM)  # while it imports torch: no Node, no handler of its own
+    _, stderr = node.communicate(timeout=120)
+    assert node.returncode == 0, stderr[-3000:]
+    stats = json.loads((out / "nodes" / "hlt.json").read_text())
+    assert stats["balanced"] and stats["events_in"] == 0
