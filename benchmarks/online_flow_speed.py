@@ -18,6 +18,10 @@ Quality is the mean test NLL (physical units) of each flow on held-out backgroun
 
     python -m benchmarks.online_flow_speed [--events 55000] [--reference-events 20000]
         [--compile] [--steps-only] [--repeats 3]
+    python -m benchmarks.online_flow_speed --sr-folds 2 3 4 [--events 55000] [--repeats 3]
+
+``--sr-folds`` times only the shipped trainer with each number K of signal-region flows
+(each signal-region event trains K - 1 of them), alternating on the same events.
 
 It first times one optimizer step of one 5-member flow at minibatches 16, 256 and 1024
 (CPU ms): the nflows members in turn, ``MAFEnsemble`` by autograd with the torch spline and
@@ -237,6 +241,38 @@ def run_shipped(config: OnlineConfig, stream: np.ndarray) -> tuple[OnlineFlow, f
     return online, time.thread_time() - c0, time.perf_counter() - t0
 
 
+def time_sr_folds(folds: list[int], events: int, repeats: int, seed: int) -> int:
+    """Events/s per core (CPU time) of the shipped trainer with K signal-region flows,
+    alternating the Ks on the same events; prints the figures and the final JSON line."""
+    dataset = lhco_dataset(quick=False)
+    background = read_features([dataset.stream_background])[0].astype(np.float32)
+    stream = background[np.random.default_rng(seed).permutation(len(background))][:events]
+    rates: dict[int, list[float]] = {k: [] for k in folds}
+    for _ in range(repeats):
+        for k in folds:
+            config = replace(OnlineConfig(), seed=seed, signal_region_folds=k)
+            _, cpu_s, _ = run_shipped(config, stream)
+            rates[k].append(len(stream) / cpu_s)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    for k, values in rates.items():
+        shown = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"K = {k}: {shown} events/s per core; median {median[k]:,.0f}, "
+              f"{median[k] / median[folds[0]]:.2f}x K = {folds[0]}")  # fmt: skip
+    final = {
+        "benchmark": "online_flow_speed",
+        "section": "sr_folds",
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
+        "timing": "events/s per core from the training thread's CPU time (time.thread_time)",
+        "events": len(stream),
+        "events_per_s_runs": rates,
+        "events_per_s": median,
+        "ratio_to_first": {k: median[k] / median[folds[0]] for k in folds},
+        "seed": seed,
+    }
+    print(json.dumps(final))
+    return 0
+
+
 def run_reference(config: OnlineConfig, stream: np.ndarray) -> tuple[dict[str, Flow], float, float]:
     calibration = stream[: config.calibration_events]
     x, mjj = stream[:, FEATURE_INDICES], stream[:, MJJ_INDEX]
@@ -266,11 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating runs of the three variants"
     )
+    parser.add_argument(
+        "--sr-folds", type=int, nargs="+", help="only time these numbers of SR flows"
+    )
     args = parser.parse_args(argv)
     if not DATA.exists():
         print(f"no data at {DATA} (see ../shared/data/README.md)")
         return 1
     torch.set_num_threads(1)
+    if args.sr_folds:
+        return time_sr_folds(args.sr_folds, args.events, args.repeats, args.seed)
     build_s = kernel_build_s()
     kernel = spline_kernel.kernel()
     fused = flow_kernel.kernel()
