@@ -74,6 +74,20 @@ def _echo_epoch(report: EpochReport) -> None:
 @click.option("--seed", type=int, default=0, help="Split, initialisation and batch order.")
 @click.option("--mass-decorrelate", is_flag=True, help="Resample classes to one mass histogram.")
 @click.option(
+    "--disco",
+    "disco_lambda",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Weight λ of the DisCo loss term: dCor² of --disco-score and jet mass on the "
+    "background jets of each batch (0: off).",
+)
+@click.option(
+    "--disco-score",
+    type=click.Choice(["max_softmax", "entropy"]),
+    default="max_softmax",
+    help="The anomaly score --disco decorrelates from the jet mass.",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=1,
@@ -97,6 +111,8 @@ def train(
     test_fraction: float,
     seed: int,
     mass_decorrelate: bool,
+    disco_lambda: float,
+    disco_score: str,
     threads: int,
     force: bool,
 ) -> None:
@@ -134,6 +150,8 @@ def train(
         test_fraction=test_fraction,
         seed=seed,
         mass_decorrelate=mass_decorrelate,
+        disco_lambda=disco_lambda,
+        disco_score=disco_score,  # type: ignore[arg-type]
     )
     result = train_tagger(jets_data, architecture, config, progress=_echo_epoch)
     card = {

@@ -16,12 +16,19 @@ classes apart. ``benchmarks/hlt_particlenet.py`` measures the effect on the corr
 between the score and the mass of background jets: on simulator qcd/w/top jets it removed
 mass as a discriminant but did not reduce the score-mass correlation of QCD jets (it
 decorrelates the labels from mass, not the features; see benchmarks/RESULTS.md).
+``distance_correlation`` acts on the score itself: added to the training loss on
+background jets (DisCo, Kasieczka & Shih), it penalises any dependence, linear or not,
+of the score on the mass.
 
 References:
     T. Cheng and A. Courville, "Invariant representation driven neural classifier for
     anti-QCD jet tagging", arXiv:2201.07199.
     K. Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples
     and Adversarial Attacks", arXiv:1807.03888.
+    G. Kasieczka and D. Shih, "Robust Jet Classifiers through Distance Correlation",
+    arXiv:2001.05310.
+    G. Székely, M. Rizzo and N. Bakirov, "Measuring and testing dependence by correlation
+    of distances", Ann. Statist. 35 (2007) 2769.
 
 Example:
     >>> import torch
@@ -131,6 +138,30 @@ def anomaly_score(
         return mahalanobis.score(embedding)
     msg = f"unknown anomaly score {name!r}; known: {', '.join(ANOMALY_SCORES)}"
     raise ValueError(msg)
+
+
+def distance_correlation(x: Tensor, y: Tensor) -> Tensor:
+    """Squared distance correlation dCor²(x, y) of two samples of scalars, in [0, 1].
+
+    Zero in the large-sample limit if and only if x and y are independent, one for an exact
+    linear relation; differentiable in both, so it can be a loss term (DisCo). Uses the
+    biased (V-statistic) estimator on the n × n pairwise distances; a constant sample has
+    no spread and gives 0.
+
+    Raises:
+        ValueError: inputs that are not two 1-D samples of one length >= 2.
+    """
+    if x.ndim != 1 or x.shape != y.shape or x.shape[0] < 2:
+        msg = f"need two 1-D samples of one length >= 2, got {tuple(x.shape)}, {tuple(y.shape)}"
+        raise ValueError(msg)
+
+    def centred(v: Tensor) -> Tensor:
+        d = (v.unsqueeze(0) - v.unsqueeze(1)).abs()
+        return d - d.mean(0, keepdim=True) - d.mean(1, keepdim=True) + d.mean()
+
+    a, b = centred(x), centred(y.to(x.dtype))
+    dcov_xy, dcov_xx, dcov_yy = (a * b).mean(), (a * a).mean(), (b * b).mean()
+    return dcov_xy / torch.sqrt(dcov_xx * dcov_yy).clamp(min=1e-12)
 
 
 def mass_decorrelated_indices(

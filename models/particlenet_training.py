@@ -9,6 +9,12 @@ Training: AdamW with a cosine learning-rate decay; with a time budget the decay 
 the elapsed fraction of the budget, so a run that must stop early still anneals. Each
 batch is cut to its longest jet (the network ignores padding), and batches are drawn
 from jets of similar multiplicity to waste little work on padding.
+
+Mass decorrelation in the loss (DisCo): with ``disco_lambda`` > 0 the loss adds λ times
+the squared distance correlation (dCor²) between an anomaly score and the jet mass of
+the background (first-class) jets of each batch. Those batches are drawn at random
+instead: a batch of jets with similar multiplicity also spans a narrow mass range, and
+the term would then miss the correlation across batches.
 """
 
 from __future__ import annotations
@@ -19,15 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic
 import torch
 from pydantic import ConfigDict, Field, model_validator
-from torch import nn
+from torch import Tensor, nn
 
-from models.anomaly import Mahalanobis
+from models.anomaly import Mahalanobis, distance_correlation, entropy_score, max_softmax_score
 from models.checkpoint import Tagger, evaluate
 from models.jet_inputs import JetInputs, constituents_from_eta_phi_pt, jet_inputs
 from models.particlenet import ParticleNet, ParticleNetConfig
@@ -180,6 +186,10 @@ class TrainConfig:
         seed: split, initialisation and batch order.
         mahalanobis_jets: training jets used to fit the Mahalanobis scorer.
         mass_decorrelate: resample the training classes to a common jet-mass histogram.
+        disco_lambda: weight of the DisCo term, dCor² between ``disco_score`` and the jet
+            mass of the background jets in each batch (0: off).
+        disco_score: the anomaly score the DisCo term decorrelates; only the softmax
+            scores qualify, as the Mahalanobis scorer is fitted after training.
     """
 
     epochs: Annotated[int, Field(ge=1)] = 10
@@ -192,6 +202,8 @@ class TrainConfig:
     seed: int = 0
     mahalanobis_jets: int = 20_000
     mass_decorrelate: bool = False
+    disco_lambda: Annotated[float, Field(ge=0)] = 0.0
+    disco_score: Literal["max_softmax", "entropy"] = "max_softmax"
 
     @model_validator(mode="after")
     def _leaves_training_jets(self) -> TrainConfig:
@@ -227,10 +239,13 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _batches(n_real: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffled batches of jets with similar multiplicity (sorted within random pools)."""
+def _batches(
+    n_real: np.ndarray, batch_size: int, rng: np.random.Generator, *, by_multiplicity: bool = True
+) -> list[np.ndarray]:
+    """Shuffled batches of jets with similar multiplicity (sorted within random pools), or
+    of random jets."""
     order = rng.permutation(len(n_real))
-    pool = batch_size * 32
+    pool = batch_size * 32 if by_multiplicity else batch_size
     out = []
     for start in range(0, len(order), pool):
         chunk = order[start : start + pool]
@@ -286,6 +301,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
+def disco_penalty(logits: Tensor, mass: Tensor, background: Tensor, score: str) -> Tensor:
+    """dCor² between the named softmax anomaly score and the mass of the ``background``
+    jets (a boolean mask); 0 where fewer than two are in the batch."""
+    if int(background.sum()) < 2:
+        return logits.new_zeros(())
+    scorer = max_softmax_score if score == "max_softmax" else entropy_score
+    return distance_correlation(scorer(logits[background]), mass[background])
+
+
 def train_tagger(
     data: LabelledJets,
     architecture: ParticleNetConfig,
@@ -319,8 +343,14 @@ def train_tagger(
     )
     loss_fn = nn.CrossEntropyLoss()
     labels_t = torch.from_numpy(train.labels)
+    mass_t = torch.from_numpy(train.inputs.jet[:, 3]).float()
     n_real = train.inputs.n_real
-    steps_per_epoch = len(_batches(n_real, config.batch_size, np.random.default_rng(0)))
+    sorted_batches = config.disco_lambda == 0
+    steps_per_epoch = len(
+        _batches(
+            n_real, config.batch_size, np.random.default_rng(0), by_multiplicity=sorted_batches
+        )
+    )
     total_steps = steps_per_epoch * config.epochs
     history: list[EpochReport] = []
     t0 = time.perf_counter()
@@ -328,7 +358,7 @@ def train_tagger(
     for epoch in range(1, config.epochs + 1):
         model.train()
         losses, seen, t_epoch = [], 0, time.perf_counter()
-        for rows in _batches(n_real, config.batch_size, rng):
+        for rows in _batches(n_real, config.batch_size, rng, by_multiplicity=sorted_batches):
             elapsed = time.perf_counter() - t0
             if config.time_budget_s and elapsed > config.time_budget_s:
                 stopped = True
@@ -340,7 +370,12 @@ def train_tagger(
             for group in optimiser.param_groups:
                 group["lr"] = lr
             points, features, mask = train.inputs.select(rows).trimmed().to_torch()
-            loss = loss_fn(model(points, features, mask), labels_t[rows])
+            logits = model(points, features, mask)
+            loss = loss_fn(logits, labels_t[rows])
+            if config.disco_lambda:
+                background = labels_t[rows] == 0
+                penalty = disco_penalty(logits, mass_t[rows], background, config.disco_score)
+                loss = loss + config.disco_lambda * penalty
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
