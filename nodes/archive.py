@@ -219,8 +219,7 @@ class ArchiveNode(Processor):
         if self._indexed(query, *row, threshold):
             self._count_duplicate(record)
             return
-        assert self._db is not None
-        self._db.execute(
+        self._connection().execute(
             "INSERT INTO thresholds (node, path, lumi, threshold, meta, created_s)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (*row, threshold, body, time.time()),
@@ -228,12 +227,17 @@ class ArchiveNode(Processor):
         self.thresholds_stored += 1
         RECORDS.labels(node=self.name, kind=record.kind, outcome="stored").inc()
 
+    def _connection(self) -> sqlite3.Connection:
+        """The index, connected on first use: the node runtime may build the worker in one
+        thread and run it in another, and sqlite3 connections belong to their thread."""
+        if self._db is None:
+            self._db = connect_index(self.root)
+        return self._db
+
     def _indexed(self, query: str, *values: object) -> bool:
         """Whether the index holds a row for ``query``: a record sent again because its
         receipt was lost (``stream.receipts``) is stored once."""
-        if self._db is None:
-            self._db = connect_index(self.root)
-        return self._db.execute(query, values).fetchone() is not None
+        return self._connection().execute(query, values).fetchone() is not None
 
     def _count_duplicate(self, record: Record) -> None:
         self.records_duplicate += 1
@@ -358,11 +362,7 @@ class ArchiveNode(Processor):
         size: int,
         sha256: str,
     ) -> None:
-        # The node runtime may build the worker in one thread and run it in another, and
-        # sqlite3 connections belong to their thread: connect on first use.
-        if self._db is None:
-            self._db = connect_index(self.root)
-        self._db.execute(
+        self._connection().execute(
             "INSERT OR REPLACE INTO files (kind, path, node, role, run, lumi_first, lumi_last,"
             " sequence, events, bytes, sha256, created_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (

@@ -350,8 +350,9 @@ class HLT(Processor):
                 self._path_weights[path][0] += float(weights[mask].sum())
                 self._path_weights[path][1] += float(np.square(weights[mask]).sum())
             fired[path] = mask
-        self.rates.add(batch, {**fired, "accepted": bits != 0})
-        self.signal_paths.add(batch, {**fired, "accepted": bits != 0})
+        fired["accepted"] = bits != 0
+        self.rates.add(batch, fired)
+        self.signal_paths.add(batch, fired)
 
     def _count_untagged(self, reason: str, n: int) -> None:
         if n:

@@ -348,8 +348,9 @@ class L1Trigger(Processor):
             if seed in values:
                 fired_masks[seed] = mask
         accept = bits != 0
-        self.rates.add(batch, {**fired_masks, "accepted": accept})
-        self.signal_paths.add(batch, {**fired_masks, "accepted": accept})
+        fired_masks["accepted"] = accept
+        self.rates.add(batch, fired_masks)
+        self.signal_paths.add(batch, fired_masks)
         n_accept = int(accept.sum())
         emits: list[Emit] = self._pending
         self._pending = []

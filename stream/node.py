@@ -813,7 +813,7 @@ class Node:
     def _resend_unconfirmed(self, sockets: _Sockets) -> None:
         """Send again the records that no receipt confirmed within resend_unconfirmed_s
         (their consumer died with them, or the receipt was lost; it drops duplicates)."""
-        for port, record in list(self._unconfirmed.due(self._clock())):
+        for port, record in self._unconfirmed.due(self._clock()):
             if self._send(sockets, Emit(port, record)):
                 self.stats.records_resent[port] += 1
                 metrics.RECORDS_RESENT.labels(**self._labels, port=port).inc()

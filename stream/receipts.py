@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stream.batch import Record
@@ -95,8 +94,10 @@ class UnconfirmedRecords:
         was not pending."""
         return self._pending.pop(stored_id, None) is not None
 
-    def due(self, now: float) -> Iterator[tuple[str, Record]]:
+    def due(self, now: float) -> list[tuple[str, Record]]:
         """(port, record) of every record unconfirmed for ``resend_after_s``, oldest first."""
-        late = [p for p in self._pending.values() if now - p.sent_at >= self.resend_after_s]
-        for pending in late:
-            yield pending.port, pending.record
+        return [
+            (p.port, p.record)
+            for p in self._pending.values()
+            if now - p.sent_at >= self.resend_after_s
+        ]
