@@ -10,7 +10,7 @@ import zmq
 
 from stream.batch import Message, Record
 from stream.node import Emit, Node, NodeConfig, Outcome, Processor, Producer
-from stream.receipts import UnconfirmedRecords, record_id, stamped
+from stream.receipts import UnconfirmedRecords, receipt_id, record_id, stamped
 from stream.transport import free_tcp_port
 
 
@@ -140,3 +140,10 @@ def test_records_no_store_confirms_are_counted_unconfirmed_at_the_stop() -> None
     _run(producer, consumer)
     assert producer.stats.records_unconfirmed == 3
     assert store.stored >= 3  # delivered, resent, yet never confirmed
+
+
+def test_a_malformed_receipt_is_ignored_not_fatal() -> None:
+    assert receipt_id([b"hlt-0/x/1"]) == "hlt-0/x/1"
+    assert receipt_id([b"\xff\xfe"]) is None  # not UTF-8
+    assert receipt_id([b"hlt-0/x/1", b"extra"]) is None
+    assert receipt_id([]) is None
