@@ -83,6 +83,32 @@ def test_fit_describes_its_own_model() -> None:
     assert np.mean(np.array(gof) < 0.05) < 0.2
 
 
+#: p1..p4 of the five-parameter dijet function fitted to the 1M-event lhco-like background
+#: in 2.8-7 TeV (deviance 37.6 for 37 degrees of freedom): curved near the turn-on.
+TURN_ON_SHAPE = (24.02, -36.74, -23.29, -5.474)
+
+
+def test_fit_is_unbiased_next_to_the_turn_on() -> None:
+    """Toys of 41k events of the curved spectrum: the window 3.1-3.5 TeV has one sideband
+    bin below it. The default fit predicts it without bias (mean Z within 0.35 of 0); the
+    three-parameter function, which the F-test keeps there, gives a mean Z near +0.9."""
+    rng = np.random.default_rng(7)
+    edges = np.arange(2800.0, 7001.0, 100.0)
+    fine = np.linspace(edges[0], edges[-1], (edges.size - 1) * 200 + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(dijet(fine, 1.0, *TURN_ON_SHAPE))])
+    mean = np.diff(cumulative[::200])
+    mean *= 41_000 / mean.sum()
+    window = (3100.0, 3500.0)
+    z_default, z_three = [], []
+    for _ in range(60):
+        counts = toy(rng, mean)
+        z_default.append(bump_at(counts, edges, window).significance)
+        z_three.append(bump_at(counts, edges, window, n_params=3).significance)
+    assert abs(np.mean(z_default)) < 0.35, np.mean(z_default)
+    assert np.mean(np.abs(z_default) >= 2) < 0.12
+    assert np.mean(z_three) > 0.5  # the bias the default avoids
+
+
 def test_profile_significance_limits() -> None:
     # no uncertainty: the plain Poisson Z
     n, b = 130.0, 100.0
@@ -118,8 +144,8 @@ def test_injected_bump_is_found_at_its_window() -> None:
     best = result.best()
     assert best is not None
     assert best.window_gev[0] < mass < best.window_gev[1]
-    assert best.significance > 4
-    assert result.global_significance > 3
+    assert best.significance > 3  # 5.3 ± 0.9 in the 4.0-4.4 TeV window over 30 toys
+    assert result.global_significance > 2
     # and the look-elsewhere correction costs significance
     assert result.global_pvalue > best.pvalue
 
