@@ -5,7 +5,9 @@ For each window of ``ScanConfig.windows_gev`` (by default 400 GeV wide, every 20
 for the events (its own classifier or likelihood ratio for that window, see
 ``window_scorer``); for each working point the events with the highest scores are kept,
 the dijet function is fitted outside the window and the count inside it is tested
-(``analysis.bumphunt``): one local p-value per (window, working point).
+(``analysis.bumphunt``): one local p-value per (window, working point). After a cut, σ_b
+also carries the method's spurious-signal fraction (``ScanConfig.spurious_fraction``,
+measured on no-signal controls, see ``analysis.spurious``).
 
 The global p-value is stated with its method:
 
@@ -18,9 +20,9 @@ The global p-value is stated with its method:
   toys are drawn independently, which again errs on the conservative side), and
   p_global = (1 + #{toys with min p <= observed}) / (1 + n_toys). Costs n_toys scans.
 
-Why the default windows start at 2.7 TeV: the LHCO R&D (and trigfarm's) events need a
+Why the default windows start at 2.9 TeV: the LHCO R&D (and trigfarm's) events need a
 1.2 TeV jet, so mjj turns on below ~2.6 TeV, where no falling dijet function applies; the
-fit range starts at the peak (2.6 TeV) and a window needs a sideband below it.
+fit range starts above the peak (2.8 TeV) and a window needs a sideband bin below it.
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ class ScanConfig:
     global_method: Annotated[str, AfterValidator(_global_method)] = "trials"
     n_toys: Annotated[int, Field(ge=1)] = 200
     seed: int = 0
+    #: The method's sculpting, as a fraction of the window's background after a cut
+    #: (ε < 1), added to σ_b (``analysis.spurious``; ``trigfarm analyze`` sets the
+    #: method's measured value). 0 trusts the selection not to sculpt.
+    spurious_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    def spurious_at(self, efficiency: float) -> float:
+        """The spurious-signal fraction for a working point: none without a cut."""
+        return self.spurious_fraction if efficiency < 1 else 0.0
 
     @model_validator(mode="after")
     def _windows_inside_fit_range(self) -> ScanConfig:
@@ -157,6 +167,7 @@ class ScanResult:
             "global_significance": self.global_significance,
             "global_method": self.global_method,
             "global_method_text": self.method_text(),
+            "spurious_fraction": self.config.spurious_fraction,
             "tests": [b.summary() for b in self.bumps],
         }
 
@@ -189,7 +200,11 @@ def _scan_spectra(
     bumps = []
     for window in config.windows_gev:
         for eff, counts in spectra_of(window).items():
-            bumps.append(bump_at(counts, config.edges, window, eff))
+            bumps.append(
+                bump_at(
+                    counts, config.edges, window, eff, spurious_fraction=config.spurious_at(eff)
+                )
+            )
     return bumps
 
 
@@ -265,7 +280,9 @@ def toy_global_pvalue(
         for eff, mean in means.items():
             toy = rng.poisson(mean).astype(np.float64)
             for window in config.windows_gev:
-                p = bump_at(toy, edges, window, eff).pvalue
+                p = bump_at(
+                    toy, edges, window, eff, spurious_fraction=config.spurious_at(eff)
+                ).pvalue
                 if math.isfinite(p):
                     toy_p = min(toy_p, p)
         hits += toy_p <= p_min

@@ -35,6 +35,12 @@ on it, and runs the bump hunt on the events it stored, as ``trigfarm analyze --e
 does; ``--controls`` blocks are no-signal controls, and each injected (S/B, seed) row takes
 the next unused block and injects W'->XY from the dataset's signal chunks.
 
+The report then measures each method's spurious-signal fraction f on the controls
+(``analysis.spurious``) and gives the false-positive rates with f cross-validated: f from
+the even-numbered controls applied to the odd ones and back, so that no control is judged
+with an f it helped measure. ``--from-results`` reports again from an earlier run's
+``results.json``.
+
     python -m benchmarks.bump_hunt [--controls 4 --datasets 5] [--sb 0.02 0.05] [--seeds 1 2 3]
     python -m benchmarks.bump_hunt --dataset ~/.cache/trigfarm/datasets/lhco-like-... \
         --controls 20 --block-chunks 5
@@ -53,7 +59,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 
+from analysis.bumphunt import local_pvalue, profile_significance
 from analysis.classifier import ClassifierConfig
 from analysis.data import Events
 from analysis.methods import SearchConfig
@@ -66,7 +74,9 @@ from analysis.scan import (
     plot_spectra,
     scan,
     window_scorer,
+    z_of,
 )
+from analysis.spurious import spurious_fraction
 from benchmarks.ephemeral_lhco import (
     DATA,
     SR,
@@ -157,7 +167,15 @@ def record(result: ScanResult) -> dict[str, Any]:
         "global_z": result.global_significance,
         "n_trials": result.n_trials,
         "tests": [
-            [b.window_gev[0], b.window_gev[1], b.efficiency, b.significance, b.pvalue]
+            [
+                *b.window_gev,
+                b.efficiency,
+                b.significance,
+                b.pvalue,
+                b.observed_sr,
+                b.expected_sr,
+                b.expected_sr_error,
+            ]
             for b in result.bumps
         ],
     }
@@ -185,6 +203,11 @@ def control_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_local_z_cuts_only": float(np.nanmean(z[:, cut])) if cut.any() else None,
         "max_abs_local_z": float(np.nanmax(np.abs(z))),
         "cells_below_95pct": int((pass_rate < 0.95).sum()),
+        # A calibrated test has |Z| >= 2 with p = 4.55%; a cell falls below 95% when more
+        # than 5% of its experiments exceed, which happens by chance this often:
+        "cells_below_95pct_if_calibrated": float(
+            len(cells) * stats.binom.sf(int(0.05 * len(runs)), len(runs), 2 * stats.norm.sf(2))
+        ),
         "cells": len(cells),
         "worst_cell": {"window_eff": cells[worst], "pass_rate": float(pass_rate[worst])},
         "experiments_all_abs_z_lt_2": float((~exceed).all(axis=1).mean()),
@@ -200,7 +223,7 @@ def signal_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         zs = [t[3] for t in r["tests"] if (t[0], t[1]) == SR and t[2] < 1 and np.isfinite(t[3])]
         local.append(max(zs) if zs else float("nan"))
-    glob = [r["global_z"] for r in runs]
+    glob = [max(r["global_z"], 0.0) for r in runs]  # global p >= 0.5 counts as Z = 0
     return {
         "seeds": len(runs),
         "local_z_sr": local,
@@ -213,6 +236,61 @@ def signal_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "std_global_z": float(np.nanstd(glob)),
         "global_p_lt_0.05": float(np.mean([r["global_pvalue"] < 0.05 for r in runs])),
     }
+
+
+def cut_tests(runs: list[dict[str, Any]]) -> np.ndarray:
+    """(n, b) of every test with a cut, pooled over ``runs``."""
+    rows = [t[5:7] for r in runs for t in r["tests"] if t[2] < 1]
+    return np.array(rows, np.float64).reshape(-1, 2)
+
+
+def with_spurious(run: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The run's tests with ``fraction`` of b in σ_b after every cut, and the Bonferroni
+    global p-value recomputed from them."""
+    tests = []
+    for t in run["tests"]:
+        lo, hi, eff, z, p, n, b, sigma = t
+        if eff < 1 and np.isfinite(b):
+            z = profile_significance(n, b, float(np.hypot(sigma, fraction * b)))
+            p = local_pvalue(z)
+        tests.append([lo, hi, eff, z, p, n, b, sigma])
+    pvalues = np.array([t[4] for t in tests], np.float64)
+    valid = np.isfinite(pvalues)
+    p_global = min(1.0, valid.sum() * pvalues[valid].min()) if valid.any() else float("nan")
+    return {**run, "tests": tests, "global_pvalue": p_global, "global_z": z_of(p_global)}
+
+
+def calibrate(
+    controls: dict[str, list[dict[str, Any]]], injected: dict[str, dict[str, list[dict[str, Any]]]]
+) -> dict[str, Any]:
+    """Each method's spurious-signal fraction f on all controls (with a bootstrap spread
+    over experiments), the controls' false-positive rates with f cross-validated (f from
+    the even experiments applied to the odd ones and back), and the injected rows with f."""
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for method, runs in controls.items():
+        if not runs or not cut_tests(runs).size:
+            continue
+        f_all = spurious_fraction(*cut_tests(runs).T)
+        resamples = (rng.integers(len(runs), size=len(runs)) for _ in range(200))
+        boot = [spurious_fraction(*cut_tests([runs[i] for i in rows]).T) for rows in resamples]
+        halves = (runs[0::2], runs[1::2])
+        folds = [spurious_fraction(*cut_tests(h).T) for h in halves]
+        crossed = [with_spurious(r, folds[1]) for r in halves[0]] + [
+            with_spurious(r, folds[0]) for r in halves[1]
+        ]
+        out[method] = {
+            "spurious_fraction": f_all,
+            "spurious_fraction_bootstrap_std": float(np.std(boot)),
+            "spurious_fraction_by_half": folds,
+            "controls_cross_validated": control_summary(crossed),
+            "injected": {
+                sb: signal_summary([with_spurious(r, f_all) for r in by_method[method]])
+                for sb, by_method in injected.items()
+                if by_method.get(method)
+            },
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--block-chunks", type=int, default=5, help="with --dataset: chunks per experiment"
     )
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        help="report again from the raw records of an earlier run's results.json",
+    )
     args = parser.parse_args(argv)
+    if args.from_results:
+        earlier = json.loads(args.from_results.read_text())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return report(
+            ScanConfig(),
+            earlier["raw"]["controls"],
+            earlier["raw"]["injected"],
+            out,
+            time.perf_counter(),
+            earlier["data"],
+        )
     if args.dataset:
         return run_on_dataset(args)
     if not DATA.exists():
@@ -340,6 +435,7 @@ def report(
             sb: {m: signal_summary(runs) for m, runs in by_method.items() if runs}
             for sb, by_method in injected.items()
         },
+        "calibrated": calibrate(controls, injected),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
         "total_s": time.perf_counter() - t_start,
     }
@@ -350,7 +446,8 @@ def report(
             f"{100 * c['local_abs_z_ge_2_rate']:.1f}% of tests "
             f"({100 * (c['local_abs_z_ge_2_rate_cuts_only'] or 0):.1f}% of those after cuts), "
             f"max |Z| {c['max_abs_local_z']:.2f}; cells below 95%: {c['cells_below_95pct']}"
-            f"/{c['cells']}; global p<0.05 in {100 * c['global_p_lt_0.05_rate']:.0f}%"
+            f"/{c['cells']} ({c['cells_below_95pct_if_calibrated']:.1f} by chance if "
+            f"calibrated); global p<0.05 in {100 * c['global_p_lt_0.05_rate']:.0f}%"
         )
     for sb, by_method in summary["injected"].items():
         print(f"S/B {sb}:")
@@ -360,6 +457,26 @@ def report(
                 f"{s['std_local_z_sr']:.2f} (median {s['median_local_z_sr']:.2f}); global Z "
                 f"{s['mean_global_z']:.2f} ± {s['std_global_z']:.2f} "
                 f"(median {s['median_global_z']:.2f})"
+            )
+    print("\nwith the spurious-signal fraction f (cross-validated on the controls: f from the")
+    print("even experiments applied to the odd ones and back):")
+    for method, c in summary["calibrated"].items():
+        x = c["controls_cross_validated"]
+        print(
+            f"  {method:18s} f = {c['spurious_fraction']:.4f} ± "
+            f"{c['spurious_fraction_bootstrap_std']:.4f} (halves "
+            + ", ".join(f"{f:.4f}" for f in c["spurious_fraction_by_half"])
+            + f"): |Z|>=2 in {100 * x['local_abs_z_ge_2_rate']:.1f}% of tests "
+            f"({100 * (x['local_abs_z_ge_2_rate_cuts_only'] or 0):.1f}% after cuts, mean Z "
+            f"{x['mean_local_z_cuts_only'] or 0:+.2f}); cells below 95%: "
+            f"{x['cells_below_95pct']}/{x['cells']}; global p<0.05 in "
+            f"{100 * x['global_p_lt_0.05_rate']:.0f}%"
+        )
+        for sb, inj in c["injected"].items():
+            print(
+                f"    S/B {sb}: local Z in 3.3-3.7 TeV {inj['mean_local_z_sr']:.2f} ± "
+                f"{inj['std_local_z_sr']:.2f}; global Z {inj['mean_global_z']:.2f} ± "
+                f"{inj['std_global_z']:.2f}"
             )
     raw = {"controls": controls, "injected": injected}
     (out / "results.json").write_text(json.dumps({**summary, "raw": raw}, default=float))

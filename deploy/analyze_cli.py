@@ -84,6 +84,14 @@ def _options(function: Any) -> Any:
             "--toys", type=click.IntRange(min=1), default=200, help="Toys for --global-method toys."
         ),
         click.option(
+            "--spurious-fraction",
+            type=click.FloatRange(min=0, max=1, max_open=True),
+            default=None,
+            help="Sculpting of the method's cut, as a fraction of the window's background, "
+            "added to the fit's uncertainty after a cut (default: the method's value "
+            "measured on no-signal controls, analysis.spurious).",
+        ),
+        click.option(
             "--follow",
             is_flag=True,
             help="Live: re-run the scan on the archive's stored events each time new flow "
@@ -125,6 +133,7 @@ def _run(
     windows: tuple[float, float, float, float] | None,
     global_method: str,
     toys: int,
+    spurious_fraction: float | None,
     follow: bool,
     poll_s: float,
     max_updates: int | None,
@@ -136,6 +145,7 @@ def _run(
     from analysis.methods import SearchConfig
     from analysis.report import analyze as run_analysis
     from analysis.scan import SLIDING_WINDOWS_GEV, ScanConfig, sliding_windows
+    from analysis.spurious import SPURIOUS_FRACTIONS
     from deploy.topology import config_error
     from simulator.replay import read_features
 
@@ -154,12 +164,26 @@ def _run(
         "global_method": global_method,
         "n_toys": toys,
         "seed": seed,
+        "spurious_fraction": (
+            spurious_fraction
+            if spurious_fraction is not None
+            else SPURIOUS_FRACTIONS.get(method, 0.0)
+        ),
     }
     try:
         scan_config = ScanConfig(**scan_values)
     except ValidationError as exc:
         problem = config_error(exc, scan_values, "scan", ScanConfig)
         raise click.BadParameter(str(problem), param_hint="--windows") from None
+    if spurious_fraction is not None:
+        origin = "given"
+    elif method in SPURIOUS_FRACTIONS:
+        origin = "measured on no-signal controls, analysis.spurious"
+    else:
+        origin = "not measured for this method: its cut is trusted not to sculpt"
+    click.echo(
+        f"spurious-signal fraction after a cut: {scan_config.spurious_fraction:g} ({origin})"
+    )
     if follow:
         _follow(method, archive_dir, out_dir, config, scan_config, poll_s, max_updates, timeout_s)
         return

@@ -134,6 +134,7 @@ def test_cli_follow_prints_two_updates(planted: dict[str, Path], tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert "update 1" in result.output and "update 2" in result.output
     assert "global p" in result.output
+    assert "spurious-signal fraction after a cut: " in result.output
     history = json.loads((tmp_path / "live" / "live.json").read_text())
     assert [h["events_seen"] for h in history] == [12_000, 24_000]
     assert (tmp_path / "live" / "live_significance.png").stat().st_size > 1000
