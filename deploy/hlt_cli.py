@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import torch
 
+from models.anomaly import ANOMALY_SCORES
 from models.checkpoint import save_checkpoint
 from models.jet_inputs import FEATURE_NAMES
 from models.particlenet import VARIANTS
@@ -83,7 +84,7 @@ def _echo_epoch(report: EpochReport) -> None:
 )
 @click.option(
     "--disco-score",
-    type=click.Choice(["max_softmax", "entropy"]),
+    type=click.Choice(["max_softmax", "entropy", "anti_qcd"]),
     default="max_softmax",
     help="The anomaly score --disco decorrelates from the jet mass.",
 )
@@ -158,7 +159,7 @@ def train(
         "name": out.name,
         "variant": variant,
         "input_features": list(FEATURE_NAMES),
-        "anomaly_scores": ["max_softmax", "entropy", "mahalanobis"],
+        "anomaly_scores": list(ANOMALY_SCORES),
         "training": {
             "command": command,
             "data": list(jets_data.sources),

@@ -33,7 +33,7 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from models.anomaly import Mahalanobis, distance_correlation, entropy_score, max_softmax_score
+from models.anomaly import LOGIT_SCORES, Mahalanobis, distance_correlation
 from models.checkpoint import Tagger, evaluate
 from models.jet_inputs import JetInputs, constituents_from_eta_phi_pt, jet_inputs
 from models.particlenet import ParticleNet, ParticleNetConfig
@@ -188,8 +188,8 @@ class TrainConfig:
         mass_decorrelate: resample the training classes to a common jet-mass histogram.
         disco_lambda: weight of the DisCo term, dCor² between ``disco_score`` and the jet
             mass of the background jets in each batch (0: off).
-        disco_score: the anomaly score the DisCo term decorrelates; only the softmax
-            scores qualify, as the Mahalanobis scorer is fitted after training.
+        disco_score: the anomaly score the DisCo term decorrelates; only the scores of
+            the logits qualify, as the Mahalanobis scorer is fitted after training.
     """
 
     epochs: Annotated[int, Field(ge=1)] = 10
@@ -203,7 +203,7 @@ class TrainConfig:
     mahalanobis_jets: int = 20_000
     mass_decorrelate: bool = False
     disco_lambda: Annotated[float, Field(ge=0)] = 0.0
-    disco_score: Literal["max_softmax", "entropy"] = "max_softmax"
+    disco_score: Literal["max_softmax", "entropy", "anti_qcd"] = "max_softmax"
 
     @model_validator(mode="after")
     def _leaves_training_jets(self) -> TrainConfig:
@@ -302,12 +302,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def disco_penalty(logits: Tensor, mass: Tensor, background: Tensor, score: str) -> Tensor:
-    """dCor² between the named softmax anomaly score and the mass of the ``background``
-    jets (a boolean mask); 0 where fewer than two are in the batch."""
+    """dCor² between the named anomaly score of the logits and the mass of the
+    ``background`` jets (a boolean mask); 0 where fewer than two are in the batch."""
     if int(background.sum()) < 2:
         return logits.new_zeros(())
-    scorer = max_softmax_score if score == "max_softmax" else entropy_score
-    return distance_correlation(scorer(logits[background]), mass[background])
+    return distance_correlation(LOGIT_SCORES[score](logits[background]), mass[background])
 
 
 def train_tagger(

@@ -66,6 +66,8 @@ def test_penalty_uses_background_jets_only() -> None:
     # −max softmax rises with mass on the three background jets: a monotone relation.
     assert float(disco_penalty(logits, mass, background, "max_softmax")) > 0.9
     assert float(disco_penalty(logits, mass, torch.tensor([True, False] * 2), "entropy")) == 1.0
+    # the anti-QCD log-odds (0 - logit_0) falls linearly with mass on the background jets
+    assert float(disco_penalty(logits, mass, background, "anti_qcd")) > 0.99
     one = torch.tensor([True, False, False, False])
     assert float(disco_penalty(logits, mass, one, "entropy")) == 0.0
 

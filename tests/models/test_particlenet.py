@@ -152,6 +152,9 @@ def test_softmax_scores() -> None:
     assert confident < -0.99 and flat == pytest.approx(-1 / 3)
     entropy = entropy_score(logits)
     assert entropy[0] < 0.01 and entropy[1] == pytest.approx(np.log(3))
+    # confidently QCD (class 0): very negative; confidently another class: very positive
+    odds = anomaly_score("anti_qcd", torch.tensor([[10.0, 0.0, 0.0], [0.0, 10.0, 0.0]]), logits)
+    assert odds[0] == pytest.approx(np.log(2) - 10, abs=1e-4) and odds[1] > 9.9
     with pytest.raises(ValueError, match="unknown anomaly score"):
         anomaly_score("nope", logits, logits)
 
