@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,15 @@ def _run(
         scan_config=scan_config,
     )
     for name, figures in summary["methods"].items():
+        sic_02 = figures["sic_at_eff_s_0.2"]
         click.echo(
             f"{name}: max SIC {figures['max_sic']:.2f}, SIC at eps_S=0.2 "
-            f"{figures['sic_at_eff_s_0.2']:.2f}, AUC {figures['auc']:.3f} "
+            + (
+                f"{sic_02:.2f}"
+                if math.isfinite(sic_02)
+                else f"n/a ({figures['background_events_at_eff_s_0.2']} background events left)"
+            )
+            + f", AUC {figures['auc']:.3f} "
             f"({figures['n_test_signal']} signal / {figures['n_test_background']} background "
             "test events in the SR)"
         )
