@@ -31,6 +31,12 @@ CARD_VERSION = 1
 
 #: The small committed default model (``models/default/README.md`` says how to remake it).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default"
+#: The committed taggers by name: the default farm's (QCD at pT-hat > 400 GeV) and the
+#: one for fat jets of 1-2 TeV (each folder's README.md says how it was made).
+COMMITTED_CHECKPOINTS = {
+    "default": DEFAULT_CHECKPOINT,
+    "highpt": Path(__file__).resolve().parent / "highpt",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +110,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: str | Path = DEFAULT_CHECKPOINT) -> Tagger:
-    """Read a checkpoint directory (weights with ``weights_only=True``).
+    """Read a checkpoint directory (weights with ``weights_only=True``), or a committed
+    one by its name in ``COMMITTED_CHECKPOINTS`` when no such directory exists.
 
     Raises:
         FileNotFoundError: a missing ``model.pt`` or ``model.json``.
         ValueError: a card of another format, or weights that do not fit the card.
     """
     path = Path(directory)
+    if not path.is_dir() and str(directory) in COMMITTED_CHECKPOINTS:
+        path = COMMITTED_CHECKPOINTS[str(directory)]
     card_path, weights_path = path / CARD_FILE, path / WEIGHTS_FILE
     for needed in (card_path, weights_path):
         if not needed.is_file():

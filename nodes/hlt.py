@@ -111,7 +111,8 @@ class HLTConfig:
     """The HLT node's model and menu (plain values, so a TOML table can fill it).
 
     Attributes:
-        checkpoint: tagger checkpoint directory (default: the committed ``models/default``).
+        checkpoint: tagger checkpoint directory, or a committed one by name ("default",
+            the default farm's; "highpt", for fat jets of 1-2 TeV).
         torch_threads: torch intra-op threads for this process (several HLT nodes share a
             host, so keep it small).
         batch_size: jets per ParticleNet forward pass.
@@ -163,6 +164,10 @@ class HLT(Processor):
             raise ValueError(msg)
         if config.anomaly_score == "mahalanobis" and not tagger.mahalanobis.fitted:
             raise ValueError("the checkpoint has no fitted Mahalanobis scorer")
+        if config.anomaly_score == "anti_qcd" and tagger.classes[0] != "qcd":
+            msg = "the anti_qcd score needs 'qcd' as the first class; "
+            msg += f"the model has {tagger.classes}"
+            raise ValueError(msg)
         self.config = config
         self.tagger = tagger
         self.name = name

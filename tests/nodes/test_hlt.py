@@ -3,6 +3,7 @@ and a real source -> HLT -> archive-sink chain over ZeroMQ."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from nodes.hlt import ANOMALY_BIT, FIRST_TAG_BIT, PRESCALE_BIT, HLTConfig, build
+from models.checkpoint import COMMITTED_CHECKPOINTS, DEFAULT_CHECKPOINT, load_checkpoint
+from nodes.hlt import ANOMALY_BIT, FIRST_TAG_BIT, HLT, PRESCALE_BIT, HLTConfig, build
 from simulator import generate, make_recipe
 from stream import EventBatch, Record
 from stream.testing import ListSource
@@ -82,6 +83,36 @@ def test_default_model_loads_and_tags_top_jets(events: dict[str, EventBatch]) ->
         scores.append(top)
     auc = roc_auc_score(np.r_[np.zeros(120), np.ones(120)], np.r_[scores[0], scores[1]])
     assert auc > 0.7
+
+
+@pytest.mark.slow
+def test_highpt_model_separates_wprime_from_qcd_at_1_tev() -> None:
+    """The committed high-pT tagger, by name, with its anti-QCD score, on 1 TeV jets: the
+    event score separates W'->XY (two-prong) from QCD, AUC 0.78 on these 200 + 200 events
+    (0.82 on 4096 held-out ones); the default tagger gives 0.65 here (0.69 held out)."""
+    from sklearn.metrics import roc_auc_score
+
+    tagger = load_checkpoint("highpt")
+    assert tagger.classes == ("qcd", "w", "top")
+    assert tagger.card["training"]["config"]["disco_lambda"] == 1.0
+    assert (COMMITTED_CHECKPOINTS["highpt"] / "model.pt").stat().st_size < 1_000_000
+    qcd = next(generate(make_recipe("qcd", pthat_min_gev=1000.0), 200, seed=301, batch_size=200))
+    signal = next(generate("wprime", 200, seed=303, batch_size=200))
+    scores = []
+    for batch in (qcd, signal):
+        learner = RecordingLearner()
+        config = HLTConfig(checkpoint="highpt", anomaly_score="anti_qcd")
+        build(config, name="highpt", learner=learner).process(batch)
+        scores.append(np.nan_to_num(learner.batches[0]["hlt_score"], nan=-np.inf))
+    auc = roc_auc_score(np.r_[np.zeros(200), np.ones(200)], np.r_[scores[0], scores[1]])
+    assert auc > 0.72, auc
+
+
+def test_anti_qcd_needs_qcd_first() -> None:
+    tagger = load_checkpoint()
+    swapped = dataclasses.replace(tagger, classes=("w", "qcd", "top"))
+    with pytest.raises(ValueError, match="needs 'qcd' as the first class"):
+        HLT(HLTConfig(anomaly_score="anti_qcd"), swapped, name="swapped")
 
 
 def test_menu_paths_set_their_bits(events: dict[str, EventBatch]) -> None:
