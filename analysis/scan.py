@@ -447,7 +447,9 @@ def plot_spectra(result: ScanResult, path: Path, window: Window | None = None) -
         line = ax.errorbar(
             centres, bump.counts, yerr=np.sqrt(bump.counts), fmt="o", ms=2,
             label=f"ε={bump.efficiency:g}: {bump.observed_sr} obs, "
-            f"{bump.expected_sr:.1f}±{bump.expected_sr_error:.1f} fit, Z={bump.significance:.2f}",
+            f"{bump.expected_sr:.1f}±{bump.expected_sr_error:.1f} fit"
+            + (f" ±{bump.spurious_fraction:.1%} spurious" if bump.spurious_fraction else "")
+            + f", Z={bump.significance:.2f}",
         )  # fmt: skip
         colour = line[0].get_color()
         ax.plot(centres, bump.fit, color=colour, lw=1)
