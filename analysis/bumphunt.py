@@ -272,9 +272,11 @@ def fit_background(
             continue
         if np.all(np.diff(model.log_density(fine, best.values)) < 0):
             break
-        fallback = fallback or best
+        if fallback is None:
+            fallback = best
         best = None
-    best = best or fallback
+    if best is None:
+        best = fallback
     if best is None:
         return None
     params = np.asarray(best.values, np.float64)
