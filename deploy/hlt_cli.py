@@ -83,6 +83,13 @@ def _echo_epoch(report: EpochReport) -> None:
     "background jets of each batch (0: off).",
 )
 @click.option(
+    "--batch-order",
+    type=click.Choice(["random", "multiplicity"]),
+    default="random",
+    help="Random jets per batch, or jets of similar multiplicity (less padding, worse "
+    "tagging; how the committed default tagger was trained).",
+)
+@click.option(
     "--disco-score",
     type=click.Choice(["max_softmax", "entropy", "anti_qcd"]),
     default="max_softmax",
@@ -114,6 +121,7 @@ def train(
     mass_decorrelate: bool,
     disco_lambda: float,
     disco_score: str,
+    batch_order: str,
     threads: int,
     force: bool,
 ) -> None:
@@ -153,6 +161,7 @@ def train(
         mass_decorrelate=mass_decorrelate,
         disco_lambda=disco_lambda,
         disco_score=disco_score,  # type: ignore[arg-type]
+        batch_order=batch_order,  # type: ignore[arg-type]
     )
     result = train_tagger(jets_data, architecture, config, progress=_echo_epoch)
     card = {

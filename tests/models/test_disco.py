@@ -77,6 +77,8 @@ def test_config_refuses_a_negative_weight_and_a_mahalanobis_target() -> None:
         TrainConfig(disco_lambda=-0.1)
     with pytest.raises(pydantic.ValidationError):
         TrainConfig(disco_lambda=1.0, disco_score="mahalanobis")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError, match="DisCo needs random batches"):
+        TrainConfig(disco_lambda=1.0, batch_order="multiplicity")
 
 
 def _toy_jets(n_per_class: int = 24) -> LabelledJets:
