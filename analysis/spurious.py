@@ -12,10 +12,11 @@ f is the mean excess over no-signal controls, pooled over their tests with a cut
     f = |Σ (n - b̂)| / Σ b̂
 
 (the spurious signal of ATLAS is likewise the signal fitted to background-only templates).
-``SPURIOUS_FRACTIONS`` holds the values that
-``benchmarks/bump_hunt.py`` measured (see ``benchmarks/RESULTS.md``); a method not in it has
-not been measured, and its cut is trusted not to sculpt (f = 0), which ``trigfarm analyze``
-says.
+``SPURIOUS_FRACTIONS`` holds the values that ``benchmarks/bump_hunt.py`` measured (see
+``benchmarks/RESULTS.md``). ``trigfarm analyze cathode --events`` (the hybrid) takes
+CATHODE's value, as the same sideband flow models its background. A method not in it has
+not been measured, and its cut is trusted not to sculpt (f = 0), which ``trigfarm
+analyze`` says.
 """
 
 from __future__ import annotations
