@@ -260,23 +260,20 @@ def fit_background(
     cost = ExtendedBinnedNLL(counts, edges, model, grad=model.gradient)
     cost.mask = mask
     start = _start(edges, counts, mask, model)
-    best: Minuit | None = None
     filled_bins = np.count_nonzero(counts[mask] > 0)
     fine = np.linspace(edges[0], edges[-1], 4 * edges.size)
+    best: Minuit | None = None
     fallback: Minuit | None = None
     for k in (5, 4, 3) if n_params is None else (n_params,):
-        if filled_bins < k + 2:
+        fit = _migrad(cost, start[:k] + (0.0,) * (5 - k), k) if filled_bins >= k + 2 else None
+        if fit is None:
             continue
-        best = _migrad(cost, start[:k] + (0.0,) * (5 - k), k)
-        if best is None:
-            continue
-        if np.all(np.diff(model.log_density(fine, best.values)) < 0):
+        if np.all(np.diff(model.log_density(fine, fit.values)) < 0):
+            best = fit
             break
         if fallback is None:
-            fallback = best
-        best = None
-    if best is None:
-        best = fallback
+            fallback = fit
+    best = best if best is not None else fallback
     if best is None:
         return None
     params = np.asarray(best.values, np.float64)
@@ -325,6 +322,15 @@ def profile_significance(n: float, b: float, sigma_b: float = 0.0) -> float:
     log_term = n * math.log(n / b_hat) if n > 0 else 0.0
     q0 = 2 * (log_term - (n - b_hat)) + ((b_hat - b) ** 2 / var if var > 0 else 0.0)
     return math.copysign(math.sqrt(max(q0, 0.0)), n - b)
+
+
+def local_significance(
+    observed: float, expected: float, fit_error: float, spurious_fraction: float = 0.0
+) -> float:
+    """Signed Z of the count in a window against the fit's b̂ ± σ_fit, with the
+    spurious-signal fraction f adding f·b̂ to σ_b in quadrature."""
+    sigma_b = math.hypot(fit_error, spurious_fraction * expected)
+    return profile_significance(observed, expected, sigma_b)
 
 
 def poisson_significance(n: float, b: float) -> float:
@@ -402,7 +408,6 @@ def bump_at(
             observed, nan, nan, spurious_fraction, nan, nan, 0,
         )  # fmt: skip
     expected, error = fit.predict(in_window)
-    sigma_b = math.hypot(error, spurious_fraction * expected)
     return BumpResult(
         efficiency,
         (float(low), float(high)),
@@ -413,7 +418,7 @@ def bump_at(
         expected,
         error,
         spurious_fraction,
-        profile_significance(observed, expected, sigma_b),
+        local_significance(observed, expected, error, spurious_fraction),
         fit.gof_pvalue,
         fit.n_params,
     )

@@ -250,7 +250,7 @@ def _with_global(
         return ScanResult(config, tuple(bumps), float("nan"), config.global_method, 0, n_events)
     p_min = float(pvalues[valid].min())
     if config.global_method == "trials":
-        p_global = min(1.0, n_trials * p_min)
+        p_global = trials_pvalue(pvalues)
     else:
         # Background-only toys of the spectra the data gave (each working point's spectrum
         # is the same for every window when there is no score; otherwise the first
@@ -258,6 +258,13 @@ def _with_global(
         first = spectra_of(config.windows_gev[0])
         p_global = toy_global_pvalue(first, p_min, config)
     return ScanResult(config, tuple(bumps), p_global, config.global_method, n_trials, n_events)
+
+
+def trials_pvalue(pvalues: Sequence[float] | np.ndarray) -> float:
+    """Bonferroni: min(1, N p_min) over the N finite local p-values (NaN if none)."""
+    p = np.asarray(pvalues, np.float64)
+    valid = p[np.isfinite(p)]
+    return min(1.0, valid.size * float(valid.min())) if valid.size else float("nan")
 
 
 def toy_global_pvalue(

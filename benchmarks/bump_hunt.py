@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from analysis.bumphunt import local_pvalue, profile_significance
+from analysis.bumphunt import local_pvalue, local_significance
 from analysis.classifier import ClassifierConfig
 from analysis.data import Events
 from analysis.methods import SearchConfig
@@ -75,6 +75,7 @@ from analysis.scan import (
     plot_pvalues,
     plot_spectra,
     scan,
+    trials_pvalue,
     window_scorer,
     z_of,
 )
@@ -253,12 +254,10 @@ def with_spurious(run: dict[str, Any], fraction: float) -> dict[str, Any]:
     for t in run["tests"]:
         lo, hi, eff, z, p, n, b, sigma = t
         if eff < 1 and np.isfinite(b):
-            z = profile_significance(n, b, float(np.hypot(sigma, fraction * b)))
+            z = local_significance(n, b, sigma, fraction)
             p = local_pvalue(z)
         tests.append([lo, hi, eff, z, p, n, b, sigma])
-    pvalues = np.array([t[4] for t in tests], np.float64)
-    valid = np.isfinite(pvalues)
-    p_global = min(1.0, valid.sum() * pvalues[valid].min()) if valid.any() else float("nan")
+    p_global = trials_pvalue([t[4] for t in tests])
     return {**run, "tests": tests, "global_pvalue": p_global, "global_z": z_of(p_global)}
 
 
@@ -271,9 +270,10 @@ def calibrate(
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {}
     for method, runs in controls.items():
-        if not runs or not cut_tests(runs).size:
+        tests = cut_tests(runs)
+        if not tests.size:
             continue
-        f_all = spurious_fraction(*cut_tests(runs).T)
+        f_all = spurious_fraction(*tests.T)
         resamples = (rng.integers(len(runs), size=len(runs)) for _ in range(200))
         boot = [spurious_fraction(*cut_tests([runs[i] for i in rows]).T) for rows in resamples]
         halves = (runs[0::2], runs[1::2])
@@ -516,7 +516,7 @@ def uncut_global_pvalues(args: argparse.Namespace) -> int:
                 "local_z": [b.significance for b in by_toys.bumps],
                 "min_local_p": best.pvalue if best else float("nan"),
                 "global_p_toys": by_toys.global_pvalue,
-                "global_p_trials": min(1.0, by_toys.n_trials * best.pvalue) if best else 1.0,
+                "global_p_trials": trials_pvalue([b.pvalue for b in by_toys.bumps]),
             }
         )
         print(

@@ -160,28 +160,27 @@ def _run(
         scanned = sliding_windows(*(windows or SLIDING_WINDOWS_GEV))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--windows") from exc
+    if spurious_fraction is not None:
+        fraction, origin = spurious_fraction, "given"
+    elif method in SPURIOUS_FRACTIONS:
+        fraction, origin = (
+            SPURIOUS_FRACTIONS[method],
+            "measured on no-signal controls, analysis.spurious",
+        )
+    else:
+        fraction, origin = 0.0, "not measured for this method: its cut is trusted not to sculpt"
     scan_values: dict[str, Any] = {
         "windows_gev": scanned,
         "global_method": global_method,
         "n_toys": toys,
         "seed": seed,
-        "spurious_fraction": (
-            spurious_fraction
-            if spurious_fraction is not None
-            else SPURIOUS_FRACTIONS.get(method, 0.0)
-        ),
+        "spurious_fraction": fraction,
     }
     try:
         scan_config = ScanConfig(**scan_values)
     except ValidationError as exc:
         problem = config_error(exc, scan_values, "scan", ScanConfig)
         raise click.BadParameter(str(problem), param_hint="--windows") from None
-    if spurious_fraction is not None:
-        origin = "given"
-    elif method in SPURIOUS_FRACTIONS:
-        origin = "measured on no-signal controls, analysis.spurious"
-    else:
-        origin = "not measured for this method: its cut is trusted not to sculpt"
     click.echo(
         f"spurious-signal fraction after a cut: {scan_config.spurious_fraction:g} ({origin})"
     )

@@ -8,16 +8,18 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import click
 import torch
 
-from models.anomaly import ANOMALY_SCORES
+from models.anomaly import ANOMALY_SCORES, LogitScore
 from models.checkpoint import save_checkpoint
 from models.jet_inputs import FEATURE_NAMES
 from models.particlenet import VARIANTS
 from models.particlenet_training import (
     JET_CHOICES,
+    BatchOrder,
     EpochReport,
     TrainConfig,
     load_labelled_jets,
@@ -84,14 +86,14 @@ def _echo_epoch(report: EpochReport) -> None:
 )
 @click.option(
     "--batch-order",
-    type=click.Choice(["random", "multiplicity"]),
+    type=click.Choice(get_args(BatchOrder)),
     default="random",
     help="Random jets per batch, or jets of similar multiplicity (less padding, worse "
     "tagging; how the committed default tagger was trained).",
 )
 @click.option(
     "--disco-score",
-    type=click.Choice(["max_softmax", "entropy", "anti_qcd"]),
+    type=click.Choice(get_args(LogitScore)),
     default="max_softmax",
     help="The anomaly score --disco decorrelates from the jet mass.",
 )

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+#: The scores of the logits alone (differentiable, so DisCo can act on them).
+LogitScore = Literal["max_softmax", "entropy", "anti_qcd"]
 AnomalyScore = Literal["max_softmax", "entropy", "mahalanobis", "anti_qcd"]
 ANOMALY_SCORES: tuple[str, ...] = get_args(AnomalyScore)
 
@@ -133,7 +135,7 @@ def anti_qcd_score(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits[..., 1:], dim=-1) - logits[..., 0]
 
 
-#: The scores computed from the logits alone (differentiable, so DisCo can act on them).
+#: The functions of the ``LogitScore`` names.
 LOGIT_SCORES: dict[str, Callable[[Tensor], Tensor]] = {
     "max_softmax": max_softmax_score,
     "entropy": entropy_score,

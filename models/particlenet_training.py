@@ -37,7 +37,7 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from models.anomaly import LOGIT_SCORES, Mahalanobis, distance_correlation
+from models.anomaly import LOGIT_SCORES, LogitScore, Mahalanobis, distance_correlation
 from models.checkpoint import Tagger, evaluate
 from models.jet_inputs import JetInputs, constituents_from_eta_phi_pt, jet_inputs
 from models.particlenet import ParticleNet, ParticleNetConfig
@@ -176,6 +176,10 @@ def split_indices(
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
 
 
+#: How jets are grouped into minibatches (module doc).
+BatchOrder = Literal["random", "multiplicity"]
+
+
 @pydantic.dataclasses.dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class TrainConfig:
     """How to train; the architecture is a ``ParticleNetConfig``.
@@ -208,8 +212,8 @@ class TrainConfig:
     mahalanobis_jets: int = 20_000
     mass_decorrelate: bool = False
     disco_lambda: Annotated[float, Field(ge=0)] = 0.0
-    disco_score: Literal["max_softmax", "entropy", "anti_qcd"] = "max_softmax"
-    batch_order: Literal["random", "multiplicity"] = "random"
+    disco_score: LogitScore = "max_softmax"
+    batch_order: BatchOrder = "random"
 
     @model_validator(mode="after")
     def _leaves_training_jets(self) -> TrainConfig:
