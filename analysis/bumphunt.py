@@ -440,9 +440,11 @@ def bump_hunt(
     efficiencies: tuple[float, ...] = (1.0, 0.2, 0.05, 0.01),
     fit_range_gev: tuple[float, float] = FIT_RANGE_GEV,
     bin_gev: float = 100.0,
+    spurious_fraction: float = 0.0,
 ) -> list[BumpResult]:
     """One window: spectra after keeping the top fraction ``efficiency`` of events by score
-    (the quantile is taken over the events in the fit range)."""
+    (the quantile is taken over the events in the fit range); ``spurious_fraction`` enters
+    σ_b after a cut (ε < 1), as in the scan."""
     mjj = np.asarray(mjj, np.float64)
     edges = np.arange(fit_range_gev[0], fit_range_gev[1] + bin_gev / 2, bin_gev)
     inside = (mjj >= edges[0]) & (mjj < edges[-1])
@@ -450,5 +452,6 @@ def bump_hunt(
     results = []
     for eff in efficiencies:
         counts = np.histogram(mjj[keep_top(scores, eff)], edges)[0]
-        results.append(bump_at(counts, edges, signal_region_gev, eff))
+        f = spurious_fraction if eff < 1 else 0.0
+        results.append(bump_at(counts, edges, signal_region_gev, eff, spurious_fraction=f))
     return results

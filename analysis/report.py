@@ -3,7 +3,8 @@ hunt, PNG plots and a JSON summary.
 
 Test events are restricted to the signal region (where the searches are defined) and are
 never used for training. The bump hunt runs on the stored events when given (they are the
-data; flow-trained classifiers never saw them), otherwise on the test events.
+data; flow-trained classifiers never saw them), with the method's measured spurious-signal
+fraction in σ_b after a cut (``analysis.spurious``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from analysis.bumphunt import BumpResult, bump_hunt
 from analysis.data import Events
 from analysis.metrics import Roc, roc
 from analysis.scan import FlowSets, ScanConfig, plot_pvalues, plot_spectra, scan, window_scorer
+from analysis.spurious import SPURIOUS_FRACTIONS
 from models.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ def evaluate(
                 bump_events.mjj,
                 score(bump_events.features),
                 signal_region_gev=config.signal_region_gev,
+                spurious_fraction=SPURIOUS_FRACTIONS.get(name, 0.0),
             )
         )
     return MethodResult(name, result_roc, bumps)

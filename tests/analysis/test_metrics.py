@@ -50,6 +50,13 @@ def test_bump_hunt_finds_a_planted_bump_and_not_a_fake_one() -> None:
     assert tight.significance < poisson_significance(tight.observed_sr, tight.expected_sr)
     fake = bump_hunt(background, rng.random(background.size), signal_region_gev=(3300, 3700))
     assert all(abs(r.significance) < 3.5 for r in fake), [r.significance for r in fake]
+    # A spurious-signal fraction widens σ_b after the cut only.
+    spurious = bump_hunt(
+        mjj, scores, signal_region_gev=(3300, 3700), efficiencies=(1.0, 0.02), spurious_fraction=0.1
+    )
+    assert spurious[0].significance == results[0].significance
+    assert spurious[1].spurious_fraction == 0.1
+    assert 0 < spurious[1].significance < tight.significance - 1
 
 
 def test_background_events_behind_sic_at() -> None:
