@@ -61,6 +61,9 @@ def score_method(
     if name == "anode":
         assert models is not None
         return lambda f: methods.anode_scores(models, f)
+    if name == "anode_interpolated":
+        assert models is not None
+        return lambda f: methods.anode_interpolated(models.all_data, f, config)
     if name == "cwola":
         assert models is not None
         model = methods.cwola_flows(models, config)

@@ -313,6 +313,7 @@ def window_scorer(
     ``flow_sets`` is ``analysis.scan.FlowSets`` (the archived flows grouped by the window
     their sideband flow never saw). A method that needs a sideband flow (CATHODE, ANODE)
     scores only the windows that a sideband flow excluded; elsewhere it returns None.
+    ``anode_interpolated`` needs only the all-data flow and scores every window.
 
     ANODE here is ``anode_at_window``: the ratio evaluated at the window's centre mass for
     every event, so the cut depends on the jet features alone, as a classifier's does. The
@@ -322,6 +323,8 @@ def window_scorer(
     """
     from analysis import methods
 
+    log_densities: dict[float, np.ndarray] = {}  # the all-data flow's, by mass
+
     def score(window: Window) -> np.ndarray | None:
         config = replace(search, signal_region_gev=window)
         models = flow_sets.for_window(window)
@@ -330,6 +333,9 @@ def window_scorer(
         if method == "anode":
             assert models is not None
             return anode_at_window(models, features, window)
+        if method == "anode_interpolated":
+            all_data = flow_sets.any().all_data
+            return methods.anode_interpolated(all_data, features, config, cache=log_densities)
         if method == "anode_event_mass":
             assert models is not None
             return methods.anode_scores(models, features)
@@ -373,7 +379,7 @@ class FlowSets:
     one conditional sideband flow cannot serve a window whose events it learned; the
     signal-region flows trained beside it (if any) serve that window too. An archive
     holds one such pair per node and signal region, so CATHODE and ANODE scan only those
-    windows; CWoLa from flows scans them all.
+    windows; CWoLa from flows and the interpolated ANODE scan them all.
     """
 
     def __init__(self, snapshots: Sequence[Any]) -> None:

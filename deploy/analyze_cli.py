@@ -1,4 +1,5 @@
-"""``trigfarm analyze cwola|cathode|anode``: anomaly searches on an archive of flows."""
+"""``trigfarm analyze cwola|cathode|anode|anode-interpolated``: anomaly searches on an
+archive of flows."""
 
 from __future__ import annotations
 
@@ -313,3 +314,11 @@ def anode(**kw: Any) -> None:
     """ANODE: the likelihood ratio of the data (signal-region, out of fold, or all-data)
     and sideband flows."""
     _run("anode", **kw)
+
+
+@analyze.command()
+@_options
+def anode_interpolated(**kw: Any) -> None:
+    """ANODE in every window from the all-data flow alone: its background density at the
+    window's centre interpolated from the two sidebands."""
+    _run("anode_interpolated", **kw)
