@@ -7,13 +7,16 @@ working points ε = 1, 0.2, 0.05, 0.01, Poisson-likelihood dijet fits, profile-l
 local Z with the fit uncertainty, Bonferroni global p-value) for each method:
 
 - ``anode``: the ANODE ratio at the window's centre mass (the fix for sculpting);
-- ``anode_event_mass``: the ratio at each event's own mass (the old score, which sculpts);
+- ``anode_interpolated``: ANODE from the all-data flow alone, its background density
+  interpolated across the window from the sidebands (every window);
+- ``anode_event_mass`` (only with ``--methods``): the ratio at each event's own mass (the
+  old score, which sculpts);
 - ``cathode``: CATHODE from flows (sideband-flow samples vs all-data-flow samples);
 - ``cwola``: CWoLa from flows (all-data flow at window vs sideband mjj), every window.
 
 ANODE and CATHODE need a sideband flow that never saw the window: the learners train one,
 for 3.3-3.7 TeV, so those methods cut only in that window (elsewhere ε = 1 only). CWoLa
-from flows uses the all-data flow alone and cuts in every window.
+from flows and the interpolated ANODE use the all-data flow alone and cut in every window.
 
 No-signal pseudo-experiments (what they are, honestly): ``--controls K`` flow trainings,
 each on its own stream of a random half of the 90,941 LHCO background events (no signal);
@@ -33,7 +36,9 @@ million) the pseudo-experiments are independent: experiment k streams its own bl
 ``--block-chunks`` background chunks (disjoint from every other block), learns its flows
 on it, and runs the bump hunt on the events it stored, as ``trigfarm analyze --events``
 does; ``--controls`` blocks are no-signal controls, and each injected (S/B, seed) row takes
-the next unused block and injects W'->XY from the dataset's signal chunks.
+the next unused block (from ``--first-block``) and injects W'->XY from the dataset's
+signal chunks. ``--controls-from`` takes the controls (and so f) from an earlier run's
+``results.json`` instead, for more injected rows than the blocks left over.
 
 The report then measures each method's spurious-signal fraction f on the controls
 (``analysis.spurious``) and gives the false-positive rates with f cross-validated: f from
@@ -44,6 +49,8 @@ with an f it helped measure. ``--from-results`` reports again from an earlier ru
     python -m benchmarks.bump_hunt [--controls 4 --datasets 5] [--sb 0.02 0.05] [--seeds 1 2 3]
     python -m benchmarks.bump_hunt --dataset ~/.cache/trigfarm/datasets/lhco-like-... \
         --controls 20 --block-chunks 5
+    python -m benchmarks.bump_hunt --dataset ... --controls 0 --controls-from \
+        out/bump_hunt/results.json --sb 0.01 0.02 --seeds 4 5 6 --block-chunks 4
     python -m benchmarks.bump_hunt --dataset ... --block-chunks 2 --uncut-toys 100  # global p
 """
 
@@ -98,7 +105,9 @@ from simulator.replay import expand_paths, read_features, reader_for
 from stream.batch import EventBatch
 from stream.eventfile import CacheWriter
 
-METHODS = ("anode", "anode_event_mass", "cathode", "cwola")
+METHODS = ("anode", "anode_interpolated", "cathode", "cwola")
+#: What ``--methods`` may name besides.
+ALL_METHODS = (*METHODS, "anode_event_mass")
 
 
 def all_background() -> EventBatch:
@@ -137,11 +146,15 @@ def train(
 
 
 def cached_scorers(
-    flows: FlowSets, search: SearchConfig, features: np.ndarray, windows: tuple[Window, ...]
+    flows: FlowSets,
+    search: SearchConfig,
+    features: np.ndarray,
+    windows: tuple[Window, ...],
+    methods: tuple[str, ...] = METHODS,
 ) -> dict[str, dict[Window, np.ndarray | None]]:
     """Each method's scores of ``features`` in every window (each classifier trained once)."""
     out: dict[str, dict[Window, np.ndarray | None]] = {}
-    for method in METHODS:
+    for method in methods:
         scorer = window_scorer(method, flows, search, features)
         out[method] = {w: scorer(w) for w in windows}
     return out
@@ -313,6 +326,17 @@ def main(argv: list[str] | None = None) -> int:
         "--block-chunks", type=int, default=5, help="with --dataset: chunks per experiment"
     )
     parser.add_argument(
+        "--first-block", type=int, default=0, help="with --dataset: the first block to use"
+    )
+    parser.add_argument(
+        "--controls-from",
+        type=Path,
+        help="with --dataset: take the controls (and f) from an earlier run's results.json",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS), help="methods to run"
+    )
+    parser.add_argument(
         "--uncut-toys",
         type=int,
         default=0,
@@ -350,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ScanConfig()
     learner_config = _learner_config(args.members)
     t_start = time.perf_counter()
-    controls: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    methods = tuple(args.methods)
+    controls: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     background = all_background()
     print(f"{len(background)} LHCO background events; {len(config.windows_gev)} windows")
     for k in range(args.controls):
@@ -370,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         features = np.concatenate([np.asarray(d["features"], np.float64) for d in datasets])
         bounds = np.cumsum([0] + [len(d) for d in datasets])
         t1 = time.perf_counter()
-        scores = cached_scorers(flows, _search(args.samples, seed), features, config.windows_gev)
+        scores = cached_scorers(
+            flows, _search(args.samples, seed), features, config.windows_gev, methods
+        )
         print(f"  stream {t1 - t0:.0f} s, scores {time.perf_counter() - t1:.0f} s", flush=True)
         for j in range(args.datasets):
             rows = slice(bounds[j], bounds[j + 1])
@@ -381,19 +408,19 @@ def main(argv: list[str] | None = None) -> int:
                     plot_pvalues(result, out / f"control_{method}_pvalues.png")
                     plot_spectra(result, out / f"control_{method}_spectra.png")
             worst = {
-                m: np.nanmax(np.abs([t[3] for t in controls[m][-1]["tests"]])) for m in METHODS
+                m: np.nanmax(np.abs([t[3] for t in controls[m][-1]["tests"]])) for m in methods
             }
             print(
                 f"  dataset {j}: max |local Z| "
                 + ", ".join(f"{m} {z:.2f}" for m, z in worst.items())
                 + "; global p "
-                + ", ".join(f"{m} {controls[m][-1]['global_pvalue']:.2f}" for m in METHODS),
+                + ", ".join(f"{m} {controls[m][-1]['global_pvalue']:.2f}" for m in methods),
                 flush=True,
             )
         shutil.rmtree(tmp)
     injected: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for sb in args.sb:
-        injected[f"{sb:g}"] = {m: [] for m in METHODS}
+        injected[f"{sb:g}"] = {m: [] for m in methods}
         for seed in args.seeds:
             tmp = Path(tempfile.mkdtemp(prefix="bumphunt-"))
             print(f"S/B {sb:g}, seed {seed}")
@@ -404,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             flows = FlowSets(archive.snapshots(latest_per_node=True))
             stored = archive.event_features().astype(np.float64)
             t1 = time.perf_counter()
-            scores = cached_scorers(flows, _search(args.samples, seed), stored, config.windows_gev)
+            scores = cached_scorers(
+                flows, _search(args.samples, seed), stored, config.windows_gev, methods
+            )
             print(f"  stream {t1 - t0:.0f} s, scores {time.perf_counter() - t1:.0f} s", flush=True)
             results = scan_rows(scores, stored[:, 0], slice(None), config)
             for method, result in results.items():
@@ -560,10 +589,14 @@ def run_on_dataset(args: argparse.Namespace) -> int:
     signal = cache_spec(dataset_files(args.dataset, "signal"))
     n_blocks = len(chunks) // args.block_chunks
     wanted = args.controls + len(args.sb) * len(args.seeds)
-    if wanted > n_blocks:
-        print(f"{wanted} experiments need {wanted} blocks; {args.dataset} holds {n_blocks}")
+    if args.first_block + wanted > n_blocks:
+        print(
+            f"{wanted} experiments from block {args.first_block} need blocks up to "
+            f"{args.first_block + wanted - 1}; {args.dataset} holds {n_blocks}"
+        )
         return 1
-    blocks = iter(range(n_blocks))
+    methods = tuple(args.methods)
+    blocks = iter(range(args.first_block, n_blocks))
     t_start = time.perf_counter()
 
     def experiment(sb: float, seed: int) -> tuple[dict[str, Any], dict[str, ScanResult]]:
@@ -577,7 +610,9 @@ def run_on_dataset(args: argparse.Namespace) -> int:
         flows = FlowSets(archive.snapshots(latest_per_node=True))
         stored = archive.event_features().astype(np.float64)
         t1 = time.perf_counter()
-        scores = cached_scorers(flows, _search(args.samples, seed), stored, config.windows_gev)
+        scores = cached_scorers(
+            flows, _search(args.samples, seed), stored, config.windows_gev, methods
+        )
         results = scan_rows(scores, stored[:, 0], slice(None), config)
         shutil.rmtree(tmp)
         print(
@@ -589,7 +624,10 @@ def run_on_dataset(args: argparse.Namespace) -> int:
         )
         return stream, results
 
-    controls: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    controls: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    if args.controls_from:
+        earlier = json.loads(args.controls_from.read_text())["raw"]["controls"]
+        controls = {m: list(earlier.get(m, [])) for m in methods}
     for k in range(args.controls):
         _, results = experiment(0.0, 100 + k)
         for method, result in results.items():
@@ -599,7 +637,7 @@ def run_on_dataset(args: argparse.Namespace) -> int:
                 plot_spectra(result, out / f"control_{method}_spectra.png")
     injected: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for sb in args.sb:
-        injected[f"{sb:g}"] = {m: [] for m in METHODS}
+        injected[f"{sb:g}"] = {m: [] for m in methods}
         for seed in args.seeds:
             stream, results = experiment(sb, seed)
             for method, result in results.items():
@@ -607,6 +645,8 @@ def run_on_dataset(args: argparse.Namespace) -> int:
                     {**record(result), "sr_signal": stream["sr_signal"]}
                 )
     name = f"{args.dataset.name}, independent blocks of {args.block_chunks} chunks"
+    if args.controls_from:
+        name += f"; controls from {args.controls_from}"
     return report(config, controls, injected, out, t_start, name)
 
 
