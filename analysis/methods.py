@@ -202,9 +202,11 @@ def anode_interpolated(
     The mean of the two logs stands for the background's log density at m_c: exactly (up
     to a constant, which no cut sees) where log p(x | m) is linear in m, or quadratic with
     the same curvature for every x. A signal confined to the window raises only the first
-    term. No flow has to exclude the window, so one archive serves every window.
-    ``cache`` (mass -> log densities of these ``features``) lets a scan of sliding windows,
-    which share masses, evaluate the flow once per mass.
+    term. No flow has to exclude the window, so one archive serves every window. The
+    all-data flow learned the events it scores, and the interpolation is worst where the
+    spectrum turns on; the spurious-signal fraction measured on controls carries both
+    (``analysis.spurious``). ``cache`` (mass -> log densities of these ``features``) lets
+    a scan of sliding windows, which share masses, evaluate the flow once per mass.
     """
     x = _x(np.asarray(features))
     (low_band, _), (_, high_band) = config.sidebands_gev
