@@ -390,9 +390,12 @@ def bump_at(
 ) -> BumpResult:
     """Fit outside ``window_gev`` (bins wholly inside it are masked) and test inside it.
 
-    ``expected_sr_error`` is the fit's σ_b; ``spurious_fraction`` f adds f·b̂ to it in
-    quadrature for the significance. A failed fit gives a NaN significance, never a number.
+    ``expected_sr_error`` is the fit's σ_b; after a cut (``efficiency`` < 1) the method's
+    ``spurious_fraction`` f adds f·b̂ to it in quadrature for the significance (without a
+    cut nothing was selected that could sculpt). A failed fit gives a NaN significance,
+    never a number.
     """
+    spurious_fraction = spurious_fraction if efficiency < 1 else 0.0
     counts = np.asarray(counts, np.float64)
     low, high = window_gev
     in_window = (edges[:-1] >= low - 1e-9) & (edges[1:] <= high + 1e-9)
@@ -452,6 +455,7 @@ def bump_hunt(
     results = []
     for eff in efficiencies:
         counts = np.histogram(mjj[keep_top(scores, eff)], edges)[0]
-        f = spurious_fraction if eff < 1 else 0.0
-        results.append(bump_at(counts, edges, signal_region_gev, eff, spurious_fraction=f))
+        results.append(
+            bump_at(counts, edges, signal_region_gev, eff, spurious_fraction=spurious_fraction)
+        )
     return results

@@ -99,10 +99,6 @@ class ScanConfig:
     #: method's measured value). 0 trusts the selection not to sculpt.
     spurious_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
-    def spurious_at(self, efficiency: float) -> float:
-        """The spurious-signal fraction for a working point: none without a cut."""
-        return self.spurious_fraction if efficiency < 1 else 0.0
-
     @model_validator(mode="after")
     def _windows_inside_fit_range(self) -> ScanConfig:
         lo, hi = self.fit_range_gev
@@ -202,7 +198,7 @@ def _scan_spectra(
         for eff, counts in spectra_of(window).items():
             bumps.append(
                 bump_at(
-                    counts, config.edges, window, eff, spurious_fraction=config.spurious_at(eff)
+                    counts, config.edges, window, eff, spurious_fraction=config.spurious_fraction
                 )
             )
     return bumps
@@ -288,7 +284,7 @@ def toy_global_pvalue(
             toy = rng.poisson(mean).astype(np.float64)
             for window in config.windows_gev:
                 p = bump_at(
-                    toy, edges, window, eff, spurious_fraction=config.spurious_at(eff)
+                    toy, edges, window, eff, spurious_fraction=config.spurious_fraction
                 ).pvalue
                 if math.isfinite(p):
                     toy_p = min(toy_p, p)

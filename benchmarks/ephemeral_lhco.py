@@ -88,6 +88,8 @@ METHOD_LABELS = {
     "cwola_trigger": "(d') CWoLa on what the trigger keeps",
     "idealised": "(e) idealised (true bkg vs data)",
 }
+#: The searches that run on the archived flows alone (the bump hunt runs on their cuts).
+FROM_FLOWS = ("cwola", "cathode", "anode", "anode_interpolated")
 #: What the trigger stores of this stream, the benchmark's choice: a 1-in-10 prescale path
 #: (``HLTConfig.prescale_n = 10``, as the default menu had before it was calibrated on
 #: weighted crossings). Tag paths need jet constituents, which these features lack, and
@@ -453,8 +455,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 score = score_method(
                     name, models, search, stored=stored, true_background=true_background
                 )
-            from_flows = ("cwola", "cathode", "anode", "anode_interpolated")
-            bump_on = stored if name in from_flows else None
+            bump_on = stored if name in FROM_FLOWS else None
             results.append(evaluate(name, score, test, search, bump_events=bump_on))
             half_sic[name] = {
                 f"max_sic_{half}": roc(score(events.features), truth).max_sic()
@@ -506,7 +507,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 "to_stored_everything": sic[name] / sic["cwola_stored"],
                 "to_trigger_stored": sic[name] / sic["cwola_trigger"],
             }
-            for name in ("cwola", "cathode", "anode", "anode_interpolated", "cathode_hybrid")
+            for name in (*FROM_FLOWS, "cathode_hybrid")
         }
         flow_bytes = row["flow_bytes_per_event_latest"]
         row["events_to_flow_bytes"] = {
