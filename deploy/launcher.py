@@ -32,6 +32,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import resource_tracker
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -380,10 +382,27 @@ class EarlyStop:
             node.request_stop()
 
 
+def spawn_node(ctx: SpawnContext, plan: NodePlan) -> BaseProcess:
+    """Start one node process. It begins life with SIGTERM and SIGINT blocked (the mask is
+    inherited), so a stop sent while the new interpreter imports this module waits for
+    :class:`EarlyStop` instead of killing the node with -15."""
+    process = ctx.Process(
+        target=_child_main, args=(plan, os.getpid()), name=plan.node.name, daemon=False
+    )
+    resource_tracker.ensure_running()  # its first start unblocks SIGTERM and SIGINT
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return process
+
+
 def _child_main(plan: NodePlan, parent_pid: int) -> None:
     """Entry point of a spawned node process."""
     os.setsid()  # Ctrl-C in the terminal reaches the launcher only; it stops us in order
     early_stop = EarlyStop()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a stop held since spawn lands
     logging.basicConfig(
         level=plan.log_level,
         format=f"%(asctime)s {plan.node.name} %(name)s %(levelname)s %(message)s",
@@ -558,10 +577,7 @@ class Farm:
         self._write_farm_file("starting")
 
     def _spawn(self, plan: NodePlan) -> BaseProcess:
-        process = self._ctx.Process(
-            target=_child_main, args=(plan, os.getpid()), name=plan.node.name, daemon=False
-        )
-        process.start()
+        process = spawn_node(self._ctx, plan)
         log.info("started %s (pid %s)", plan.node.name, process.pid)
         return process
 

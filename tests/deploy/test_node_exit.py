@@ -4,6 +4,7 @@ torch's C++ (an averaging call abandoned on a store that has just closed)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -85,4 +86,29 @@ def test_a_node_stopped_while_it_starts_stops_cleanly(tmp_path: Path) -> None:
     _, stderr = node.communicate(timeout=120)
     assert node.returncode == 0, stderr[-3000:]
     stats = json.loads((out / "nodes" / "hlt.json").read_text())
+    assert stats["balanced"] and stats["events_in"] == 0
+
+
+def test_a_spawned_node_stopped_before_it_can_handle_signals_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM the instant the launcher has spawned a node, while the new interpreter still
+    imports the launcher's module: the stop waits for the node and it exits 0."""
+    import multiprocessing as mp
+
+    from deploy.launcher import plan_farm, spawn_node
+    from deploy.topology import load_topology
+
+    table = default_table()
+    table["metrics"] = {"enabled": False}
+    topology = load_topology(write_topology(tmp_path / "t.toml", table))
+    out = tmp_path / "out"
+    plan = plan_farm(topology, out_dir=out, control=f"tcp://127.0.0.1:{free_tcp_port()}")
+    (out / "nodes").mkdir(parents=True)
+    process = spawn_node(mp.get_context("spawn"), plan.stage_nodes("archive")[0])
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGTERM)
+    process.join(timeout=120)
+    assert process.exitcode == 0
+    stats = json.loads((out / "nodes" / "archive.json").read_text())
     assert stats["balanced"] and stats["events_in"] == 0
