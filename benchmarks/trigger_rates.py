@@ -93,9 +93,12 @@ HLT_ANOMALY_HZ = (100.0, 200.0, 400.0)
 HLT_TAG_JET_PT_GEV = 300.0
 
 
-def menu_observables(n: int, *, seed: int, mu: float) -> dict[str, np.ndarray]:
-    """Generate ``n`` crossings as the default source does and measure every path's
-    observable on each (L1 seeds and R_z, then the HLT's fat-jet pT, tags and score)."""
+def menu_observables(
+    n: int, *, seed: int, mu: float, pileup_tilt_per_gev: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Generate ``n`` crossings as the default source does (with busy pileup favoured by
+    ``pileup_tilt_per_gev``, weighted back) and measure every path's observable on each
+    (L1 seeds and R_z, then the HLT's fat-jet pT, tags and score)."""
     from firmware.scores import r_z
     from nodes.hlt import HLTConfig
     from nodes.hlt import build as build_hlt
@@ -106,7 +109,11 @@ def menu_observables(n: int, *, seed: int, mu: float) -> dict[str, np.ndarray]:
 
     source = Source(
         SourceConfig(
-            background=("inclusive",),
+            background=(
+                f"inclusive?pileup_tilt_per_gev={pileup_tilt_per_gev}"
+                if pileup_tilt_per_gev
+                else "inclusive",
+            ),
             weighting="crossing",
             pileup_mu=mu,
             batch_size=256,
@@ -236,7 +243,9 @@ def run_menu(args: argparse.Namespace) -> int:
     if args.reuse and path.is_file():
         obs = dict(np.load(path))
     else:
-        obs = menu_observables(args.crossings, seed=args.seed, mu=args.mu)
+        obs = menu_observables(
+            args.crossings, seed=args.seed, mu=args.mu, pileup_tilt_per_gev=args.pileup_tilt
+        )
         np.savez_compressed(path, **obs)
     sample_s = time.perf_counter() - t0
     for extra in args.merge:
@@ -279,6 +288,7 @@ def run_menu(args: argparse.Namespace) -> int:
     summary = {
         "crossings": n,
         "mu": args.mu,
+        "pileup_tilt_per_gev": args.pileup_tilt,
         "seed": args.seed,
         "merged": [str(m) for m in args.merge],
         "sample_s": sample_s,
@@ -304,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", type=Path, nargs="*", default=[], help="--menu: pool these observables.npz"
     )
     parser.add_argument("--mu", type=float, default=40.0, help="--menu: pileup mu")
+    parser.add_argument(
+        "--pileup-tilt",
+        type=float,
+        default=0.0,
+        help="--menu: favour busy pileup (per GeV of scalar pT sum; weighted back)",
+    )
     parser.add_argument("--l1-budget-hz", type=float, default=100e3)
     parser.add_argument("--hlt-budget-hz", type=float, default=1e3)
     parser.add_argument("--library", type=int, default=20_000, help="minimum-bias events")

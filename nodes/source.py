@@ -50,7 +50,8 @@ follows a profile per lumi block: ``pileup_mu`` constant, or a linear ramp to
 the mu of the lumi block of the next event to leave, so near a block boundary a few
 events carry the previous block's mu). The background is the ``inclusive`` recipe
 (``simulator.recipes.InclusiveQCD``: minimum bias stitched to pT^4-biased QCD), whose
-events carry the share of all crossings they stand for (``EventGenerator.block``); any
+events carry the share of all crossings they stand for (``EventGenerator.block``;
+``"inclusive?pileup_tilt_per_gev=0.004"`` also favours busy pileup, weighted back); any
 other process (a signal, or a rare background) is an extra interaction whose chance per
 crossing is ``L * sigma / crossing_rate_hz``, so its events carry that, with sigma from
 Pythia. Either way the weight is divided by the component's share of the stream, and a

@@ -24,6 +24,7 @@ from typing import Literal, get_args
 import awkward as ak
 import numpy as np
 import pythia8mc
+from scipy.special import logsumexp
 
 from simulator.detector import DetectorModel
 from simulator.jets import JetConfig, cluster_fatjets, l1_objects
@@ -151,6 +152,11 @@ def stack_events(parts: list[Particles]) -> Particles:
     return Particles(counts, px, py, pz, e, cat("pid"), cat("charge"))
 
 
+#: With a pileup tilt, the share of crossings whose pileup is still drawn uniformly; it
+#: bounds every crossing's weight at 1 / UNTILTED_SHARE times its untilted value.
+UNTILTED_SHARE = 0.5
+
+
 @dataclass(frozen=True, slots=True)
 class PileupLibrary:
     """Minimum-bias events generated once and overlaid by random draws (premixing).
@@ -168,14 +174,37 @@ class PileupLibrary:
     def n_events(self) -> int:
         return self.particles.n_events
 
-    def overlay(
-        self, n_pileup: np.ndarray, rng: np.random.Generator
-    ) -> tuple[Particles, np.ndarray]:
-        """``n_pileup[i]`` events drawn at random (with replacement) for crossing ``i``:
-        their particles merged per crossing, and the library index of every draw (in
-        crossing order)."""
+    @property
+    def activity_gev(self) -> np.ndarray:
+        """Each library event's scalar pT sum (GeV), what a pileup tilt favours."""
+        return self.particles.scalar_pt_sum
+
+    def log_bias(self, activity_gev: np.ndarray, tilt_per_gev: float) -> np.ndarray:
+        """log of how much likelier a tilted draw is than a uniform one, for interactions
+        this busy: ``tilt * activity`` normalised over the library. Activity beyond the
+        library's busiest event counts as that, so a hard scatter's bias stays bounded."""
+        library = self.activity_gev
+        norm = float(logsumexp(tilt_per_gev * library)) - np.log(self.n_events)
+        return tilt_per_gev * np.minimum(activity_gev, library.max()) - norm
+
+    def draw(
+        self, n_pileup: np.ndarray, rng: np.random.Generator, *, tilt_per_gev: float = 0.0
+    ) -> np.ndarray:
+        """Library indices of ``n_pileup[i]`` events for crossing ``i`` (in crossing order),
+        drawn with replacement: uniformly, or with a tilt for all but ``UNTILTED_SHARE``
+        of the crossings, each draw then ``exp(log_bias)`` times as likely."""
         n_pileup = np.asarray(n_pileup, np.int64)
         draws = rng.integers(0, self.n_events, int(n_pileup.sum()))
+        if tilt_per_gev > 0:
+            tilted = np.repeat(rng.random(n_pileup.size) >= UNTILTED_SHARE, n_pileup)
+            chance = np.exp(self.log_bias(self.activity_gev, tilt_per_gev))
+            draws[tilted] = rng.choice(self.n_events, int(tilted.sum()), p=chance / chance.sum())
+        return draws
+
+    def overlay(self, n_pileup: np.ndarray, draws: np.ndarray) -> Particles:
+        """The library events ``draws`` (from ``draw``) merged into ``n_pileup[i]`` per
+        crossing ``i``."""
+        n_pileup = np.asarray(n_pileup, np.int64)
         counts = self.particles.counts[draws]
         starts = self.particles.offsets[:-1][draws]
         first = np.cumsum(counts) - counts
@@ -184,7 +213,7 @@ class PileupLibrary:
         per_crossing = np.bincount(owner, counts, minlength=n_pileup.size).astype(np.int64)
         lib = self.particles
         assert lib.pid is not None and lib.charge is not None
-        particles = Particles(
+        return Particles(
             per_crossing,
             lib.px[take],
             lib.py[take],
@@ -193,7 +222,41 @@ class PileupLibrary:
             lib.pid[take],
             lib.charge[take],
         )
-        return particles, draws
+
+
+def crossing_weights(
+    mu: float,
+    n_pileup: np.ndarray,
+    inverse_primary: np.ndarray,
+    inverse_pileup: np.ndarray,
+    *,
+    log_bias_primary: np.ndarray | None = None,
+    log_bias_pileup: np.ndarray | None = None,
+) -> np.ndarray:
+    """The share of all bunch crossings each crossing stands for.
+
+    A crossing holds n = 1 + ``n_pileup`` interactions (n ~ Poisson(mu) given n >= 1):
+    one sampled from the biased mixture, the rest drawn from the library. Its weight is
+    the importance weight of the unordered set, ``(1 - e^-mu) n / sum_j r_j c_j``: ``r_j``
+    is sigma / w_j, how much likelier the mixture makes interaction j than nature
+    (``inverse_primary`` per crossing, ``inverse_pileup`` per draw in crossing order), and
+    ``c_j`` how much likelier the pileup draws make the other n - 1 interactions, 1
+    without a tilt and ``UNTILTED_SHARE + (1 - UNTILTED_SHARE) prod_{k != j} b_k`` with
+    one (``log_bias_*``: log b of each interaction, ``PileupLibrary.log_bias``).
+    """
+    n_pileup = np.asarray(n_pileup, np.int64)
+    owner = np.repeat(np.arange(n_pileup.size), n_pileup)
+    if log_bias_primary is None or log_bias_pileup is None:
+        ratio = inverse_primary + np.bincount(owner, inverse_pileup, minlength=n_pileup.size)
+    else:
+        log_all = log_bias_primary + np.bincount(owner, log_bias_pileup, minlength=n_pileup.size)
+        tilted = 1.0 - UNTILTED_SHARE
+        primary = inverse_primary * (UNTILTED_SHARE + tilted * np.exp(log_all - log_bias_primary))
+        pileup = inverse_pileup * (
+            UNTILTED_SHARE + tilted * np.exp(log_all[owner] - log_bias_pileup)
+        )
+        ratio = primary + np.bincount(owner, pileup, minlength=n_pileup.size)
+    return -np.expm1(-mu) * (1 + n_pileup) / ratio
 
 
 _LIBRARIES: dict[tuple[int, int, float], PileupLibrary] = {}
@@ -516,15 +579,26 @@ class EventGenerator:
                 n_pileup = _poisson_at_least_one(self._rng, mu, n_ok) - 1
             else:
                 n_pileup = self._rng.poisson(mu, n_ok)
-            overlay, draws = self.library.overlay(n_pileup, self._rng)
-            particles = Particles.concat_events([particles, overlay])
+            recipe = self.recipe
+            tilt = recipe.pileup_tilt_per_gev if isinstance(recipe, InclusiveQCD) else 0.0
+            draws = self.library.draw(n_pileup, self._rng, tilt_per_gev=tilt)
+            log_bias_primary = log_bias_pileup = None
+            if tilt > 0:
+                visible = particles.select(np.abs(particles.eta) < _DETECTOR_ABS_ETA)
+                log_bias_primary = self.library.log_bias(visible.scalar_pt_sum, tilt)
+                log_bias_pileup = self.library.log_bias(self.library.activity_gev[draws], tilt)
+            particles = Particles.concat_events([particles, self.library.overlay(n_pileup, draws)])
             if self._soft is not None:
                 total = self.cross_section_mb
-                ratio = total / own  # sigma / w_j of the sampled interaction
-                others = total / self.interaction_weights_mb(self.library.pthat_gev[draws])
-                owner = np.repeat(np.arange(n_ok), n_pileup)
-                ratio = ratio + np.bincount(owner, others, minlength=n_ok)
-                weights = -np.expm1(-mu) * (1 + n_pileup) / ratio
+                pileup_pthat = self.library.pthat_gev[draws]
+                weights = crossing_weights(
+                    mu,
+                    n_pileup,
+                    total / own,  # sigma / w_j of the sampled interaction
+                    total / self.interaction_weights_mb(pileup_pthat),
+                    log_bias_primary=log_bias_primary,
+                    log_bias_pileup=log_bias_pileup,
+                )
         full = self.layout == "full"
         flt = self.recipe.event_filter
         needs_l1 = full or flt.lepton_pt_gev is not None or flt.jet_pt_gev is not None

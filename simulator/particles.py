@@ -54,6 +54,11 @@ class Particles:
         return np.hypot(self.px, self.py)
 
     @property
+    def scalar_pt_sum(self) -> np.ndarray:
+        """Each event's scalar sum of particle pT (GeV): how busy it is."""
+        return np.bincount(self.event_index, self.pt, minlength=self.n_events)
+
+    @property
     def phi(self) -> np.ndarray:
         return np.arctan2(self.py, self.px)
 

@@ -110,6 +110,7 @@ def test_pileup_adds_soft_activity() -> None:
         ("inclusive", {"pthat_split_gev": 0.0}, "pthat_split_gev"),
         ("inclusive", {"bias_power": -1.0}, "bias_power"),
         ("inclusive", {"hard_share": 1.0}, "hard_share"),
+        ("inclusive", {"pileup_tilt_per_gev": -0.01}, "pileup_tilt_per_gev"),
     ],
 )
 def test_bad_recipe_fields_are_named(process: str, changes: dict, where: str) -> None:

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from simulator.generator import (
+    UNTILTED_SHARE,
     EventGenerator,
     PileupLibrary,
     _poisson_at_least_one,
+    crossing_weights,
     pileup_library,
 )
 from simulator.particles import Particles
@@ -31,7 +33,8 @@ def test_overlay_takes_whole_events_and_reproduces_poisson_mu() -> None:
     rng = np.random.default_rng(3)
     mu = 37.5
     n_pileup = rng.poisson(mu, 4000)
-    particles, draws = library.overlay(n_pileup, rng)
+    draws = library.draw(n_pileup, rng)
+    particles = library.overlay(n_pileup, draws)
     # Every drawn event arrives whole: its particles carry its number, as many as it has.
     assert particles.n_events == 4000
     owner = np.repeat(np.arange(4000), n_pileup)
@@ -41,6 +44,48 @@ def test_overlay_takes_whole_events_and_reproduces_poisson_mu() -> None:
     assert abs(n_pileup.mean() - mu) < 4 * np.sqrt(mu / 4000)
     assert abs(n_pileup.var() / mu - 1) < 0.1
     assert abs(draws.mean() - 19.5) < 4 * 11.5 / np.sqrt(draws.size)
+
+
+def test_tilted_draws_weighted_back_give_the_untilted_rates() -> None:
+    """Crossings whose pileup is drawn with a tilt towards busy events, weighted by
+    ``crossing_weights``, give the same rate of busy crossings as uniform draws, from many
+    more crossings. The primary interaction is itself a uniform library draw, so the
+    weights are those of nature's crossings whatever the tilt."""
+    library = _numbered_library(40)  # event i: i + 1 particles of pT hypot(i, 1)
+    activity = library.activity_gev
+    mu, n = 6.0, 40_000
+    rng = np.random.default_rng(11)
+
+    def sample(tilt: float) -> tuple[np.ndarray, np.ndarray]:
+        n_pileup = _poisson_at_least_one(rng, mu, n) - 1
+        primary = rng.integers(0, library.n_events, n)
+        draws = library.draw(n_pileup, rng, tilt_per_gev=tilt)
+        owner = np.repeat(np.arange(n), n_pileup)
+        busy = activity[primary] + np.bincount(owner, activity[draws], minlength=n)
+        biases = {}
+        if tilt:
+            biases = {
+                "log_bias_primary": library.log_bias(activity[primary], tilt),
+                "log_bias_pileup": library.log_bias(activity[draws], tilt),
+            }
+        ones = np.ones(n), np.ones(draws.size)
+        return busy, crossing_weights(mu, n_pileup, *ones, **biases)
+
+    busy, w = sample(0.0)
+    np.testing.assert_allclose(w, -np.expm1(-mu))  # nature's own mix: one weight for all
+    cut = np.quantile(busy, 0.995)
+    tail = busy > cut
+    expected, error = w[tail].sum() / n, np.sqrt(np.square(w[tail]).sum()) / n
+    tilted_busy, tilted_w = sample(0.0008)
+    tilted_tail = tilted_busy > cut
+    rate = tilted_w[tilted_tail].sum() / n
+    tilted_error = np.sqrt(np.square(tilted_w[tilted_tail]).sum()) / n
+    assert abs(rate - expected) < 3 * np.hypot(error, tilted_error)
+    assert tilted_w.sum() / n == pytest.approx(w.sum() / n, rel=0.03)
+    assert tilted_w.max() <= w.max() / UNTILTED_SHARE
+    # The busy tail holds many more crossings, so its rate is known far better.
+    assert tilted_tail.sum() > 3 * tail.sum()
+    assert tilted_error < 0.8 * error
 
 
 def test_at_least_one_interaction_per_crossing() -> None:
@@ -107,3 +152,32 @@ def test_inclusive_crossing_weights(library: PileupLibrary) -> None:
     # A hard crossing weighs less, the more so the harder its scatter.
     hard = ~soft
     assert (batch.truth["weight"][hard] < expected).all()
+
+
+@pytest.mark.slow
+def test_a_pileup_tilt_makes_busy_crossings_common_and_weighs_them_back(
+    library: PileupLibrary,
+) -> None:
+    """The same crossings' jets (L1 HT) with and without a tilt: busier as sampled, the
+    same once weighted, within the statistical error."""
+
+    def crossings(tilt: float) -> tuple[np.ndarray, np.ndarray]:
+        recipe = make_recipe("inclusive", pileup_tilt_per_gev=tilt)
+        generator = EventGenerator(recipe, seed=5, pileup_library=library)
+        batches = [generator.block(i, 96, mu=20.0) for i in range(2)]
+        ht = np.concatenate([b["l1_objects"][:, 9:, 0].sum(axis=1) for b in batches])
+        w = np.concatenate([b.truth["weight"] for b in batches]).astype(np.float64)
+        return ht.astype(np.float64), w
+
+    def weighted_mean(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+        mean = float((w * x).sum() / w.sum())
+        return mean, float(np.sqrt((w**2 * (x - mean) ** 2).sum()) / w.sum())
+
+    ht, w = crossings(0.0)
+    tilted_ht, tilted_w = crossings(0.01)
+    assert tilted_ht.mean() > 1.2 * ht.mean()
+    (mean, error), (tilted_mean, tilted_error) = (
+        weighted_mean(ht, w),
+        weighted_mean(tilted_ht, tilted_w),
+    )
+    assert abs(tilted_mean - mean) < 3 * np.hypot(error, tilted_error)
