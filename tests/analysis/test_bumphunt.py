@@ -110,6 +110,7 @@ def test_fit_is_unbiased_next_to_the_turn_on() -> None:
     assert np.mean(z_three) > 0.5  # the bias the default avoids
 
 
+@pytest.mark.slow  # 60 toy spectra, fitted with every function
 def test_sparse_spectra_get_a_falling_fit() -> None:
     """About 220 events (a tight cut): five free parameters bend the function up between
     the events in most toys; the default fit falls across the whole range in every toy

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from stream.transport import free_tcp_port
 from tests.deploy.conftest import default_table, write_topology
 
@@ -46,6 +48,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # starts node processes (seconds each)
 def test_a_node_process_exits_with_its_code_despite_a_thread_blocked_in_torch() -> None:
     runs = [
         subprocess.Popen(
@@ -64,6 +67,7 @@ def test_a_node_process_exits_with_its_code_despite_a_thread_blocked_in_torch() 
         assert "terminate called" not in stderr
 
 
+@pytest.mark.slow  # starts node processes (seconds each)
 def test_a_node_stopped_while_it_starts_stops_cleanly(tmp_path: Path) -> None:
     """SIGTERM while the node still imports torch and loads its tagger (a restart at the
     farm's staged stop): the node starts, drains nothing and exits 0 with its books."""
@@ -89,6 +93,7 @@ def test_a_node_stopped_while_it_starts_stops_cleanly(tmp_path: Path) -> None:
     assert stats["balanced"] and stats["events_in"] == 0
 
 
+@pytest.mark.slow  # starts node processes (seconds each)
 def test_a_spawned_node_stopped_before_it_can_handle_signals_stops_cleanly(
     tmp_path: Path,
 ) -> None:
