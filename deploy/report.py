@@ -14,7 +14,9 @@ Rates in Hz stand beside the exact counts: every node sums its events' truth wei
 path. With the source's ``hz_per_weight`` (L x 1e-27 cm^2/mb for cross-section weights,
 the crossing rate for unit weights; see ``nodes.source``) and the N events it emitted, a
 stage's input and output rates and each path's rate are ``hz_per_weight * sum(w) / N``,
-with the statistical error ``hz_per_weight * sqrt(sum(w^2)) / N``.
+with the statistical error ``hz_per_weight * sqrt(sum(w^2)) / N``. A path that fired on no
+event gets an upper limit instead of 0 +- 0: the rate of 1.84 events (the upper edge of
+the central 68.3% Poisson interval for none seen) of the stage input's mean weight.
 
 For each signal process, ``signal_efficiencies`` gives the share of its events that each
 trigger stage accepted and that fired each path, of the events the stage saw and of
@@ -211,13 +213,24 @@ def rate_normalisation(source_worker: Mapping[str, Any], n_source: int) -> dict[
     }
 
 
-def weighted_rate(pair: list[float], norm: Mapping[str, Any]) -> dict[str, float]:
-    """Rate and statistical error in Hz of [sum w, sum w^2] (see the module doc)."""
+#: Events at the upper edge of the central 68.3% Poisson interval when none is seen.
+NONE_SEEN_UPPER_EVENTS = float(stats.chi2.ppf(0.5 + 0.6827 / 2, 2) / 2)
+
+
+def weighted_rate(
+    pair: list[float], norm: Mapping[str, Any], *, mean_weight: float = 0.0
+) -> dict[str, float]:
+    """Rate and statistical error in Hz of [sum w, sum w^2] (see the module doc); with
+    no weight and a ``mean_weight`` of the events that could have fired, also
+    ``upper_hz``, the rate of ``NONE_SEEN_UPPER_EVENTS`` such events."""
     n = norm["source_events"]
     if not n:
         return {"rate_hz": 0.0, "error_hz": 0.0}
     k = norm["hz_per_weight"] / n
-    return {"rate_hz": k * pair[0], "error_hz": k * float(np.sqrt(pair[1]))}
+    rate = {"rate_hz": k * pair[0], "error_hz": k * float(np.sqrt(pair[1]))}
+    if pair[0] == 0 and mean_weight > 0:
+        rate["upper_hz"] = k * mean_weight * NONE_SEEN_UPPER_EVENTS
+    return rate
 
 
 def reduction(weight_in: list[float], weight_out: list[float]) -> dict[str, float] | None:
@@ -245,7 +258,11 @@ def _add_rates(stages: list[dict[str, Any]], norm: Mapping[str, Any]) -> None:
         stage["reduction"] = reduction(weight_in, weight_out)
         path_weights = _sum_path_weights([n["worker"] for n in present])
         stage["path_weights"] = path_weights
-        stage["path_rates"] = {p: weighted_rate(w, norm) for p, w in path_weights.items()}
+        n_in = sum(n["events_in"] for n in present)
+        mean_weight = weight_in[0] / n_in if n_in else 0.0
+        stage["path_rates"] = {
+            p: weighted_rate(w, norm, mean_weight=mean_weight) for p, w in path_weights.items()
+        }
         stage["lumi_rates"] = lumi_rates([n["worker"] for n in present])
 
 
@@ -654,6 +671,8 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def _hz(rate: Mapping[str, float]) -> str:
+    if "upper_hz" in rate:
+        return f"0 Hz (< {_si(rate['upper_hz'])}, 68% CL)"
     return f"{_si(rate['rate_hz'])} +- {_si(rate['error_hz'])}"
 
 

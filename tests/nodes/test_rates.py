@@ -167,7 +167,7 @@ def test_report_rates_from_weighted_books(tmp_path: Path) -> None:
     # 1000 events carrying 80 mb in all (sum w^2 = 6.4 + ...), each relay keeps some.
     relay_paths = {
         "paths": {"jet": 30},
-        "paths_weight": {"jet": [0.03, 0.0004]},
+        "paths_weight": {"jet": [0.03, 0.0004], "muon": [0.0, 0.0]},
         "lumi_rates": [
             {"lumi": 1, "path": "accepted", "rate_hz": 3.0, "error_hz": 0.3, "events": 9},
             {"lumi": 2, "path": "accepted", "rate_hz": 5.0, "error_hz": 0.4, "events": 6},
@@ -204,8 +204,15 @@ def test_report_rates_from_weighted_books(tmp_path: Path) -> None:
     assert relay["rate_out"]["rate_hz"] == pytest.approx(hz_per_weight * 0.03 / n)
     assert relay["rate_out"]["error_hz"] == pytest.approx(hz_per_weight * np.sqrt(0.0004) / n)
     assert relay["path_rates"]["jet"]["rate_hz"] == pytest.approx(2 * hz_per_weight * 0.03 / n)
+    assert "upper_hz" not in relay["path_rates"]["jet"]
+    # A path that fired on nothing: the rate of 1.84 events of the relays' mean weight in.
+    muon = relay["path_rates"]["muon"]
+    assert muon["rate_hz"] == muon["error_hz"] == 0
+    mean_in = 40.0 * n / 1000  # both relays: 40 n mb over their 1000 events
+    assert muon["upper_hz"] == pytest.approx(1.841 * hz_per_weight * mean_in / n, rel=1e-3)
     text = format_report(report)
     assert "rates at L = 2e+34" in text and "1.6 GHz" in text and "path jet" in text
+    assert "0 Hz (< " in text and "68% CL)" in text
     # The reduction R_in / R_out with the error of a weighted efficiency (out within in).
     w_in, w_out = [40.0 * n, 6400.0 * n], [0.03, 0.0004]  # both relays together
     e = w_out[0] / w_in[0]
