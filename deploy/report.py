@@ -213,8 +213,10 @@ def rate_normalisation(source_worker: Mapping[str, Any], n_source: int) -> dict[
     }
 
 
+#: The confidence level of every interval in the report (one standard deviation).
+CONFIDENCE_LEVEL = 0.683
 #: Events at the upper edge of the central 68.3% Poisson interval when none is seen.
-NONE_SEEN_UPPER_EVENTS = float(stats.chi2.ppf(0.5 + 0.6827 / 2, 2) / 2)
+NONE_SEEN_UPPER_EVENTS = float(stats.chi2.ppf(0.5 + CONFIDENCE_LEVEL / 2, 2) / 2)
 
 
 def weighted_rate(
@@ -258,6 +260,8 @@ def _add_rates(stages: list[dict[str, Any]], norm: Mapping[str, Any]) -> None:
         stage["reduction"] = reduction(weight_in, weight_out)
         path_weights = _sum_path_weights([n["worker"] for n in present])
         stage["path_weights"] = path_weights
+        # Over the nodes whose weights are known, as weight_in is (a lost node's estimated
+        # events, which stage["events_in"] includes, carry no weight).
         n_in = sum(n["events_in"] for n in present)
         mean_weight = weight_in[0] / n_in if n_in else 0.0
         stage["path_rates"] = {
@@ -414,7 +418,7 @@ def build_report(plan: FarmPlan, result: FarmResult) -> dict[str, Any]:
 def _efficiency(k: int, n: int) -> list[float]:
     """[k / n, low, high]: the Clopper-Pearson 68.3% interval, which stays inside [0, 1]
     and does not shrink to nothing at 0 or n of n events."""
-    interval = stats.binomtest(k, n).proportion_ci(confidence_level=0.683)
+    interval = stats.binomtest(k, n).proportion_ci(confidence_level=CONFIDENCE_LEVEL)
     return [k / n, float(interval.low), float(interval.high)]
 
 
